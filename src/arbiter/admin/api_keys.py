@@ -1,0 +1,83 @@
+"""``/admin/v1/api-keys``: keys for service agents. The key is shown once, at creation."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from fastapi import APIRouter, Depends, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from arbiter.admin.deps import Admin, runtime
+from arbiter.auth.apikeys import ApiKeys
+from arbiter.runtime import Runtime
+from arbiter.store.models import ApiKey, utcnow
+
+router = APIRouter()
+
+
+def keys(rt: Runtime = Depends(runtime)) -> ApiKeys:  # noqa: B008 - FastAPI's dependency idiom
+    return rt.keys
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=200, description="The agent or service the key is for")
+    roles: list[str] = Field(default_factory=list[str], max_length=50)
+    tenant: str | None = Field(default=None, max_length=200)
+    description: str | None = Field(default=None, max_length=500)
+    expires_in_s: int | None = Field(
+        default=None, gt=0, le=5 * 365 * 86400, description="Lifetime; none: no expiry"
+    )
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    owner: str
+    roles: list[str]
+    tenant: str | None
+    description: str | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The secret key. It is shown this once and cannot be recovered.")
+
+
+def _out(row: ApiKey) -> ApiKeyOut:
+    return ApiKeyOut.model_validate(row, from_attributes=True)
+
+
+@router.post("/api-keys", response_model=ApiKeyCreated, status_code=status.HTTP_201_CREATED)
+async def create_key(body: ApiKeyCreate, caller: Admin, store: ApiKeys = Depends(keys)) -> ApiKeyCreated:  # noqa: B008
+    expires = utcnow() + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
+    row, secret = await store.create(
+        owner=body.owner,
+        roles=body.roles,
+        tenant=body.tenant,
+        description=body.description,
+        expires_at=expires,
+        created_by=caller.subject,
+    )
+    return ApiKeyCreated(**_out(row).model_dump(), key=secret)
+
+
+@router.get("/api-keys", response_model=list[ApiKeyOut])
+async def list_keys(_: Admin, store: ApiKeys = Depends(keys)) -> list[ApiKeyOut]:  # noqa: B008
+    return [_out(row) for row in await store.list()]
+
+
+@router.get("/api-keys/{key_id}", response_model=ApiKeyOut)
+async def get_key(key_id: str, _: Admin, store: ApiKeys = Depends(keys)) -> ApiKeyOut:  # noqa: B008
+    return _out(await store.get(key_id))
+
+
+@router.delete("/api-keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def revoke_key(key_id: str, _: Admin, store: ApiKeys = Depends(keys)) -> Response:  # noqa: B008
+    """Revoke a key: refused at once by this replica, by the others within the maintenance interval."""
+    await store.revoke(key_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

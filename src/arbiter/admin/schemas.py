@@ -1,0 +1,142 @@
+"""Request and response bodies of the admin API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+
+from arbiter.settings import (
+    ClientCredentialsFields,
+    EnvName,
+    HeaderCredentialFields,
+    NoCredential,
+    TokenExchangeFields,
+    UpstreamFields,
+)
+
+_STDIO_REFUSED = (
+    "stdio upstreams run a command on the gateway host, so only the operator can define them "
+    "(settings or config file), never through the API"
+)
+
+
+def _api_transport(v: str) -> str:
+    if v == "stdio":
+        raise ValueError(_STDIO_REFUSED)
+    return v
+
+
+def _http_url(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
+ApiTransport = Annotated[Literal["streamable_http", "sse", "stdio"], AfterValidator(_api_transport)]
+HttpUrl = Annotated[
+    str, Field(max_length=2048, examples=["https://crm.internal.example/mcp"]), AfterValidator(_http_url)
+]
+
+
+# Secrets given inline are stored encrypted (ARBITER_SECRET_KEY) and never shown again; the *_env form
+# names an environment variable of the Arbiter process instead. On update, leaving both out keeps the
+# stored secret, as long as it would still go to the same place (see admin/credentials.py).
+Secret = Annotated[SecretStr, Field(min_length=1, max_length=8192)]
+
+
+class HeaderCredentialIn(HeaderCredentialFields):
+    value: Secret | None = Field(default=None, description="The header's value, e.g. 'Bearer …'")
+    value_env: EnvName | None = None
+
+
+class ClientCredentialsIn(ClientCredentialsFields):
+    client_secret: Secret | None = None
+    client_secret_env: EnvName | None = None
+
+
+class TokenExchangeIn(TokenExchangeFields):
+    client_secret: Secret | None = None
+    client_secret_env: EnvName | None = None
+
+
+CredentialIn = Annotated[
+    NoCredential | HeaderCredentialIn | ClientCredentialsIn | TokenExchangeIn, Field(discriminator="kind")
+]
+
+
+class CredentialOut(BaseModel):
+    """An upstream's credential as the admin API shows it: never a secret, only where it comes from."""
+
+    kind: Literal["none", "header", "client_credentials", "token_exchange"]
+    header: str | None = None
+    value_env: str | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    scope: str | None = None
+    audience: str | None = None
+    resource: str | None = None
+    auth_method: str | None = None
+    subject_token_type: str | None = None
+    requested_token_type: str | None = None
+    secret_source: Literal["env", "stored"] | None = Field(
+        default=None, description="env: read from the named variable; stored: encrypted in the database"
+    )
+
+
+class UpstreamCreate(UpstreamFields):
+    model_config = ConfigDict(extra="forbid")
+
+    transport: ApiTransport = "streamable_http"
+    url: HttpUrl
+    credential: CredentialIn = Field(default_factory=NoCredential)
+
+
+class UpstreamUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    transport: ApiTransport | None = None
+    url: HttpUrl | None = None
+    connect_timeout_s: float | None = Field(default=None, gt=0, le=300)
+    call_timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    enabled: bool | None = None
+    credential: CredentialIn | None = None
+
+
+class CatalogCounts(BaseModel):
+    tools: int = 0
+    resources: int = 0
+    resource_templates: int = 0
+    prompts: int = 0
+
+
+class UpstreamOut(BaseModel):
+    id: int
+    name: str
+    transport: str
+    url: str | None
+    command: list[str] | None
+    connect_timeout_s: float
+    call_timeout_s: float
+    enabled: bool
+    source: Literal["api", "config"]
+    status: Literal["connected", "idle", "down", "disabled"]
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_refresh_at: datetime | None
+    catalog: CatalogCounts
+    credential: CredentialOut
+
+
+class CatalogEntryOut(BaseModel):
+    upstream: str
+    kind: Literal["tool", "resource", "resource_template", "prompt"]
+    name: str
+    exposed_name: str
+    sha256: str
+    first_seen: datetime
+    last_seen: datetime
+    definition: dict[str, Any]

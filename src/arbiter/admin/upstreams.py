@@ -1,0 +1,134 @@
+"""``/admin/v1/upstreams`` and ``/admin/v1/catalog``: register upstreams and read what they offer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from arbiter.admin.deps import Admin, Reader, Registry
+from arbiter.admin.schemas import (
+    CatalogCounts,
+    CatalogEntryOut,
+    CredentialOut,
+    UpstreamCreate,
+    UpstreamOut,
+    UpstreamUpdate,
+)
+from arbiter.auth.outbound import CredentialSpec
+from arbiter.proxy.catalog import KIND_FIELDS
+from arbiter.proxy.naming import exposed_target
+from arbiter.proxy.registry import UpstreamRegistry
+from arbiter.store.models import CatalogItem, Upstream
+
+
+class _NoEchoRoute(APIRoute):
+    """Validation errors without the offending input: a malformed credential would echo its secret."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+                raise RequestValidationError(errors) from None
+
+        return route
+
+
+router = APIRouter(route_class=_NoEchoRoute)
+
+
+def _out(reg: UpstreamRegistry, row: Upstream, counts: dict[int, Counter[str]]) -> UpstreamOut:
+    assert row.id is not None
+    per_kind = counts.get(row.id, Counter[str]())
+    return UpstreamOut(
+        id=row.id,
+        name=row.name,
+        transport=row.transport,
+        url=row.url,
+        command=row.command,
+        connect_timeout_s=row.connect_timeout_s,
+        call_timeout_s=row.call_timeout_s,
+        enabled=row.enabled,
+        source="config" if row.source == "config" else "api",
+        status=reg.status(row),  # pyright: ignore[reportArgumentType]
+        last_error=row.last_error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        last_refresh_at=row.last_refresh_at,
+        catalog=CatalogCounts(**{field: per_kind[kind] for kind, field in KIND_FIELDS.items()}),
+        credential=CredentialOut.model_validate(CredentialSpec.from_json(row.credential).public()),
+    )
+
+
+async def _one(reg: UpstreamRegistry, row: Upstream) -> UpstreamOut:
+    return _out(reg, row, await reg.counts())
+
+
+def _entry(upstream: str, item: CatalogItem) -> CatalogEntryOut:
+    return CatalogEntryOut(
+        upstream=upstream,
+        kind=item.kind,  # pyright: ignore[reportArgumentType]
+        name=item.name,
+        exposed_name=exposed_target(item.kind, upstream, item.name),
+        sha256=item.sha256,
+        first_seen=item.first_seen,
+        last_seen=item.last_seen,
+        definition=item.definition,
+    )
+
+
+@router.get("/upstreams", response_model=list[UpstreamOut])
+async def list_upstreams(reg: Registry, _: Reader) -> list[UpstreamOut]:
+    rows, counts = await reg.list(), await reg.counts()
+    return [_out(reg, row, counts) for row in rows]
+
+
+@router.post("/upstreams", response_model=UpstreamOut, status_code=status.HTTP_201_CREATED)
+async def create_upstream(body: UpstreamCreate, reg: Registry, _: Admin) -> UpstreamOut:
+    """Register an upstream: Arbiter connects, discovers its tools/resources/prompts and stores them."""
+    return await _one(reg, await reg.create(body))
+
+
+@router.get("/upstreams/{upstream_id}", response_model=UpstreamOut)
+async def get_upstream(upstream_id: int, reg: Registry, _: Reader) -> UpstreamOut:
+    return await _one(reg, await reg.get(upstream_id))
+
+
+@router.patch("/upstreams/{upstream_id}", response_model=UpstreamOut)
+async def update_upstream(upstream_id: int, body: UpstreamUpdate, reg: Registry, _: Admin) -> UpstreamOut:
+    return await _one(reg, await reg.update(upstream_id, body))
+
+
+@router.delete("/upstreams/{upstream_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_upstream(upstream_id: int, reg: Registry, _: Admin) -> Response:
+    await reg.delete(upstream_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/upstreams/{upstream_id}/refresh", response_model=UpstreamOut)
+async def refresh_upstream(upstream_id: int, reg: Registry, _: Admin) -> UpstreamOut:
+    """Re-discover an upstream's catalog now."""
+    return await _one(reg, await reg.refresh(upstream_id))
+
+
+@router.get("/upstreams/{upstream_id}/catalog", response_model=list[CatalogEntryOut])
+async def upstream_catalog(upstream_id: int, reg: Registry, _: Reader) -> list[CatalogEntryOut]:
+    return [_entry(name, item) for name, item in await reg.catalog_items(upstream_id)]
+
+
+@router.get("/catalog", response_model=list[CatalogEntryOut])
+async def catalog(
+    reg: Registry, _: Reader, kind: Literal["tool", "resource", "resource_template", "prompt"] | None = None
+) -> list[CatalogEntryOut]:
+    """Everything the enabled and disabled upstreams currently offer, as last discovered."""
+    return [
+        _entry(name, item) for name, item in await reg.catalog_items() if kind is None or item.kind == kind
+    ]

@@ -1,0 +1,1 @@
+"""Authentication: principals, JWT/JWKS verification, API keys, outbound credentials."""

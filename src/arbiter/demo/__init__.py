@@ -1,0 +1,1 @@
+"""Demo upstream MCP servers (support knowledge base, CRM) and the one-command demo runner."""

@@ -1,0 +1,122 @@
+"""Arbiter's error tree: each error has a stable code, mapped once to HTTP and to JSON-RPC.
+
+JSON-RPC codes for governance errors sit outside the reserved -32768..-32000 range, as MCP asks of
+application errors; ``data.reason`` carries the stable code for machines.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
+
+
+class ArbiterError(Exception):
+    """Base class: ``code`` is stable and machine-readable; ``message`` is for humans."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    jsonrpc_code: ClassVar[int] = -31000
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_mcp_error(self) -> MCPError:
+        return MCPError(self.jsonrpc_code, self.message, {"reason": self.code, **self.details})
+
+    def to_http_body(self) -> dict[str, object]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class ConfigError(ArbiterError):
+    code = "config_error"
+
+
+class SchemaOutOfDate(ArbiterError):
+    code = "schema_out_of_date"
+    http_status = 503
+
+
+class NotFound(ArbiterError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(ArbiterError):
+    code = "conflict"
+    http_status = 409
+
+
+class InvalidInput(ArbiterError):
+    code = "invalid_input"
+    http_status = 422
+
+
+class Unauthorized(ArbiterError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class InvalidToken(Unauthorized):
+    """A bearer credential that is missing, malformed, expired, forged or not for us.
+
+    ``description`` goes into ``WWW-Authenticate: error_description`` and must never echo the token.
+    """
+
+    code = "invalid_token"
+
+
+class InsufficientScope(ArbiterError):
+    code = "insufficient_scope"
+    http_status = 403
+
+
+class Forbidden(ArbiterError):
+    code = "forbidden"
+    http_status = 403
+
+
+class UpstreamUnavailable(ArbiterError):
+    """The upstream could not be reached, timed out, or dropped the connection."""
+
+    code = "upstream_unavailable"
+    http_status = 502
+    jsonrpc_code = -31002
+
+    @classmethod
+    def of(cls, upstream: str) -> UpstreamUnavailable:
+        return cls(f"upstream {upstream!r} is unavailable", upstream=upstream)
+
+
+class UpstreamProtocolError(ArbiterError):
+    """The upstream answered with something that is not valid MCP."""
+
+    code = "upstream_protocol_error"
+    http_status = 502
+    jsonrpc_code = -31003
+
+
+class RequestRejected(ArbiterError):
+    """An interceptor refused the request; subclasses name the reason (policy, limits, ...)."""
+
+    code = "request_rejected"
+    http_status = 403
+    jsonrpc_code = -31001
+
+
+class UnknownTarget(ArbiterError):
+    """An unknown (or invisible) tool, prompt or resource: answered as an MCP server answers it."""
+
+    code = "unknown_target"
+    http_status = 404
+
+    def __init__(self, message: str, jsonrpc_code: int = INVALID_PARAMS) -> None:
+        super().__init__(message)
+        self._jsonrpc_code = jsonrpc_code
+
+    def to_mcp_error(self) -> MCPError:
+        # Exactly what an MCP server says, with no Arbiter-specific data that would reveal a hidden tool.
+        return MCPError(self._jsonrpc_code, self.message)

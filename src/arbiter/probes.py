@@ -1,0 +1,39 @@
+"""Probes: ``/healthz`` (the process answers) and ``/readyz`` (its dependencies answer)."""
+
+from __future__ import annotations
+
+import anyio
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from arbiter.runtime import Runtime
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    checks: dict[str, str] = {}
+    try:
+        with anyio.fail_after(2):
+            async with runtime.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - readiness reports any failure, never raises
+        checks["database"] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+            "upstreams_down": runtime.catalog.hidden(),
+        },
+        status_code=200 if ready else 503,
+    )

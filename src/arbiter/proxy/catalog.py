@@ -1,0 +1,181 @@
+"""The in-memory catalog agents are served from: what each upstream offers, renamed for agents.
+
+Lists are precomputed once per change, so ``tools/list`` and call routing never touch the database or
+the upstreams. Discovery (``discover``) fans out to an upstream and builds its snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mcp_types as types
+from mcp.client.session import ClientSession
+from pydantic import BaseModel
+
+from arbiter.proxy.naming import exposed_name, exposed_uri
+
+# Each kind of entry and the UpstreamCatalog field that holds it.
+KIND_FIELDS = {
+    "tool": "tools",
+    "resource": "resources",
+    "resource_template": "resource_templates",
+    "prompt": "prompts",
+}
+_MAX_PAGES = 100
+# Catalog rows key entries by name/URI in a bounded column; an upstream offering longer ones is odd.
+MAX_NAME_LENGTH = 1024
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpstreamCatalog:
+    """What one upstream offers, keyed by its own names (tool/prompt name, resource URI or template)."""
+
+    upstream: str
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
+    resource_templates: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
+    prompts: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
+
+    def entries(self, kind: str) -> dict[str, dict[str, Any]]:
+        entries: dict[str, dict[str, Any]] = getattr(self, KIND_FIELDS[kind])
+        return entries
+
+    def items(self) -> Iterable[tuple[str, str, dict[str, Any]]]:
+        """(kind, name, definition) for every entry."""
+        for kind in KIND_FIELDS:
+            for name, definition in self.entries(kind).items():
+                yield kind, name, definition
+
+    @classmethod
+    def from_items(cls, upstream: str, items: Iterable[tuple[str, str, dict[str, Any]]]) -> UpstreamCatalog:
+        snap = cls(upstream)
+        for kind, name, definition in items:
+            snap.entries(kind)[name] = definition
+        return snap
+
+
+@dataclass(frozen=True)
+class Views:
+    """Agent-facing lists and lookup tables, rebuilt whenever any upstream's snapshot changes."""
+
+    tools: list[dict[str, Any]]
+    resources: list[dict[str, Any]]
+    resource_templates: list[dict[str, Any]]
+    prompts: list[dict[str, Any]]
+    # exposed tool name -> input schema, for the SDK's Mcp-Param header validation
+    input_schemas: dict[str, dict[str, Any]]
+
+
+class Catalog:
+    """Snapshots per upstream plus the merged, renamed views; replaced atomically, read lock-free."""
+
+    def __init__(self) -> None:
+        self._snaps: dict[str, UpstreamCatalog] = {}
+        self._hidden: set[str] = set()
+        self.views = Views([], [], [], [], {})
+
+    def put(self, snap: UpstreamCatalog) -> None:
+        self._snaps[snap.upstream] = snap
+        self._rebuild()
+
+    def remove(self, upstream: str) -> None:
+        self._snaps.pop(upstream, None)
+        self._hidden.discard(upstream)
+        self._rebuild()
+
+    def set_hidden(self, upstream: str, hidden: bool) -> None:
+        """Hide an upstream's entries from lists (disabled, or down) without forgetting them."""
+        before = upstream in self._hidden
+        if hidden:
+            self._hidden.add(upstream)
+        else:
+            self._hidden.discard(upstream)
+        if before != hidden:
+            self._rebuild()
+
+    def get(self, upstream: str) -> UpstreamCatalog | None:
+        """An upstream's snapshot, also while it is down (so a call names it unavailable, not unknown)."""
+        return self._snaps.get(upstream)
+
+    def hidden(self) -> list[str]:
+        return sorted(self._hidden)
+
+    def upstreams(self) -> list[str]:
+        return sorted(self._snaps)
+
+    def _rebuild(self) -> None:
+        tools: list[dict[str, Any]] = []
+        resources: list[dict[str, Any]] = []
+        templates: list[dict[str, Any]] = []
+        prompts: list[dict[str, Any]] = []
+        schemas: dict[str, dict[str, Any]] = {}
+        for name in sorted(self._snaps):
+            if name in self._hidden:
+                continue
+            snap = self._snaps[name]
+            for tool_name, tool in snap.tools.items():
+                exposed = exposed_name(name, tool_name)
+                tools.append({**tool, "name": exposed})
+                schemas[exposed] = tool.get("inputSchema") or {}
+            for uri, res in snap.resources.items():
+                resources.append(
+                    {**res, "uri": exposed_uri(name, uri), "name": exposed_name(name, res["name"])}
+                )
+            for tmpl, res in snap.resource_templates.items():
+                templates.append(
+                    {**res, "uriTemplate": exposed_uri(name, tmpl), "name": exposed_name(name, res["name"])}
+                )
+            for prompt_name, prompt in snap.prompts.items():
+                prompts.append({**prompt, "name": exposed_name(name, prompt_name)})
+        self.views = Views(tools, resources, templates, prompts, schemas)
+
+
+async def discover(upstream: str, session: ClientSession) -> UpstreamCatalog:
+    """List everything an upstream offers (following pagination) for the capabilities it declares."""
+    caps = session.server_capabilities or types.ServerCapabilities()
+    snap = UpstreamCatalog(upstream)
+
+    async def tools(cursor: str | None) -> Page:
+        page = await session.list_tools(params=types.PaginatedRequestParams(cursor=cursor))
+        return [(t.name, t) for t in page.tools], page.next_cursor
+
+    async def resources(cursor: str | None) -> Page:
+        page = await session.list_resources(params=types.PaginatedRequestParams(cursor=cursor))
+        return [(str(r.uri), r) for r in page.resources], page.next_cursor
+
+    async def templates(cursor: str | None) -> Page:
+        page = await session.list_resource_templates(params=types.PaginatedRequestParams(cursor=cursor))
+        return [(t.uri_template, t) for t in page.resource_templates], page.next_cursor
+
+    async def prompts(cursor: str | None) -> Page:
+        page = await session.list_prompts(params=types.PaginatedRequestParams(cursor=cursor))
+        return [(p.name, p) for p in page.prompts], page.next_cursor
+
+    if caps.tools is not None:
+        await _collect(tools, snap.tools)
+    if caps.resources is not None:
+        await _collect(resources, snap.resources)
+        await _collect(templates, snap.resource_templates)
+    if caps.prompts is not None:
+        await _collect(prompts, snap.prompts)
+    return snap
+
+
+Page = tuple[list[tuple[str, BaseModel]], str | None]
+
+
+async def _collect(fetch: Callable[[str | None], Awaitable[Page]], into: dict[str, dict[str, Any]]) -> None:
+    cursor: str | None = None
+    for _ in range(_MAX_PAGES):
+        items, cursor = await fetch(cursor)
+        for key, model in items:
+            if len(key) > MAX_NAME_LENGTH:
+                log.warning("skipping an upstream entry whose name is %d characters long", len(key))
+                continue
+            into[key] = model.model_dump(by_alias=True, mode="json", exclude_none=True)
+        if not cursor:
+            return

@@ -1,0 +1,87 @@
+"""Pipeline step 7 (the last): answer lists from the catalog, send single-target requests upstream."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import mcp_types as types
+
+from arbiter.auth.outbound import caller_token
+from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.naming import exposed_uri
+from arbiter.proxy.pipeline import CallContext, CallNext, Result
+from arbiter.proxy.pool import UpstreamPool
+
+_SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
+
+
+class Forward:
+    def __init__(self, catalog: Catalog, pool: UpstreamPool) -> None:
+        self._catalog = catalog
+        self._pool = pool
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        views = self._catalog.views
+        # Lists are fresh list objects over shared entries: interceptors may filter them, not edit entries.
+        match ctx.method:
+            case "tools/list":
+                return {"tools": list(views.tools)}
+            case "resources/list":
+                return {"resources": list(views.resources)}
+            case "resources/templates/list":
+                return {"resourceTemplates": list(views.resource_templates)}
+            case "prompts/list":
+                return {"prompts": list(views.prompts)}
+            case _:
+                return await self._forward(ctx)
+
+    async def _forward(self, ctx: CallContext) -> Result:
+        assert ctx.upstream is not None and ctx.target is not None, "resolve runs before forward"
+        client = self._pool.get(ctx.upstream)
+        # Only the progress token crosses over; the rest of _meta is the agent's envelope, not the upstream's.
+        meta: Any = ctx.params.get("_meta")
+        progress: Any = cast(dict[str, Any], meta).get("progressToken") if isinstance(meta, dict) else None
+        req_meta = (
+            cast(types.RequestParamsMeta, {"progressToken": progress}) if progress is not None else None
+        )
+        request: types.ClientRequest
+        if ctx.method == "tools/call":
+            request = types.CallToolRequest(
+                params=types.CallToolRequestParams(name=ctx.target, arguments=ctx.arguments, _meta=req_meta)
+            )
+        elif ctx.method == "prompts/get":
+            str_args = {k: v if isinstance(v, str) else str(v) for k, v in (ctx.arguments or {}).items()}
+            request = types.GetPromptRequest(
+                params=types.GetPromptRequestParams(
+                    name=ctx.target, arguments=str_args or None, _meta=req_meta
+                )
+            )
+        else:
+            request = types.ReadResourceRequest(params=types.ReadResourceRequestParams(uri=ctx.target))
+        # The caller's own token is read only for an upstream that exchanges it (RFC 8693); every other
+        # upstream gets Arbiter's credential alone.
+        caller = caller_token(ctx.http_request.scope) if client.per_caller and ctx.http_request else None
+        result = await client.request(ctx.method, request, caller=caller)
+        _strip_upstream_identity(result)
+        if ctx.method == "resources/read":
+            _rename_contents(result, ctx.upstream)
+        return result
+
+
+def _strip_upstream_identity(result: Result) -> None:
+    # The upstream's serverInfo stamp describes it, not Arbiter; agents talk to Arbiter.
+    meta = result.get("_meta")
+    if isinstance(meta, dict) and _SERVER_INFO_META in meta:
+        rest: dict[str, Any] = {k: v for k, v in meta.items() if k != _SERVER_INFO_META}  # pyright: ignore[reportUnknownVariableType]
+        if rest:
+            result["_meta"] = rest
+        else:
+            del result["_meta"]
+
+
+def _rename_contents(result: Result, upstream: str) -> None:
+    contents = result.get("contents")
+    if isinstance(contents, list):
+        for item in contents:  # pyright: ignore[reportUnknownVariableType]
+            if isinstance(item, dict) and isinstance(item.get("uri"), str):  # pyright: ignore[reportUnknownMemberType]
+                item["uri"] = exposed_uri(upstream, item["uri"])  # pyright: ignore[reportUnknownArgumentType]

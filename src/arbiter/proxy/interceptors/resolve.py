@@ -1,0 +1,58 @@
+"""Pipeline step 1: find the upstream and target a request addresses, from the JSON-RPC body only."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from mcp_types import INVALID_PARAMS
+
+from arbiter.errors import UnknownTarget
+from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.naming import split_name, split_uri
+from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, CallNext, Result
+
+# What the SDK's own MCP server answers for an unknown target, so a hidden target looks unknown too.
+RESOURCE_NOT_FOUND = -32002
+
+
+class Resolve:
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        key = TARGET_KEYS.get(ctx.method)
+        if key is not None:
+            value = ctx.params.get(key)
+            if not isinstance(value, str) or not value:
+                raise UnknownTarget(f"params.{key} must be a non-empty string")
+            ctx.exposed = value
+            if ctx.method == "tools/call":
+                self._named(ctx, value, "tool")
+            elif ctx.method == "prompts/get":
+                self._named(ctx, value, "prompt")
+            else:
+                self._resource(ctx, value)
+        return await call_next(ctx)
+
+    def _named(self, ctx: CallContext, exposed: str, kind: Literal["tool", "prompt"]) -> None:
+        parts = split_name(exposed)
+        snap = self._catalog.get(parts[0]) if parts else None
+        entries = (snap.tools if kind == "tool" else snap.prompts) if snap else {}
+        definition = entries.get(parts[1]) if parts else None
+        if parts is None or definition is None:
+            raise UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
+        ctx.upstream, ctx.target, ctx.definition = parts[0], parts[1], definition
+        args: Any = ctx.params.get("arguments")
+        ctx.arguments = args if isinstance(args, dict) else {}
+
+    def _resource(self, ctx: CallContext, exposed: str) -> None:
+        parts = split_uri(exposed)
+        snap = self._catalog.get(parts[0]) if parts else None
+        if parts is None or snap is None:
+            raise UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+        # A URI outside the static list may still match one of the upstream's templates; the upstream
+        # decides, since template matching is its business.
+        if parts[1] not in snap.resources and not snap.resource_templates:
+            raise UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+        ctx.upstream, ctx.target = parts[0], parts[1]
+        ctx.definition = snap.resources.get(parts[1])

@@ -1,0 +1,78 @@
+"""The governance pipeline: an ordered chain of interceptors, each ``async (ctx, call_next) -> result``.
+
+The chain is composed once at construction, so a request pays one function call per interceptor and
+nothing else. Interceptors may refuse (raise an ``ArbiterError``), rewrite ``ctx`` before calling on,
+or rewrite/observe the result after. Results are the JSON-RPC ``result`` objects as dicts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from arbiter.auth.principal import Principal
+
+Result = dict[str, Any]
+CallNext = Callable[["CallContext"], Awaitable[Result]]
+Interceptor = Callable[["CallContext", CallNext], Awaitable[Result]]
+
+# Methods that address one target, and the params key naming it.
+TARGET_KEYS: dict[str, str] = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+LIST_METHODS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
+
+
+@dataclass
+class CallContext:
+    """Everything the interceptors know about one request; ``resolve`` fills the target fields."""
+
+    method: str
+    params: Mapping[str, Any]
+    request_id: str | int | None = None
+    protocol_version: str | None = None
+    # The HTTP request that carried it (None on non-HTTP transports); headers are parsed only if asked for.
+    http_request: Request | None = None
+    principal: Principal | None = None  # set by authentication for every request on /mcp
+    client_info: Mapping[str, Any] | None = None
+    # Filled by the resolve step for single-target methods:
+    exposed: str | None = None  # the name/URI the agent used
+    upstream: str | None = None
+    target: str | None = None  # the upstream's own tool/prompt name or resource URI
+    arguments: dict[str, Any] | None = None
+    definition: Mapping[str, Any] | None = None  # catalog definition (None for a templated resource)
+    started: float = field(default_factory=time.perf_counter)
+    # Scratch space for interceptors to hand facts to later ones (e.g. a decision for the audit step).
+    state: dict[str, object] = field(default_factory=dict[str, object])
+
+
+class Pipeline:
+    """Runs interceptors in order; the last one must produce a result without calling on."""
+
+    def __init__(self, interceptors: Sequence[Interceptor]) -> None:
+        if not interceptors:
+            raise ValueError("a pipeline needs at least one interceptor (the forward step)")
+        self.interceptors = tuple(interceptors)
+        self._entry = self._compose()
+
+    def _compose(self) -> CallNext:
+        async def end(ctx: CallContext) -> Result:
+            raise RuntimeError(f"pipeline fell off the end while handling {ctx.method}")
+
+        call: CallNext = end
+        for interceptor in reversed(self.interceptors):
+            call = _bind(interceptor, call)
+        return call
+
+    def __call__(self, ctx: CallContext) -> Awaitable[Result]:
+        return self._entry(ctx)
+
+
+def _bind(interceptor: Interceptor, call_next: CallNext) -> CallNext:
+    # A plain function handing back the interceptor's coroutine: no extra coroutine frame per step.
+    def step(ctx: CallContext) -> Awaitable[Result]:
+        return interceptor(ctx, call_next)
+
+    return step

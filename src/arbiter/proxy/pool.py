@@ -1,0 +1,117 @@
+"""The upstream pool: one ``UpstreamClient`` per enabled upstream, built and closed in the app lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import anyio
+from anyio.abc import TaskGroup
+from pydantic import SecretStr
+
+from arbiter.auth.outbound import Outbound, OutboundAuth
+from arbiter.auth.secrets import SecretBox
+from arbiter.errors import UpstreamUnavailable
+from arbiter.proxy.callers import CallerSessions
+from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        reconnect_backoff_s: float,
+        on_health: Callable[[str, bool], None] | None = None,
+        outbound: Outbound | None = None,
+        caller_sessions_max: int = 256,
+        caller_session_idle_s: float = 300.0,
+    ) -> None:
+        self._on_health = on_health
+        self._clients: dict[str, UpstreamClient] = {}
+        self._max_connections = max_connections
+        self._backoff = reconnect_backoff_s
+        self._outbound = outbound or Outbound(SecretBox(None))
+        self._callers_max = caller_sessions_max
+        self._caller_idle = caller_session_idle_s
+        self._tg: TaskGroup | None = None
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> UpstreamPool:
+        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._tg.start_soon(self._sweep_callers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in list(self._clients.values()):
+            await client.aclose()
+        self._clients.clear()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._stack.aclose()
+
+    def get(self, name: str) -> UpstreamClient:
+        client = self._clients.get(name)
+        if client is None:
+            raise UpstreamUnavailable.of(name)
+        return client
+
+    def current(self, name: str) -> UpstreamClient | None:
+        return self._clients.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._clients)
+
+    async def put(self, spec: UpstreamSpec) -> UpstreamClient:
+        """Add or replace an upstream's client; a changed spec retires the old client and its connection."""
+        assert self._tg is not None, "the pool is used inside its context"
+        old = self._clients.get(spec.name)
+        if old is not None and old.spec == spec:
+            return old
+        client = self._client(spec, self._outbound.shared(spec.name, spec.credential), self._callers(spec))
+        client.on_health = self._report
+        self._clients[spec.name] = client
+        if old is not None:
+            await old.aclose()
+        return client
+
+    async def remove(self, name: str) -> None:
+        client = self._clients.pop(name, None)
+        if client is not None:
+            await client.aclose()
+
+    def _client(
+        self, spec: UpstreamSpec, auth: OutboundAuth | None, callers: CallerSessions | None = None
+    ) -> UpstreamClient:
+        assert self._tg is not None, "the pool is used inside its context"
+        return UpstreamClient(
+            spec,
+            self._tg,
+            max_connections=self._max_connections,
+            reconnect_backoff_s=self._backoff,
+            auth=auth,
+            callers=callers,
+        )
+
+    def _callers(self, spec: UpstreamSpec) -> CallerSessions | None:
+        if not spec.credential.per_caller:
+            return None
+
+        def make(token: SecretStr) -> UpstreamClient:
+            # Per-caller sessions report no health: one caller's refused token says nothing of the upstream.
+            return self._client(spec, self._outbound.for_caller(spec.name, spec.credential, token))
+
+        return CallerSessions(make, max_sessions=self._callers_max, idle_s=self._caller_idle)
+
+    async def _sweep_callers(self) -> None:
+        while True:
+            await anyio.sleep(max(1.0, min(30.0, self._caller_idle / 2)))
+            for client in list(self._clients.values()):
+                if client.callers is not None:
+                    await client.callers.sweep()
+
+    def _report(self, client: UpstreamClient, healthy: bool) -> None:
+        # A retired client (replaced or removed meanwhile) may still finish a request or a connect
+        # attempt; what it learns says nothing about the upstream's current definition.
+        if self._on_health is not None and self._clients.get(client.spec.name) is client:
+            self._on_health(client.spec.name, healthy)

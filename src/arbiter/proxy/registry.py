@@ -1,0 +1,337 @@
+"""The upstream registry: keeps the database rows, the connection pool and the in-memory catalog in step.
+
+Both the admin API and ``arbiter demo`` register upstreams through ``create``; startup loads the rows and
+the last discovered catalog from the database, so Arbiter serves lists before any upstream answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from arbiter.admin.credentials import credential_from_api
+from arbiter.admin.schemas import UpstreamCreate, UpstreamUpdate
+from arbiter.auth.outbound import CredentialSpec
+from arbiter.auth.secrets import SecretBox
+from arbiter.errors import ArbiterError, Conflict, NotFound
+from arbiter.proxy.catalog import Catalog, UpstreamCatalog
+from arbiter.proxy.pool import UpstreamPool
+from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
+from arbiter.proxy.urlcheck import check_upstream_url
+from arbiter.settings import UpstreamConfig, UpstreamPolicy
+from arbiter.store import upstreams as repo
+from arbiter.store.models import CatalogItem, Upstream, utcnow
+
+log = logging.getLogger(__name__)
+_DB_DEADLINE_S = 30.0
+
+
+def spec_of(row: Upstream, config: UpstreamConfig | None = None) -> UpstreamSpec:
+    return UpstreamSpec(
+        name=row.name,
+        transport=row.transport,
+        url=row.url,
+        command=tuple(row.command or ()),
+        env=dict(config.env) if config else {},
+        cwd=config.cwd if config else None,
+        connect_timeout_s=row.connect_timeout_s,
+        call_timeout_s=row.call_timeout_s,
+        credential=CredentialSpec.from_json(row.credential),
+    )
+
+
+class UpstreamRegistry:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        pool: UpstreamPool,
+        catalog: Catalog,
+        policy: UpstreamPolicy,
+        configured: Sequence[UpstreamConfig] = (),
+        box: SecretBox | None = None,
+    ) -> None:
+        self._box = box or SecretBox(None)
+        self._sessions = sessions
+        self._pool = pool
+        self._catalog = catalog
+        self._policy = policy
+        self._configured = {c.name: c for c in configured}
+        self._lock = anyio.Lock()  # serialises changes to which upstreams run in this process
+        self._store_lock = anyio.Lock()
+
+    @asynccontextmanager
+    async def _db(self) -> AsyncGenerator[AsyncSession]:
+        # Shielded, so a shutdown that cancels a background refresh cannot cut a database session in
+        # half (aiosqlite then leaves its thread behind and the event loop never closes); bounded, so a
+        # hung database cannot hold shutdown forever.
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _DB_DEADLINE_S):
+            async with self._sessions() as db:
+                yield db
+
+    # --- startup and background work ----------------------------------------------------------
+
+    async def load(self) -> None:
+        """Sync operator-defined upstreams into the table, then load rows and catalog into memory."""
+        async with self._db() as db:
+            rows = {r.name: r for r in (await db.exec(select(Upstream)))}
+            for cfg in self._configured.values():
+                row = rows.get(cfg.name) or Upstream(name=cfg.name, transport=cfg.transport, source="config")
+                if row.source != "config":
+                    log.warning("configured upstream %s replaces the API-defined one of that name", cfg.name)
+                repo.apply_config(row, cfg)
+                db.add(row)
+                rows[cfg.name] = row
+            for name, row in list(rows.items()):
+                if row.source == "config" and name not in self._configured:
+                    await db.delete(row)  # removed from the operator's configuration
+                    del rows[name]
+            await db.commit()
+            items = await repo.present_items(db)
+        for row in rows.values():
+            if row.enabled:
+                assert row.id is not None
+                await self._activate(row)
+                self._catalog.put(UpstreamCatalog.from_items(row.name, items.get(row.id, [])))
+
+    async def reconcile(self) -> None:
+        """Bring this process in line with the table, which other replicas' admin APIs change too."""
+        async with self._lock:
+            async with self._db() as db:
+                rows = {
+                    r.name: r for r in (await db.exec(select(Upstream).where(col(Upstream.enabled)))).all()
+                }
+            for name in set(self._pool.names()) - set(rows):
+                log.info("upstream %s was disabled or removed elsewhere; dropping it", name)
+                await self._deactivate(name)
+            changed = [
+                row
+                for name, row in rows.items()
+                if (client := self._pool.current(name)) is None or client.spec != self._spec(row)
+            ]
+            for row in changed:
+                log.info("upstream %s was added or changed elsewhere; reconnecting", row.name)
+                await self._activate(row)
+        await self._discover_each([row.name for row in changed], "discovery")
+
+    async def refresh_all(self) -> None:
+        """Re-discover every enabled upstream; failures are logged and leave the last catalog in place."""
+        await self._discover_each(self._pool.names(), "refresh")
+
+    async def discover_new(self) -> None:
+        """Discover upstreams never discovered before (e.g. just added to the operator's configuration)."""
+        async with self._db() as db:
+            query = select(Upstream.name).where(
+                col(Upstream.enabled), col(Upstream.last_refresh_at).is_(None)
+            )
+            names = list((await db.exec(query)).all())
+        await self._discover_each(names, "discovery")
+
+    async def heal(self) -> None:
+        """Retry discovery on upstreams that are down, so they come back into lists when they recover."""
+        await self._discover_each(self._catalog.hidden(), "recovery")
+
+    async def _discover_each(self, names: Sequence[str], why: str) -> None:
+        for name in names:
+            try:
+                await self._discover_and_store(name)
+            except (ArbiterError, SQLAlchemyError, OSError) as exc:
+                # One bad upstream (or a database blip) must not stop the others, or the loop.
+                log.warning("%s of upstream %s failed: %s", why, name, exc)
+
+    # --- admin operations ---------------------------------------------------------------------
+
+    async def list(self) -> list[Upstream]:
+        async with self._db() as db:
+            return list((await db.exec(select(Upstream).order_by(col(Upstream.name)))).all())
+
+    async def get(self, upstream_id: int) -> Upstream:
+        async with self._db() as db:
+            row = await db.get(Upstream, upstream_id)
+        if row is None:
+            raise NotFound(f"no upstream with id {upstream_id}")
+        return row
+
+    async def counts(self) -> dict[int, Counter[str]]:
+        """Present catalog entries per upstream id and kind."""
+        async with self._db() as db:
+            return await repo.counts(db)
+
+    async def create(self, data: UpstreamCreate) -> Upstream:
+        """Validate, connect, discover, then store the upstream and its catalog in one transaction."""
+        await check_upstream_url(data.url, self._policy)
+        credential = await credential_from_api(
+            data.credential, CredentialSpec(), moved=False, box=self._box, policy=self._policy
+        )
+        async with self._lock:
+            async with self._db() as db:
+                if await repo.by_name(db, data.name) is not None:
+                    raise Conflict(f"an upstream named {data.name!r} already exists", field="name")
+            row = Upstream(**data.model_dump(exclude={"credential"}), credential=credential.to_json())
+            snap = await self._try_spec(row, previous=None) if row.enabled else None
+            row = await self._save(row, snap, new=True)
+            log.info("registered upstream %s (%s)", row.name, row.transport)
+            return row
+
+    async def update(self, upstream_id: int, patch: UpstreamUpdate) -> Upstream:
+        """Change an upstream; the new definition must connect and discover before anything is saved."""
+        changes = patch.model_dump(exclude_unset=True, exclude_none=True, exclude={"credential"})
+        if "url" in changes:
+            await check_upstream_url(changes["url"], self._policy)
+        async with self._lock:
+            async with self._db() as db:
+                row = await repo.editable(db, upstream_id)
+            previous = self._spec(row) if row.enabled else None
+            moved = changes.get("url", row.url) != row.url
+            if patch.credential is not None or moved:
+                stored = CredentialSpec.from_json(row.credential)
+                credential = await credential_from_api(
+                    patch.credential, stored, moved=moved, box=self._box, policy=self._policy
+                )
+                row.credential = credential.to_json()
+            for key, value in changes.items():
+                setattr(row, key, value)
+            # Network I/O outside any database session: discovery may take the upstream's full timeouts.
+            snap = await self._try_spec(row, previous) if row.enabled else None
+            row.updated_at = utcnow()
+            row = await self._save(row, snap, new=False)
+            if snap is None:
+                await self._deactivate(row.name)
+            return row
+
+    async def delete(self, upstream_id: int) -> None:
+        async with self._lock:
+            async with self._db() as db:
+                row = await repo.editable(db, upstream_id)
+                await db.delete(row)  # catalog rows go with it (ON DELETE CASCADE)
+                await db.commit()
+            await self._deactivate(row.name)
+
+    async def refresh(self, upstream_id: int) -> Upstream:
+        row = await self.get(upstream_id)
+        if not row.enabled:
+            raise Conflict(f"upstream {row.name!r} is disabled; enable it before refreshing")
+        await self._discover_and_store(row.name)
+        return await self.get(upstream_id)
+
+    async def catalog_items(self, upstream_id: int | None = None) -> list[tuple[str, CatalogItem]]:
+        """Present catalog entries with their upstream's name, optionally for one upstream."""
+        async with self._db() as db:
+            query = (
+                select(Upstream.name, CatalogItem)
+                .join(Upstream, col(Upstream.id) == col(CatalogItem.upstream_id))
+                .where(col(CatalogItem.present))
+                .order_by(col(Upstream.name), col(CatalogItem.kind), col(CatalogItem.name))
+            )
+            if upstream_id is not None:
+                if await db.get(Upstream, upstream_id) is None:
+                    raise NotFound(f"no upstream with id {upstream_id}")
+                query = query.where(col(CatalogItem.upstream_id) == upstream_id)
+            return [(name, item) for name, item in (await db.exec(query)).all()]
+
+    def status(self, row: Upstream) -> str:
+        if not row.enabled:
+            return "disabled"
+        client = self._pool.current(row.name)
+        if client is None or not client.healthy:
+            return "down"
+        return "connected" if client.connected else "idle"
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _spec(self, row: Upstream) -> UpstreamSpec:
+        return spec_of(row, self._configured.get(row.name))
+
+    async def _activate(self, row: Upstream) -> UpstreamClient:
+        return await self._pool.put(self._spec(row))
+
+    async def _deactivate(self, name: str) -> None:
+        await self._pool.remove(name)
+        self._catalog.remove(name)
+
+    async def _save(self, row: Upstream, snap: UpstreamCatalog | None, *, new: bool) -> Upstream:
+        """Store the row and its discovered catalog in one transaction, then serve that catalog."""
+        if snap is not None:
+            row.last_refresh_at, row.last_error = utcnow(), None
+        async with self._db() as db:
+            if new:
+                db.add(row)
+                try:
+                    await db.flush()
+                except IntegrityError as exc:  # another replica registered the name just now
+                    await self._pool.remove(row.name)
+                    raise Conflict(f"an upstream named {row.name!r} already exists", field="name") from exc
+            else:
+                row = await db.merge(row)
+            if snap is not None:
+                assert row.id is not None
+                await repo.store_catalog(db, row.id, snap.items())
+            await db.commit()
+        if snap is not None:
+            self._catalog.put(snap)
+        return row
+
+    async def _try_spec(self, row: Upstream, previous: UpstreamSpec | None) -> UpstreamCatalog:
+        """Connect to ``row``'s definition and discover it; on failure restore ``previous`` (or nothing)."""
+        was_hidden = row.name in self._catalog.hidden()
+        client = await self._activate(row)
+        try:
+            return await client.discover()
+        except BaseException:
+            # The candidate's failure says nothing about the definition that keeps serving.
+            with anyio.CancelScope(shield=True):
+                if previous is not None:
+                    await self._pool.put(previous)
+                    self._catalog.set_hidden(row.name, was_hidden)
+                else:
+                    await self._pool.remove(row.name)
+            raise
+
+    async def _discover_and_store(self, name: str) -> UpstreamCatalog:
+        client = self._pool.get(name)
+        try:
+            snap = await client.discover()
+        except ArbiterError as exc:
+            await self._record_error(name, exc.message)
+            raise
+        if self._pool.current(name) is not client:
+            return snap  # changed or removed while we listed it: the old definition's catalog is moot
+        # One writer per process; another replica storing the same definitions at the same moment
+        # trips the unique constraint once, and the retry then finds its rows.
+        async with self._store_lock:
+            for attempt in (1, 2):
+                try:
+                    if not await self._store(name, snap):
+                        return snap  # deleted meanwhile: nothing to serve
+                    break
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
+        self._catalog.put(snap)
+        return snap
+
+    async def _store(self, name: str, snap: UpstreamCatalog) -> bool:
+        async with self._db() as db:
+            row = await repo.by_name(db, name)
+            if row is None:
+                return False
+            assert row.id is not None
+            await repo.store_catalog(db, row.id, snap.items())
+            row.last_refresh_at = utcnow()
+            row.last_error = None
+            await db.commit()
+        return True
+
+    async def _record_error(self, name: str, message: str) -> None:
+        async with self._db() as db:
+            row = await repo.by_name(db, name)
+            if row is not None:
+                row.last_error = message[:1000]
+                await db.commit()

@@ -1,0 +1,87 @@
+"""The agent-facing MCP server: the SDK's low-level ``Server`` whose handlers all run the pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import mcp_types as types
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types.methods import CACHEABLE_METHODS
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from arbiter.errors import ArbiterError
+from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.endpoint import PRINCIPAL_KEY
+from arbiter.proxy.pipeline import CallContext, Pipeline, Result
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "arbiter"
+
+
+def build_mcp_server(pipeline: Pipeline, catalog: Catalog, version: str) -> Server[Any]:
+    """A server that answers every proxied method through ``pipeline``."""
+
+    async def handle(ctx: ServerRequestContext[Any, Any], params: BaseModel | None) -> Result:
+        request: object = ctx.request
+        http = cast(Request, request) if isinstance(request, Request) else None
+        call = CallContext(
+            method=ctx.method,
+            params=ctx.params or {},
+            request_id=ctx.request_id,
+            protocol_version=ctx.protocol_version,
+            http_request=http,
+            principal=http.scope.get(PRINCIPAL_KEY) if http is not None else None,
+        )
+        try:
+            result = await pipeline(call)
+        except ArbiterError as exc:
+            raise exc.to_mcp_error() from None
+        except MCPError:
+            raise  # the upstream's own JSON-RPC error, passed through unchanged
+        except Exception:
+            log.exception("internal error while handling %s", ctx.method)
+            raise MCPError(types.INTERNAL_ERROR, "Internal error") from None
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            # Lists come from the catalog and an upstream may speak the older era, so the 2026-07-28
+            # fields may be missing. What an agent may see depends on who it is: no cache may share
+            # results across callers.
+            result.setdefault("resultType", "complete")
+            if ctx.method in CACHEABLE_METHODS:
+                result["cacheScope"] = "private"
+                result.setdefault("ttlMs", 0)
+        return result
+
+    async def ping(
+        ctx: ServerRequestContext[Any, Any], params: types.RequestParams | None
+    ) -> types.EmptyResult:
+        return types.EmptyResult()
+
+    def input_schema(name: str) -> dict[str, Any] | None:
+        # Consulted by the SDK for 2026-07-28 Mcp-Param header checks; without it the SDK would run the
+        # whole tools/list handler before every call.
+        return catalog.views.input_schemas.get(name)
+
+    any_handler: Any = handle  # one handler serves every method; the SDK types each slot separately
+    server: Server[Any] = Server(
+        SERVER_NAME,
+        version=version,
+        instructions="Arbiter: governed access to this organisation's MCP tools.",
+        get_tool_input_schema=input_schema,
+        on_ping=ping,
+        on_list_tools=any_handler,
+        on_call_tool=any_handler,
+        on_list_resources=any_handler,
+        on_list_resource_templates=any_handler,
+        on_read_resource=any_handler,
+        on_list_prompts=any_handler,
+        on_get_prompt=any_handler,
+    )
+    # The SDK's OpenTelemetry middleware is a no-op until telemetry lands; drop it from the hot path.
+    server.middleware.clear()
+    return server

@@ -1,0 +1,326 @@
+"""One pooled, long-lived MCP client session per upstream, reconnected on demand.
+
+The SDK's client is an async context manager whose task group must be entered and exited in the
+same task, so each connection lives in a task of its own; requests from any task share its session
+(JSON-RPC ids multiplex them). A broken connection is dropped and re-opened by the next request,
+no sooner than ``reconnect_backoff_s`` after the last failed attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import httpx2
+import mcp_types as types
+from anyio.abc import TaskGroup
+from mcp import Client
+from mcp.client._transport import TransportStreams
+from mcp.client.session import ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from pydantic import SecretStr, TypeAdapter
+
+from arbiter.auth.outbound import CallerTokenRequired, CredentialSpec, OutboundAuth, UpstreamAuthFailed
+from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
+from arbiter.proxy.callers import CallerSessions
+from arbiter.proxy.catalog import UpstreamCatalog, discover
+
+log = logging.getLogger(__name__)
+
+# The SDK types result adapters for its own models; a plain dict keeps the upstream's answer verbatim.
+_RAW_RESULT: Any = TypeAdapter(dict[str, Any])
+_SESSION_HEADER = "mcp-session-id"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """What the pool needs to reach one upstream (built from the registry row)."""
+
+    name: str
+    transport: str
+    url: str | None = None
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict[str, str])
+    cwd: str | None = None
+    connect_timeout_s: float = 10.0
+    call_timeout_s: float = 30.0
+    credential: CredentialSpec = field(default_factory=CredentialSpec)
+
+
+class _Connection:
+    """One upstream session, the event that tells its owner task to close it, and what we learnt of it."""
+
+    def __init__(self) -> None:
+        self.close = anyio.Event()
+        self.session: ClientSession | None = None
+        self.broken = False
+        # Set when the upstream answered 404 to our session id: it restarted and forgot us, so the
+        # request never ran and may be retried on a new session.
+        self.session_lost = False
+
+
+class UpstreamClient:
+    """The pooled connection to one upstream."""
+
+    def __init__(
+        self,
+        spec: UpstreamSpec,
+        task_group: TaskGroup,
+        *,
+        max_connections: int,
+        reconnect_backoff_s: float,
+        auth: OutboundAuth | None = None,
+        callers: CallerSessions | None = None,
+    ) -> None:
+        self.spec = spec
+        self._tg = task_group
+        self._max_connections = max_connections
+        self._backoff = reconnect_backoff_s
+        self._auth = auth  # Arbiter's own credential for this upstream (never the caller's)
+        # Token exchange: calls run on per-caller sessions; this client's own session serves discovery.
+        self.callers = callers
+        self._conn: _Connection | None = None
+        self._lock = anyio.Lock()
+        self._last_failure = 0.0
+        self._closed = False
+        self.last_error: str | None = None
+        self.connects = 0  # how many sessions were opened; tests use it to prove pooling
+        self.healthy = True  # False from a failed connect or a broken connection until the next connect
+        self.on_health: Callable[[UpstreamClient, bool], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.broken
+
+    @property
+    def per_caller(self) -> bool:
+        """Whether requests need the caller's own token (to exchange it for the upstream's)."""
+        return self.callers is not None
+
+    async def request(
+        self,
+        method: str,
+        request: types.ClientRequest,
+        *,
+        deadline_s: float | None = None,
+        caller: SecretStr | None = None,
+    ) -> dict[str, Any]:
+        """Send one request and return the upstream's raw result; JSON-RPC errors from it pass through.
+
+        ``caller`` (the caller's access token) is used only by token-exchange upstreams.
+        """
+        if self.callers is not None:
+            if caller is None:
+                raise CallerTokenRequired(
+                    f"upstream {self.spec.name!r} acts on behalf of the caller and needs an OAuth access "
+                    "token to exchange; API keys cannot be exchanged",
+                    upstream=self.spec.name,
+                )
+            return await self.callers.request(caller, method, request, deadline_s)
+        deadline = deadline_s or self.spec.call_timeout_s
+
+        async def send(session: ClientSession) -> dict[str, Any]:
+            # The SDK's own per-request timeout (REQUEST_TIMEOUT) rather than another cancel scope per call.
+            result: dict[str, Any] = await session.send_request(
+                request, _RAW_RESULT, request_read_timeout_seconds=deadline
+            )
+            return result
+
+        return await self._run(method, deadline, send)
+
+    async def discover(self) -> UpstreamCatalog:
+        """List what the upstream offers, under its connect + call deadline."""
+        deadline = self.spec.connect_timeout_s + self.spec.call_timeout_s
+
+        async def list_all(session: ClientSession) -> UpstreamCatalog:
+            with anyio.fail_after(deadline):
+                return await discover(self.spec.name, session)
+
+        try:
+            return await self._run("discovery", deadline, list_all)
+        except MCPError as exc:  # no agent to pass the upstream's own error to: it is a protocol failure
+            raise UpstreamProtocolError(
+                f"upstream {self.spec.name!r} failed discovery: {exc.message[:200]}", upstream=self.spec.name
+            ) from exc
+
+    async def aclose(self) -> None:
+        """Close the connection; this client is retired and never connects again."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close.set()
+        if self.callers is not None:
+            await self.callers.aclose()
+
+    async def _run(self, method: str, deadline: float, op: Callable[[ClientSession], Awaitable[T]]) -> T:
+        """Run ``op`` on the session, mapping failures; retry once if the upstream forgot our session."""
+        for attempt in (1, 2):
+            if self._auth is not None:
+                # Token fetches happen here, in the caller's task, so their failures reach the caller.
+                await self._auth.ready()
+            conn = await self._connection()
+            assert conn.session is not None
+            try:
+                return await op(conn.session)
+            except Exception as exc:
+                failure = self._failure(method, conn, deadline, exc)
+                if conn.session_lost and attempt == 1:
+                    continue
+                if failure is exc:  # the upstream's own JSON-RPC error, or something unforeseen: as it is
+                    raise
+                raise failure from exc
+        raise AssertionError("unreachable")  # pragma: no cover - the second attempt returns or raises
+
+    def _failure(self, method: str, conn: _Connection, deadline: float, exc: Exception) -> Exception:
+        """Map a failed request to Arbiter's errors; the upstream's own JSON-RPC errors pass through."""
+        if conn.session_lost:
+            return self._unavailable("the upstream lost our session (it restarted)", conn)
+        if isinstance(exc, TimeoutError):
+            return self._unavailable(f"{method} timed out after {deadline:g}s", None)
+        if isinstance(exc, MCPError):
+            if exc.code == types.REQUEST_TIMEOUT:  # a slow upstream, not a broken connection: keep it
+                return self._unavailable(f"{method} timed out after {deadline:g}s", None)
+            return self._unavailable(exc.message, conn) if exc.code == types.CONNECTION_CLOSED else exc
+        if isinstance(
+            exc, OSError | httpx2.TransportError | anyio.BrokenResourceError | anyio.ClosedResourceError
+        ):
+            return self._unavailable(type(exc).__name__, conn)
+        if isinstance(exc, ValueError):  # includes pydantic.ValidationError of a malformed result
+            return UpstreamProtocolError(
+                f"upstream {self.spec.name!r} answered {method} with an invalid result",
+                upstream=self.spec.name,
+            )
+        return exc
+
+    def _unavailable(self, why: str, conn: _Connection | None) -> UpstreamUnavailable:
+        # With a connection: it broke, so drop it and report the upstream down. Without one (a deadline
+        # passed): the upstream is slow, not gone, and stays listed.
+        if conn is not None and conn is self._conn:
+            conn.broken = True
+            conn.close.set()
+            self._conn = None
+            self._last_failure = time.monotonic()
+            self._report(False)
+        self.last_error = why
+        log.warning("upstream %s unavailable: %s", self.spec.name, why)
+        return UpstreamUnavailable.of(self.spec.name)
+
+    async def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.broken:
+            return conn
+        async with self._lock:
+            if self._conn is not None and not self._conn.broken:
+                return self._conn
+            if self._closed or (self._last_failure and time.monotonic() - self._last_failure < self._backoff):
+                raise UpstreamUnavailable.of(self.spec.name)
+            try:
+                with anyio.fail_after(self.spec.connect_timeout_s):
+                    conn = await self._tg.start(self._run_connection)
+            except Exception as exc:
+                self._last_failure = time.monotonic()
+                self.last_error = f"connect failed: {type(exc).__name__}"
+                self._report(False)
+                log.warning("upstream %s: connect failed: %s", self.spec.name, _describe(exc))
+                status = self._auth.last_status if self._auth is not None else None
+                if status in (401, 403):  # say so: "unavailable" would send the operator the wrong way
+                    self.last_error = f"connect failed: the upstream refused Arbiter's credential ({status})"
+                    raise UpstreamAuthFailed(
+                        f"upstream {self.spec.name!r} refused Arbiter's credential (HTTP {status})",
+                        upstream=self.spec.name,
+                    ) from exc
+                raise UpstreamUnavailable.of(self.spec.name) from exc
+            if self._closed:  # retired while connecting (the upstream was changed or removed)
+                conn.close.set()
+                raise UpstreamUnavailable.of(self.spec.name)
+            self._conn = conn
+            self.last_error = None
+            self.connects += 1
+            self._report(True)
+            return conn
+
+    def _report(self, healthy: bool) -> None:
+        self.healthy = healthy
+        if self.on_health is not None:
+            self.on_health(self, healthy)
+
+    async def _run_connection(self, *, task_status: anyio.abc.TaskStatus[_Connection]) -> None:
+        conn = _Connection()
+        started = False
+        try:
+            async with self._client(conn) as client:
+                conn.session = client.session
+                task_status.started(conn)
+                started = True
+                await conn.close.wait()
+        except Exception as exc:
+            if not started:
+                raise
+            log.info("upstream %s: connection ended: %s", self.spec.name, _describe(exc))
+        finally:
+            conn.broken = True
+
+    def _client(self, conn: _Connection) -> Client:
+        spec = self.spec
+        if spec.transport == "stdio":
+            params = StdioServerParameters(
+                command=spec.command[0], args=list(spec.command[1:]), env=spec.env or None, cwd=spec.cwd
+            )
+            return Client(params, mode="auto", cache=None)
+        assert spec.url is not None
+        if spec.transport == "sse":
+            transport = sse_client(
+                spec.url,
+                timeout=spec.connect_timeout_s,
+                httpx_client_factory=_no_redirect_client,
+                auth=self._auth,
+            )
+            return Client(transport, mode="legacy", cache=None)
+
+        async def watch_session(response: httpx2.Response) -> None:
+            if response.status_code == 404 and _SESSION_HEADER in response.request.headers:
+                conn.session_lost = True
+
+        http = httpx2.AsyncClient(
+            # Redirects: the SDK itself follows only same-origin, method-preserving ones and refuses the
+            # rest; this client adds none of its own.
+            follow_redirects=False,
+            timeout=httpx2.Timeout(spec.call_timeout_s, connect=spec.connect_timeout_s),
+            limits=httpx2.Limits(
+                max_connections=self._max_connections, max_keepalive_connections=self._max_connections
+            ),
+            event_hooks={"response": [watch_session]},
+            auth=self._auth,
+        )
+        return Client(_http_transport(spec.url, http), mode="auto", cache=None)
+
+
+@asynccontextmanager
+async def _http_transport(url: str, http: httpx2.AsyncClient) -> AsyncGenerator[TransportStreams]:
+    """Streamable HTTP over Arbiter's own pooled HTTP client, closed with the transport."""
+    async with http, streamable_http_client(url, http_client=http) as streams:
+        yield streams
+
+
+def _no_redirect_client(
+    headers: dict[str, str] | None = None,
+    timeout: httpx2.Timeout | None = None,
+    auth: httpx2.Auth | None = None,
+) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, follow_redirects=False)
+
+
+def _describe(exc: BaseException) -> str:
+    # Exception groups from task groups hide the cause; name the leaves, never their arguments' secrets.
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(_describe(e) for e in exc.exceptions)  # pyright: ignore[reportUnknownVariableType, reportUnknownMemberType, reportUnknownArgumentType]
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

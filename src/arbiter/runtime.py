@@ -1,0 +1,31 @@
+"""The services one Arbiter process runs, built by ``create_app`` and shared by its routers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from arbiter.auth.apikeys import ApiKeys
+from arbiter.auth.authenticator import Authenticator
+from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.pipeline import Pipeline
+from arbiter.proxy.pool import UpstreamPool
+from arbiter.proxy.registry import UpstreamRegistry
+from arbiter.settings import Settings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    catalog: Catalog
+    pool: UpstreamPool
+    registry: UpstreamRegistry
+    pipeline: Pipeline
+    sessions_manager: StreamableHTTPSessionManager
+    keys: ApiKeys
+    authenticator: Authenticator

@@ -1,0 +1,341 @@
+"""The one settings object. Only this module reads the environment (prefix ``ARBITER_``, nested ``__``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from cryptography.fernet import Fernet
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+UPSTREAM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./arbiter.db"
+
+Transport = Literal["streamable_http", "sse", "stdio"]
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# RFC 9110 field-name token; the names below belong to HTTP itself or to the MCP transport.
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "accept",
+        "last-event-id",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+    }
+)
+TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"
+
+
+def env_secret(name: str) -> str | None:
+    """The value of the environment variable an upstream credential references (None when unset/empty).
+
+    Upstream secrets may live in the environment rather than in Arbiter's database; this is the one
+    place that reads them, and the value is handed straight to the outbound credential.
+    """
+    return os.environ.get(name) or None
+
+
+def _env_name(v: str) -> str:
+    if not ENV_NAME_RE.match(v):
+        raise ValueError("must be an environment variable name (letters, digits, '_')")
+    return v
+
+
+def _header_name(v: str) -> str:
+    if not _HEADER_NAME_RE.match(v) or v.lower() in _RESERVED_HEADERS or v.lower().startswith("mcp-"):
+        raise ValueError("must be an HTTP header name that neither HTTP nor the MCP transport uses itself")
+    return v
+
+
+def _token_url(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
+EnvName = Annotated[str, Field(examples=["CRM_TOKEN"]), AfterValidator(_env_name)]
+HeaderName = Annotated[str, Field(max_length=100, examples=["Authorization"]), AfterValidator(_header_name)]
+TokenUrl = Annotated[
+    str, Field(max_length=2048, examples=["https://idp.example.com/oauth2/token"]), AfterValidator(_token_url)
+]
+
+
+class NoCredential(BaseModel):
+    """Arbiter sends no credential of its own (the upstream is open, or protected by the network)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["none"] = "none"
+
+
+class HeaderCredentialFields(BaseModel):
+    """A static header: ``Authorization: Bearer …`` or an API key header such as ``X-Api-Key``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["header"]
+    header: HeaderName = "Authorization"
+
+
+class OAuthClientFields(BaseModel):
+    """Arbiter's own OAuth client at the upstream's authorization server."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_url: TokenUrl
+    client_id: str = Field(min_length=1, max_length=500)
+    scope: str | None = Field(default=None, max_length=2000)
+    audience: str | None = Field(default=None, max_length=2048)
+    resource: str | None = Field(default=None, max_length=2048, description="RFC 8707 resource indicator")
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+
+class ClientCredentialsFields(OAuthClientFields):
+    kind: Literal["client_credentials"]
+
+
+class TokenExchangeFields(OAuthClientFields):
+    """RFC 8693: the caller's access token is exchanged for one the upstream accepts."""
+
+    kind: Literal["token_exchange"]
+    subject_token_type: str = TOKEN_TYPE_ACCESS
+    requested_token_type: str | None = TOKEN_TYPE_ACCESS
+
+
+class HeaderCredentialConfig(HeaderCredentialFields):
+    value_env: EnvName = Field(description="Environment variable holding the header's value")
+
+
+class ClientCredentialsConfig(ClientCredentialsFields):
+    client_secret_env: EnvName
+
+
+class TokenExchangeConfig(TokenExchangeFields):
+    client_secret_env: EnvName
+
+
+# The operator's configuration references secrets in the environment; only the admin API stores them
+# (encrypted), since a config file is no place for a secret in clear.
+CredentialConfig = Annotated[
+    NoCredential | HeaderCredentialConfig | ClientCredentialsConfig | TokenExchangeConfig,
+    Field(discriminator="kind"),
+]
+
+
+class UpstreamFields(BaseModel):
+    """What every upstream definition has, whether from the operator's configuration or the admin API."""
+
+    name: str = Field(description="Unique name; tools are exposed as <name>__<tool>", examples=["crm"])
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    call_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not UPSTREAM_NAME_RE.match(v):
+            raise ValueError("must match ^[a-z][a-z0-9-]{0,31}$ (lowercase letters, digits, '-')")
+        return v
+
+
+class UpstreamConfig(UpstreamFields):
+    """An operator-defined upstream (the only way to define a stdio upstream)."""
+
+    transport: Transport = "streamable_http"
+    url: str | None = None
+    command: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict[str, str])
+    cwd: str | None = None
+    credential: CredentialConfig = Field(default_factory=NoCredential)
+
+    @model_validator(mode="after")
+    def _target(self) -> UpstreamConfig:
+        if self.transport == "stdio":
+            if not self.command:
+                raise ValueError("a stdio upstream needs 'command'")
+            if self.credential.kind != "none":
+                raise ValueError("a stdio upstream takes no credential; pass secrets to it through 'env'")
+        elif not self.url:
+            raise ValueError(f"a {self.transport} upstream needs 'url'")
+        return self
+
+
+class McpSettings(BaseModel):
+    """The agent-facing ``/mcp`` endpoint."""
+
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    json_response: bool = True
+    # Handshake-era sessions are cheaper per call; stateless mode suits replicas without sticky routing.
+    stateless_legacy: bool = False
+    session_idle_timeout_s: float = Field(default=1800.0, gt=0)
+    max_sessions: int = Field(default=10_000, gt=0)
+    dns_rebinding_protection: bool = True
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1:*", "localhost:*", "[::1]:*"])
+    allowed_origins: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+    )
+
+
+class UpstreamPolicy(BaseModel):
+    """Limits on where upstreams may point and how Arbiter talks to them."""
+
+    allow_link_local: bool = False
+    allow_metadata_hosts: bool = False
+    catalog_refresh_interval_s: float = Field(default=300.0, ge=0)
+    # How often to follow other replicas' changes and retry upstreams that are down.
+    maintain_interval_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=100, gt=0)
+    # A reconnect attempt after a failure waits at least this long, so a dead upstream costs little.
+    reconnect_backoff_s: float = Field(default=2.0, ge=0)
+    # Environment variables the admin API may name as an upstream secret (glob patterns). ARBITER_*
+    # never: that would let an admin send Arbiter's own secrets to an upstream of their choosing.
+    secret_env_allowlist: list[str] = Field(default_factory=lambda: ["*"])
+    # Token-exchange upstreams get one session per caller token: at most this many per upstream
+    # (least recently used closed first), each closed after this long unused.
+    caller_sessions_max: int = Field(default=256, gt=0)
+    caller_session_idle_s: float = Field(default=300.0, gt=0)
+    # Timeout of each request to an OAuth token endpoint.
+    token_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class IssuerConfig(BaseModel):
+    """A trusted OAuth 2.1 authorization server whose JWT access tokens Arbiter accepts."""
+
+    issuer: str = Field(description="The exact `iss` value, e.g. https://idp.example.com/realms/acme")
+    jwks_uri: str = Field(description="Where the issuer publishes its signing keys (JWKS)")
+    # Accepted `aud` values; empty means the canonical resource URL of /mcp (RFC 8707).
+    audiences: list[str] = Field(default_factory=list[str])
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
+    # Claim mapping; dotted paths reach into nested claims (e.g. Keycloak's realm_access.roles).
+    subject_claim: str = "sub"
+    tenant_claim: str | None = "tenant"
+    roles_claim: str = "roles"
+    scope_claim: str = "scope"  # a space-separated string (scope) or a list (scp)
+    client_id_claim: str = "client_id"  # Entra ID: azp / appid
+    # When a token carries a `typ` header it must be one of these (RFC 9068).
+    access_token_types: list[str] = Field(default_factory=lambda: ["at+jwt", "application/at+jwt"])
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algs(cls, v: list[str]) -> list[str]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+        bad = [a for a in v if a not in allowed]
+        if bad or not v:
+            raise ValueError(f"only asymmetric algorithms are accepted ({sorted(allowed)}); got {bad or v}")
+        return v
+
+
+class AuthSettings(BaseModel):
+    """Who may call /mcp and /admin/v1."""
+
+    # The canonical URL of the /mcp endpoint as agents reach it (the token audience, RFC 8707).
+    # Unset: http://<host>:<port>/mcp.
+    resource_url: str | None = None
+    issuers: list[IssuerConfig] = Field(default_factory=list[IssuerConfig])
+    required_scopes: list[str] = Field(default_factory=list[str])
+    leeway_s: int = Field(default=60, ge=0, le=60)
+    jwks_refresh_cooldown_s: float = Field(default=30.0, ge=0)
+    jwks_timeout_s: float = Field(default=5.0, gt=0)
+    admin_roles: list[str] = Field(default_factory=lambda: ["security-admin"])
+    auditor_roles: list[str] = Field(default_factory=lambda: ["auditor"])
+
+
+class Settings(BaseSettings):
+    """Arbiter's configuration: environment ``ARBITER_*`` over an optional YAML/JSON config file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ARBITER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        # Validation errors would otherwise echo the offending value: a mistyped secret key or token.
+        hide_input_in_errors=True,
+    )
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None
+    admin_token: SecretStr | None = None
+    # Fernet key(s) encrypting upstream secrets given through the admin API; comma-separated for
+    # rotation (the first encrypts, all decrypt). Unset: only environment-referenced secrets work.
+    secret_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    log_level: str = "INFO"
+    # How long a stopping Arbiter waits for open connections (e.g. agents' SSE streams) before closing them.
+    shutdown_grace_s: int = Field(default=10, ge=1)
+    config_file: Path | None = None
+    mcp: McpSettings = Field(default_factory=McpSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    upstream: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
+    upstreams: list[UpstreamConfig] = Field(default_factory=list[UpstreamConfig])
+    # Skip the "database is at head" check; only for tools that manage the schema themselves.
+    check_schema: bool = True
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("the admin token must be at least 16 characters")
+        return v
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        for key in v.get_secret_value().split(","):
+            try:
+                Fernet(key.strip())
+            except ValueError:
+                # Never echo the value: it is the key.
+                raise ValueError(
+                    "must be one or more comma-separated Fernet keys (32 url-safe base64-encoded bytes); "
+                    "generate one with `python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())'`"
+                ) from None
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by ``ARBITER_CONFIG_FILE``; the environment wins over it."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("ARBITER_CONFIG_FILE")
+        if not path:
+            return {}
+        text = Path(path).read_text(encoding="utf-8")
+        data: Any = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        return dict(data)  # pyright: ignore[reportUnknownArgumentType]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and config file), with explicit overrides on top."""
+    return Settings(**overrides)
