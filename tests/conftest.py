@@ -7,6 +7,7 @@ the real MCP SDK client while its upstream connections live in its own loop, as 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import subprocess
@@ -188,7 +189,18 @@ class ArbiterServer:
                 timeout_graceful_shutdown=self.settings.shutdown_grace_s,
             )
         )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        serve = self.server.serve
+
+        async def serve_capturing_loop(sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()  # for the hang report in stop()
+            await serve(sockets)
+
+        self.server.serve = serve_capturing_loop  # type: ignore[method-assign]
+        self.server.run()
 
     @property
     def base_url(self) -> str:
@@ -230,7 +242,16 @@ class ArbiterServer:
         # Bounded, not instant: connections get shutdown_grace_s, and database work in flight is shielded
         # for up to 30 s (proxy/registry.py). A shutdown that hangs still fails here.
         self.thread.join(timeout=self.settings.shutdown_grace_s + 45)
-        assert not self.thread.is_alive(), "Arbiter did not shut down"
+        assert not self.thread.is_alive(), f"Arbiter did not shut down; its tasks:\n{self._tasks_report()}"
+
+    def _tasks_report(self) -> str:
+        if self.loop is None:
+            return "(no event loop)"
+        out = io.StringIO()
+        for task in list(asyncio.all_tasks(self.loop)):
+            out.write(f"--- {task!r}\n")
+            task.print_stack(file=out)
+        return out.getvalue()
 
     def admin(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
         headers = {"authorization": f"Bearer {token}"} if token else {}

@@ -41,6 +41,8 @@ from arbiter.store.schema import require_head
 
 log = logging.getLogger(__name__)
 
+_BACKGROUND_STOP_S = 10.0  # how long shutdown waits for background work in flight before cancelling it
+
 
 def arbiter_version() -> str:
     try:
@@ -109,13 +111,18 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
         try:
             if settings.check_schema:
                 await require_head(engine)
+            stopping = anyio.Event()
             async with pool, manager.run(), anyio.create_task_group() as tg:
                 await registry.load()
                 await keys.reload()
                 tg.start_soon(_guarded, registry.discover_new, "start-up discovery")
-                tg.start_soon(_maintain, runtime)
+                tg.start_soon(_maintain, runtime, stopping)
                 yield
-                tg.cancel_scope.cancel()
+                # Let a maintenance pass in flight finish rather than cancel it mid-query: a cancelled
+                # database call makes SQLAlchemy terminate the connection, which can leave a task
+                # behind that the event loop then waits for. Cancel only what overstays.
+                stopping.set()
+                tg.cancel_scope.deadline = anyio.current_time() + _BACKGROUND_STOP_S
             await _guarded(keys.flush_usage, "recording API key use")
         finally:
             if jwt is not None:
@@ -164,13 +171,16 @@ def _jwt_verifier(settings: Settings) -> JwtVerifier | None:
     return JwtVerifier(settings.auth, resource_url(settings))
 
 
-async def _maintain(runtime: Runtime) -> None:
+async def _maintain(runtime: Runtime, stopping: anyio.Event) -> None:
     """Follow other replicas' changes and bring recovered upstreams back quickly (every few seconds);
-    re-discover every catalog at the refresh interval."""
+    re-discover every catalog at the refresh interval. Returns once ``stopping`` is set."""
     registry, policy, keys = runtime.registry, runtime.settings.upstream, runtime.keys
     since_refresh = 0.0
     while True:
-        await anyio.sleep(policy.maintain_interval_s)
+        with anyio.move_on_after(policy.maintain_interval_s):
+            await stopping.wait()
+        if stopping.is_set():
+            return
         since_refresh += policy.maintain_interval_s
         await _guarded(registry.reconcile, "reconcile")
         await _guarded(registry.heal, "recovery")
