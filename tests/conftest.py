@@ -37,6 +37,9 @@ from arbiter.settings import Settings
 from arbiter.store import schema
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+# Tests that are not about policy run under a policy that lets every caller use everything; the
+# default (empty) policy would deny it all. Policy tests pass their own.
+ALLOW_ALL = "p, *, *, *, call, allow\np, *, *, *, read, allow\np, *, *, *, get, allow\n"
 # A handshake-era (2025-11-25) initialize request, for tests that speak raw HTTP.
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -237,6 +240,13 @@ class ArbiterServer:
             self.agent_key = resp.json()["key"]
         return self
 
+    def seed_policy(self, csv: str) -> None:
+        """Import ``csv`` as the policy unless the database already has one (a second replica)."""
+        with self.admin() as admin:
+            if admin.get("/policies").json()["version"] == 0:
+                resp = admin.post("/policies/import", content=csv, headers={"content-type": "text/csv"})
+                assert resp.status_code == 200, resp.text
+
     def stop(self) -> None:
         self.server.should_exit = True
         # Bounded, not instant: connections get shutdown_grace_s, and database work in flight is shielded
@@ -284,9 +294,13 @@ def arbiter_factory(sqlite_url: str) -> Iterator[ArbiterFactory]:
     """Start Arbiters on the test's SQLite file (or another URL); all are stopped at teardown."""
     started: list[ArbiterServer] = []
 
-    def make(interceptors: Sequence[Interceptor] = (), **overrides: Any) -> ArbiterServer:
+    def make(
+        interceptors: Sequence[Interceptor] = (), policy: str | None = ALLOW_ALL, **overrides: Any
+    ) -> ArbiterServer:
         settings = Settings(**{"database_url": sqlite_url, "admin_token": ADMIN_TOKEN, **overrides})
         server = ArbiterServer(settings, interceptors).start()
+        if policy is not None and settings.admin_token is not None:
+            server.seed_policy(policy)
         started.append(server)
         return server
 

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from arbiter import probes
 from arbiter.admin import api_keys as admin_keys
 from arbiter.admin import openapi as admin_openapi
+from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
 from arbiter.auth import wellknown
 from arbiter.auth.apikeys import ApiKeys
@@ -26,8 +27,11 @@ from arbiter.auth.jwt import JwtVerifier
 from arbiter.auth.outbound import Outbound
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import ArbiterError, InsufficientScope, Unauthorized
+from arbiter.policies.live import LivePolicy
+from arbiter.policies.store import PolicyStore
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.endpoint import McpEndpoint
+from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
 from arbiter.proxy.interceptors.resolve import Resolve
 from arbiter.proxy.pipeline import Interceptor, Pipeline
@@ -68,7 +72,7 @@ class ArbiterApp(FastAPI):
 
 
 def create_app(settings: Settings | None = None, *, interceptors: Sequence[Interceptor] = ()) -> FastAPI:
-    """Build an Arbiter app. ``interceptors`` run between the resolve and forward steps, in order."""
+    """Build an Arbiter app. ``interceptors`` run between the authorize and forward steps, in order."""
     settings = settings or load_settings()
     _quiet_sdk_logging()
     catalog = Catalog()
@@ -89,7 +93,8 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
     keys = ApiKeys(sessions)
     jwt = _jwt_verifier(settings)
     authenticator = Authenticator(settings, keys, jwt)
-    pipeline = Pipeline([Resolve(catalog), *interceptors, Forward(catalog, pool)])
+    policy = LivePolicy(PolicyStore(sessions), settings.policy, settings.redis_url)
+    pipeline = Pipeline([Resolve(catalog), Authorize(policy), *interceptors, Forward(catalog, pool)])
     mcp_server = build_mcp_server(pipeline, catalog, arbiter_version())
     mcp_cfg = settings.mcp
     manager = StreamableHTTPSessionManager(
@@ -103,7 +108,7 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
         max_request_body_size=mcp_cfg.max_body_bytes,
     )
     runtime = Runtime(
-        settings, engine, sessions, catalog, pool, registry, pipeline, manager, keys, authenticator
+        settings, engine, sessions, catalog, pool, registry, pipeline, manager, keys, authenticator, policy
     )
 
     @asynccontextmanager
@@ -115,7 +120,9 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
             async with pool, manager.run(), anyio.create_task_group() as tg:
                 await registry.load()
                 await keys.reload()
+                await policy.reload()
                 tg.start_soon(_guarded, registry.discover_new, "start-up discovery")
+                tg.start_soon(policy.run, stopping)
                 tg.start_soon(_maintain, runtime, stopping)
                 yield
                 # Let a maintenance pass in flight finish rather than cancel it mid-query: a cancelled
@@ -141,6 +148,7 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
     app.state.runtime = runtime
     app.include_router(admin_upstreams.router, prefix="/admin/v1", tags=["upstreams"])
     app.include_router(admin_keys.router, prefix="/admin/v1", tags=["api-keys"])
+    app.include_router(admin_policies.router, prefix="/admin/v1", tags=["policies"])
     app.include_router(admin_openapi.router, prefix="/admin/v1")
     app.include_router(probes.router)
     app.include_router(wellknown.router)
@@ -202,5 +210,5 @@ async def _guarded(work: Callable[[], Awaitable[None]], what: str) -> None:
 
 def _quiet_sdk_logging() -> None:
     # The SDK logs per request at INFO (through rich); that costs ~0.7 ms a call on the hot path.
-    for name in ("mcp", "mcp.server", "mcp.client", "httpx2", "httpx"):
+    for name in ("mcp", "mcp.server", "mcp.client", "httpx2", "httpx", "casbin"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,17 +1,21 @@
-"""The ``arbiter`` command line: serve, migrate, demo."""
+"""The ``arbiter`` command line: serve, migrate, demo, api-key, policy."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 import uvicorn
 
-from arbiter.errors import ArbiterError
+from arbiter.errors import ArbiterError, InvalidInput
 from arbiter.settings import load_settings
+
+if TYPE_CHECKING:
+    from arbiter.policies.engine import PolicyEngine
 
 cli = typer.Typer(help="Arbiter: a governance proxy for the Model Context Protocol.", no_args_is_help=True)
 
@@ -92,6 +96,82 @@ def api_key_create(
             await engine.dispose()
 
     typer.echo(asyncio.run(create()))
+
+
+policy_cli = typer.Typer(help="Test and explain policies, against a policy file or the live policy.")
+cli.add_typer(policy_cli, name="policy")
+PolicyFile = Annotated[
+    Path | None,
+    typer.Option("--policy", help="A Casbin CSV policy file (default: the live policy in the database)"),
+]
+
+
+def _engine(policy_file: Path | None) -> PolicyEngine:
+    from arbiter.policies.engine import PolicyEngine
+    from arbiter.policies.rules import parse_csv
+    from arbiter.policies.store import PolicyStore
+    from arbiter.store.db import create_engine, session_factory
+
+    if policy_file is not None:
+        return PolicyEngine(parse_csv(policy_file.read_text(encoding="utf-8")), 0)
+    settings = load_settings()
+
+    async def live() -> PolicyEngine:
+        db = create_engine(settings.database_url)
+        try:
+            engine, _ = await PolicyStore(session_factory(db)).load()
+            return engine
+        finally:
+            await db.dispose()
+
+    return asyncio.run(live())
+
+
+@policy_cli.command("test")
+def policy_test(
+    table: Annotated[Path, typer.Argument(help="Decision table: YAML, or CSV with a header row")],
+    policy_file: PolicyFile = None,
+) -> None:
+    """Check every expected decision in TABLE; exit 1 if any differs (each case is printed)."""
+    from arbiter.policies.tables import parse_table, run_table
+
+    cases = parse_table(
+        table.read_text(encoding="utf-8"), "csv" if table.suffix.lower() == ".csv" else "yaml"
+    )
+    engine = _engine(policy_file)
+    outcomes = run_table(engine, cases)
+    for outcome in outcomes:
+        typer.echo(outcome.describe())
+    failed = sum(not o.ok for o in outcomes)
+    source = str(policy_file) if policy_file else f"live policy version {engine.version}"
+    typer.echo(f"{len(outcomes) - failed} passed, {failed} failed ({source})")
+    raise typer.Exit(1 if failed else 0)
+
+
+@policy_cli.command("explain")
+def policy_explain(
+    subject: Annotated[str, typer.Option(help="The caller's subject")],
+    obj: Annotated[str, typer.Option("--object", help="crm/get_customer or crm__get_customer")],
+    role: Annotated[list[str] | None, typer.Option(help="A role of the caller (repeatable)")] = None,
+    tenant: Annotated[str, typer.Option(help="The caller's tenant")] = "",
+    action: Annotated[str, typer.Option(help="call, read, get, list, admin:read, admin:write")] = "call",
+    args: Annotated[str, typer.Option(help="The call's arguments as a JSON object")] = "{}",
+    policy_file: PolicyFile = None,
+) -> None:
+    """Say whether the policy allows a call, and which rule decided."""
+    from arbiter.policies.engine import Subject
+    from arbiter.policies.tables import object_name
+
+    try:
+        arguments = json.loads(args)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--args is not JSON: {exc}") from None
+    if not isinstance(arguments, dict):
+        raise InvalidInput("--args must be a JSON object")
+    engine = _engine(policy_file)
+    sub = Subject(subject, tenant, tuple(sorted(role or [])))
+    decision = engine.decide(sub, object_name(obj), action, cast(dict[str, Any], arguments))
+    typer.echo(json.dumps(decision.to_json(), indent=2))
 
 
 def main() -> None:

@@ -107,6 +107,12 @@ class RequestRejected(ArbiterError):
     jsonrpc_code = -31001
 
 
+class PolicyDenied(RequestRejected):
+    """The policy does not allow this caller this call (no rule allows it, or a deny rule matched)."""
+
+    code = "policy_denied"
+
+
 class UnknownTarget(ArbiterError):
     """An unknown (or invisible) tool, prompt or resource: answered as an MCP server answers it."""
 

@@ -10,6 +10,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.authenticator import Authenticator
+from arbiter.policies.live import LivePolicy
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.pipeline import Pipeline
 from arbiter.proxy.pool import UpstreamPool
@@ -29,3 +30,4 @@ class Runtime:
     sessions_manager: StreamableHTTPSessionManager
     keys: ApiKeys
     authenticator: Authenticator
+    policy: LivePolicy

@@ -250,6 +250,16 @@ class AuthSettings(BaseModel):
     auditor_roles: list[str] = Field(default_factory=lambda: ["auditor"])
 
 
+class PolicySettings(BaseModel):
+    """How a replica follows policy changes made anywhere (see docs/policies.md)."""
+
+    # Without Redis, every replica checks the policy version this often (one small query).
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # With Redis, changes arrive by pub/sub at once; the version is still checked this often.
+    poll_interval_with_redis_s: float = Field(default=10.0, gt=0, le=600)
+    redis_channel: str = "arbiter:policy"
+
+
 class Settings(BaseSettings):
     """Arbiter's configuration: environment ``ARBITER_*`` over an optional YAML/JSON config file."""
 
@@ -278,6 +288,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     upstream: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
     upstreams: list[UpstreamConfig] = Field(default_factory=list[UpstreamConfig])
+    policy: PolicySettings = Field(default_factory=PolicySettings)
     # Skip the "database is at head" check; only for tools that manage the schema themselves.
     check_schema: bool = True
 

@@ -37,6 +37,12 @@ def test_admin_api_needs_a_credential_and_the_right_role(
     with server.admin() as admin:
         auditor = admin.post("/api-keys", json={"owner": "audit", "roles": ["auditor"]}).json()["key"]
         sec = admin.post("/api-keys", json={"owner": "secops", "roles": ["security-admin"]}).json()["key"]
+    with server.admin(token=auditor) as auditor_client:  # auditors see the audit API only
+        assert auditor_client.get("/upstreams").status_code == 403
+        assert auditor_client.get("/openapi.json").status_code == 200
+    with server.admin() as admin:  # ... unless the policy grants them more
+        rule = {"subject": "role:auditor", "object": "admin/upstreams", "action": "admin:read"}
+        assert admin.post("/policies", json=rule).status_code == 201
     with server.admin(token=auditor) as reader:
         assert reader.get("/upstreams").status_code == 200
         assert reader.get("/catalog").status_code == 200

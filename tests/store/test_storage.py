@@ -42,7 +42,14 @@ async def _tables(url: str) -> set[str]:
 def test_migrations_upgrade_from_empty_to_head_and_back(empty_db: str) -> None:
     assert asyncio.run(_tables(empty_db)) == set()
     schema.upgrade(empty_db)
-    assert asyncio.run(_tables(empty_db)) == {"alembic_version", "upstreams", "catalog_items", "api_keys"}
+    assert asyncio.run(_tables(empty_db)) == {
+        "alembic_version",
+        "upstreams",
+        "catalog_items",
+        "api_keys",
+        "policy_rules",
+        "policy_state",
+    }
     schema.downgrade(empty_db, "0001")  # one step at a time works too
     assert "api_keys" not in asyncio.run(_tables(empty_db))
     schema.upgrade(empty_db)

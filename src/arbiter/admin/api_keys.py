@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from arbiter.admin.deps import Admin, runtime
+from arbiter.admin.deps import require, runtime
 from arbiter.auth.apikeys import ApiKeys
+from arbiter.auth.principal import Principal
 from arbiter.runtime import Runtime
 from arbiter.store.models import ApiKey, utcnow
+
+Admin = Annotated[Principal, Depends(require("api-keys", "admin:write"))]
 
 router = APIRouter()
 

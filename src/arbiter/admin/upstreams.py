@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from arbiter.admin.deps import Admin, Reader, Registry
+from arbiter.admin.deps import Registry, require
 from arbiter.admin.schemas import (
     CatalogCounts,
     CatalogEntryOut,
@@ -20,6 +20,7 @@ from arbiter.admin.schemas import (
     UpstreamUpdate,
 )
 from arbiter.auth.outbound import CredentialSpec
+from arbiter.auth.principal import Principal
 from arbiter.proxy.catalog import KIND_FIELDS
 from arbiter.proxy.naming import exposed_target
 from arbiter.proxy.registry import UpstreamRegistry
@@ -41,6 +42,9 @@ class _NoEchoRoute(APIRoute):
 
         return route
 
+
+Reader = Annotated[Principal, Depends(require("upstreams", "admin:read"))]
+Admin = Annotated[Principal, Depends(require("upstreams", "admin:write"))]
 
 router = APIRouter(route_class=_NoEchoRoute)
 

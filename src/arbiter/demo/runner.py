@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,9 @@ async def _wait_listening(port: int, proc: subprocess.Popen[bytes], name: str) -
             return
         await asyncio.sleep(0.1)
     raise RuntimeError(f"demo upstream {name} did not start listening on port {port}")
+
+
+DEMO_POLICY = Path(str(files("arbiter.policies") / "demo.csv"))
 
 
 def start_upstreams() -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
@@ -97,6 +101,13 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
                     "/admin/v1/upstreams", json={"name": name, "url": f"http://127.0.0.1:{upstream_port}/mcp"}
                 )
                 resp.raise_for_status()
+            # The demo's policy, imported the way a security team would apply theirs.
+            resp = await admin.post(
+                "/admin/v1/policies/import",
+                content=await asyncio.to_thread(DEMO_POLICY.read_text, encoding="utf-8"),
+                headers={"content-type": "text/csv"},
+            )
+            resp.raise_for_status()
         info: dict[str, object] = {
             "mcp_url": f"{base}/mcp",
             "admin_url": f"{base}/admin/v1",
@@ -153,7 +164,7 @@ def _print_banner(info: dict[str, object], info_file: Path) -> None:
     key = f'$(.venv/bin/python -c "{read}")'
     print(
         f"""
-Arbiter demo is running (SQLite, demo upstreams 'kb' and 'crm').
+Arbiter demo is running (SQLite, demo upstreams 'kb' and 'crm', policy: {DEMO_POLICY}).
 
   MCP endpoint   {mcp_url}
   Admin API      {info["admin_url"]}   (OpenAPI: {info["admin_url"]}/openapi.json)

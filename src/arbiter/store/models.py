@@ -95,3 +95,31 @@ class ApiKey(SQLModel, table=True):
     last_used_at: datetime | None = Field(
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
     )
+
+
+class PolicyRuleRow(SQLModel, table=True):
+    """One Casbin policy line (``p`` or ``g``), in Casbin's usual ptype/v0..v5 columns."""
+
+    __tablename__ = "policy_rules"  # pyright: ignore[reportAssignmentType]
+
+    id: int | None = Field(default=None, primary_key=True)
+    ptype: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
+    v0: str = Field(default="", sa_column=sa.Column(sa.String(300), nullable=False))
+    v1: str = Field(default="", sa_column=sa.Column(sa.String(300), nullable=False))
+    v2: str = Field(default="", sa_column=sa.Column(sa.String(1100), nullable=False))
+    v3: str = Field(default="", sa_column=sa.Column(sa.String(32), nullable=False))
+    v4: str = Field(default="", sa_column=sa.Column(sa.String(16), nullable=False))
+    v5: str = Field(default="", sa_column=sa.Column(sa.String(1000), nullable=False))
+
+
+class PolicyState(SQLModel, table=True):
+    """The policy's version: one row, bumped in the same transaction as every change to the rules."""
+
+    __tablename__ = "policy_state"  # pyright: ignore[reportAssignmentType]
+
+    id: int = Field(default=1, sa_column=sa.Column(sa.Integer, primary_key=True, autoincrement=False))
+    version: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
+    )
+    updated_by: str = Field(default="", sa_column=sa.Column(sa.String(200), nullable=False))

@@ -15,6 +15,14 @@ from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, CallNext, Result
 RESOURCE_NOT_FOUND = -32002
 
 
+def not_found(method: str, exposed: str) -> UnknownTarget:
+    """Exactly what is answered for a target that does not exist (and so for one the caller may not see)."""
+    if method == "resources/read":
+        return UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+    kind = "tool" if method == "tools/call" else "prompt"
+    return UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
+
+
 class Resolve:
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
@@ -40,7 +48,7 @@ class Resolve:
         entries = (snap.tools if kind == "tool" else snap.prompts) if snap else {}
         definition = entries.get(parts[1]) if parts else None
         if parts is None or definition is None:
-            raise UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
+            raise not_found(ctx.method, exposed)
         ctx.upstream, ctx.target, ctx.definition = parts[0], parts[1], definition
         args: Any = ctx.params.get("arguments")
         ctx.arguments = args if isinstance(args, dict) else {}
@@ -49,10 +57,10 @@ class Resolve:
         parts = split_uri(exposed)
         snap = self._catalog.get(parts[0]) if parts else None
         if parts is None or snap is None:
-            raise UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+            raise not_found(ctx.method, exposed)
         # A URI outside the static list may still match one of the upstream's templates; the upstream
         # decides, since template matching is its business.
         if parts[1] not in snap.resources and not snap.resource_templates:
-            raise UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+            raise not_found(ctx.method, exposed)
         ctx.upstream, ctx.target = parts[0], parts[1]
         ctx.definition = snap.resources.get(parts[1])

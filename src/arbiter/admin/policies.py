@@ -1,0 +1,195 @@
+"""``/admin/v1/policies``: read, change, import/export, explain and dry-run the Casbin policy.
+
+Every change is validated whole before anything is written, bumps the policy version, is taken up by
+this replica at once and by the others within ``policy.poll_interval_s`` (or at once through Redis).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from arbiter.admin.deps import require, runtime
+from arbiter.auth.principal import Principal
+from arbiter.errors import InvalidInput
+from arbiter.policies.engine import PolicyEngine, Subject
+from arbiter.policies.rules import PolicyInvalid, Rule, check, parse_csv, to_csv
+from arbiter.policies.tables import object_name, parse_rows, run_table
+from arbiter.runtime import Runtime
+
+Reader = Annotated[Principal, Depends(require("policies", "admin:read"))]
+Writer = Annotated[Principal, Depends(require("policies", "admin:write"))]
+Rt = Annotated[Runtime, Depends(runtime)]
+
+router = APIRouter()
+
+
+class RuleIn(BaseModel):
+    """A ``p`` rule (subject, tenant, object, action, effect, condition) or a ``g`` role link."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["p", "g"] = "p"
+    subject: str | None = Field(default=None, examples=["role:support-agent"])
+    tenant: str = "*"
+    object: str | None = Field(default=None, examples=["crm/get_*"])
+    action: str | None = Field(default=None, examples=["call"])
+    effect: Literal["allow", "deny"] = "allow"
+    condition: str = Field(default="", examples=["r.args.region == r.sub.tenant"])
+    member: str | None = Field(default=None, examples=["user:alice"])
+    role: str | None = Field(default=None, examples=["role:support-agent"])
+
+    def to_rule(self) -> Rule:
+        if self.type == "g":
+            return Rule("g", (self.member or "", self.role or "", self.tenant))
+        values = (self.subject or "", self.tenant, self.object or "", self.action or "", self.effect)
+        return Rule("p", (*values, self.condition.strip()))
+
+
+class RulesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: list[RuleIn]
+
+
+class ExplainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject: str
+    roles: list[str] = Field(default_factory=list[str])
+    tenant: str = ""
+    object: str = Field(examples=["crm/get_customer", "crm__get_customer"])
+    action: str = "call"
+    args: dict[str, Any] = Field(default_factory=dict[str, Any])
+
+
+class DryRunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: str | None = Field(
+        default=None, description="Candidate policy (Casbin CSV); omitted: the live one"
+    )
+    cases: list[dict[str, Any]] = Field(description="Decision table rows, as in `arbiter policy test`")
+
+
+def _validated(items: list[RuleIn]) -> list[Rule]:
+    rules: list[Rule] = []
+    errors: list[dict[str, object]] = []
+    for index, item in enumerate(items):
+        rule = item.to_rule()
+        try:
+            check(rule)
+        except ValueError as exc:
+            errors.append({"line": index + 1, "message": str(exc)})
+        rules.append(rule)
+    if errors:
+        raise PolicyInvalid(errors)
+    return rules
+
+
+def _snapshot(rt: Runtime) -> dict[str, object]:
+    live = rt.policy
+    return {
+        "version": live.engine.version,
+        "rules": [{"id": rule_id, **rule.to_json(), "csv": rule.csv()} for rule_id, rule in live.rule_ids],
+    }
+
+
+@router.get("/policies")
+async def list_rules(rt: Rt, _: Reader) -> dict[str, object]:
+    await rt.policy.reload()  # answer with what the database holds now, not the last poll
+    return _snapshot(rt)
+
+
+@router.post("/policies", status_code=201)
+async def add_rules(body: RulesIn | RuleIn, rt: Rt, caller: Writer) -> dict[str, object]:
+    """Add one rule or several (``{"rules": [...]}``), all or none."""
+    rules = _validated(body.rules if isinstance(body, RulesIn) else [body])
+    version = await rt.policy.store.add(rules, caller.key)
+    await rt.policy.changed(version)
+    return _snapshot(rt)
+
+
+@router.delete("/policies/{rule_id}")
+async def remove_rule(rule_id: int, rt: Rt, caller: Writer) -> dict[str, object]:
+    version = await rt.policy.store.remove(rule_id, caller.key)
+    await rt.policy.changed(version)
+    return _snapshot(rt)
+
+
+@router.put("/policies")
+async def replace_rules(
+    body: RulesIn, rt: Rt, caller: Writer, expected_version: int | None = Query(default=None)
+) -> dict[str, object]:
+    """Replace the whole policy atomically; ``expected_version`` guards against a concurrent change."""
+    rules = _validated(body.rules)
+    version = await rt.policy.store.replace(rules, caller.key, expected_version)
+    await rt.policy.changed(version)
+    return _snapshot(rt)
+
+
+@router.get("/policies/export", response_class=Response)
+async def export_csv(rt: Rt, _: Reader) -> Response:
+    engine = await rt.policy.reload()
+    return Response(
+        to_csv(engine.rules),
+        media_type="text/csv",
+        headers={
+            "x-policy-version": str(engine.version),
+            "content-disposition": "attachment; filename=policy.csv",
+        },
+    )
+
+
+@router.post(
+    "/policies/import",
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}
+    },
+)
+async def import_csv(
+    request: Request, rt: Rt, caller: Writer, expected_version: int | None = Query(default=None)
+) -> dict[str, object]:
+    """Replace the whole policy with a Casbin CSV file; one bad line rejects the file, changing nothing."""
+    rules = parse_csv(await _text(request))
+    version = await rt.policy.store.replace(rules, caller.key, expected_version)
+    await rt.policy.changed(version)
+    return _snapshot(rt)
+
+
+@router.post("/policies/explain")
+async def explain(body: ExplainIn, rt: Rt, _: Reader) -> dict[str, object]:
+    """Allow or deny, and the rule that decided, for a caller, object, action and arguments."""
+    engine = rt.policy.engine
+    sub = Subject(body.subject, body.tenant, tuple(sorted(body.roles)))
+    obj = object_name(body.object)
+    decision = engine.decide(sub, obj, body.action, body.args)
+    use = body.action if body.action in ("call", "read", "get") else None
+    return {
+        **decision.to_json(),
+        "object": obj,
+        "visible": engine.visible(sub, obj, use) if use else None,
+    }
+
+
+@router.post("/policies/dry-run")
+async def dry_run(body: DryRunIn, rt: Rt, _: Reader) -> dict[str, object]:
+    """Run a decision table against a candidate policy (or the live one) without changing anything."""
+    engine = PolicyEngine(parse_csv(body.policy), -1) if body.policy is not None else rt.policy.engine
+    cases = parse_rows(body.cases)
+    outcomes = run_table(engine, cases)
+    failed = [o for o in outcomes if not o.ok]
+    return {
+        "policy_version": engine.version if body.policy is None else None,
+        "passed": len(outcomes) - len(failed),
+        "failed": len(failed),
+        "results": [o.to_json() for o in outcomes],
+    }
+
+
+async def _text(request: Request) -> str:
+    raw = await request.body()
+    if len(raw) > 1_000_000:
+        raise InvalidInput("a policy file may be at most 1 MB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the policy file must be UTF-8 text") from None

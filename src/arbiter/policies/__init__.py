@@ -1,0 +1,1 @@
+"""Authorization: Casbin policies behind ``PolicyEngine``. The only package that imports casbin."""

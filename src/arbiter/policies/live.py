@@ -1,0 +1,109 @@
+"""The live policy of one process, and how it follows changes made by any replica.
+
+``LivePolicy.engine`` is swapped whole when the version in the database moves, so requests in flight
+finish on the engine they started with and nothing waits for a reload. Changes are noticed by
+polling the version (one tiny query per interval) and, with Redis configured, at once through a
+pub/sub message that the writing replica publishes; the poll stays on as a safety net.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from arbiter.policies.engine import PolicyEngine, empty_engine
+from arbiter.policies.rules import Rule
+from arbiter.policies.store import PolicyStore
+from arbiter.settings import PolicySettings
+
+log = logging.getLogger(__name__)
+
+
+class LivePolicy:
+    def __init__(self, store: PolicyStore, settings: PolicySettings, redis_url: str | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.engine: PolicyEngine = empty_engine()  # deny everything until the first load
+        self.rule_ids: list[tuple[int, Rule]] = []
+        self._redis_url = redis_url
+        self._redis: Any = None
+        self._wake = anyio.Event()
+        self._lock = anyio.Lock()
+        self._loaded = False
+
+    async def reload(self) -> PolicyEngine:
+        """Load the policy if the database has a newer version; return the engine now in force."""
+        async with self._lock:  # one load at a time; a second caller then finds it current
+            version = await self.store.version()
+            if not self._loaded or version != self.engine.version:
+                engine, ids = await self.store.load()
+                self.engine, self.rule_ids, self._loaded = engine, ids, True
+                log.info("policy version %d in force (%d rules)", engine.version, len(engine.rules))
+            return self.engine
+
+    async def changed(self, version: int) -> None:
+        """After this process changed the policy: take it up now and tell the other replicas."""
+        await self.reload()
+        if self._redis is not None:
+            try:
+                with anyio.fail_after(2):
+                    await self._redis.publish(self.settings.redis_channel, str(version))
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "could not publish policy version %d to Redis (%s); replicas will poll", version, exc
+                )
+
+    async def run(self, stopping: anyio.Event) -> None:
+        """Follow changes until ``stopping`` is set."""
+        interval = self.settings.poll_interval_s
+        async with anyio.create_task_group() as tg:
+            if self._redis_url:
+                self._redis = aioredis.from_url(self._redis_url, socket_connect_timeout=2)  # pyright: ignore[reportUnknownMemberType]
+                tg.start_soon(self._listen)
+                interval = self.settings.poll_interval_with_redis_s
+            while not stopping.is_set():
+                with anyio.move_on_after(interval):
+                    async with anyio.create_task_group() as waiters:
+
+                        async def until(event: anyio.Event) -> None:
+                            await event.wait()
+                            waiters.cancel_scope.cancel()
+
+                        waiters.start_soon(until, stopping)
+                        waiters.start_soon(until, self._wake)
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                if stopping.is_set():
+                    break
+                try:
+                    await self.reload()
+                except (SQLAlchemyError, OSError) as exc:
+                    log.warning(
+                        "could not check the policy version (%s); keeping version %d",
+                        exc,
+                        self.engine.version,
+                    )
+            tg.cancel_scope.cancel()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _listen(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                pubsub = self._redis.pubsub()
+                async with pubsub:
+                    await pubsub.subscribe(self.settings.redis_channel)
+                    backoff = 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._wake.set()
+            except (RedisError, OSError) as exc:
+                log.warning("policy change feed from Redis lost (%s); polling meanwhile", exc)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)

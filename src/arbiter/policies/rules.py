@@ -1,0 +1,272 @@
+"""Policy rules: what a line of policy may say, in Casbin CSV and as objects, and how it is validated.
+
+Two kinds of line, as in Casbin:
+
+``p, <subject>, <tenant>, <object>, <action>, <effect>[, <condition>]``
+    ``subject`` is ``user:<sub>``, ``role:<name>`` or ``*``; ``tenant`` a tenant name or ``*``;
+    ``object`` ``<upstream>/<name>`` with ``*``/``?`` globs (or ``admin/<area>`` for admin actions);
+    ``effect`` ``allow`` or ``deny``; ``condition`` an expression over ``r.args`` and ``r.sub``.
+``g, <member>, role:<name>[, <tenant>]``
+    ``member`` (a ``user:`` or ``role:``) inherits everything granted to the role, in that tenant.
+
+Every rule is validated before it reaches the engine, so a policy that loads is a policy that means
+what it says; a rejected line is named by its number.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from arbiter.errors import InvalidInput
+
+AGENT_ACTIONS = ("list", "call", "read", "get")
+ADMIN_ACTIONS = ("admin:read", "admin:write")
+ACTIONS = AGENT_ACTIONS + ADMIN_ACTIONS
+EFFECTS = ("allow", "deny")
+# What the agent uses an item for, by the method that uses it; ``list`` only makes an item visible.
+USE_ACTION = {"tools/call": "call", "resources/read": "read", "prompts/get": "get"}
+SUBJECT_FIELDS = frozenset({"subject", "tenant", "roles", "issuer", "client_id", "auth_method"})
+
+_SUBJECT = re.compile(r"^(\*|user:[^\s,]{1,256}|role:[A-Za-z0-9_.:@/-]{1,128})$")
+_ROLE = re.compile(r"^role:[A-Za-z0-9_.:@/-]{1,128}$")
+_TENANT = re.compile(r"^(\*|[A-Za-z0-9_.:@-]{1,128})$")
+_UPSTREAM_GLOB = re.compile(r"^[a-z0-9*?-]{1,32}$")
+_MAX_CONDITION = 1000
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``p``: sub, dom, obj, act, eft, cond. ``g``: member, role, dom (stored in the same columns)."""
+
+    ptype: Literal["p", "g"]
+    values: tuple[str, ...]
+
+    @classmethod
+    def allow(cls, sub: str, obj: str, act: str, dom: str = "*", cond: str = "") -> Rule:
+        return cls("p", (sub, dom, obj, act, "allow", cond))
+
+    @classmethod
+    def deny(cls, sub: str, obj: str, act: str, dom: str = "*", cond: str = "") -> Rule:
+        return cls("p", (sub, dom, obj, act, "deny", cond))
+
+    @classmethod
+    def role(cls, member: str, role: str, dom: str = "*") -> Rule:
+        return cls("g", (member, role, dom))
+
+    def csv(self) -> str:
+        values = list(self.values)
+        if self.ptype == "p" and not values[5]:
+            values = values[:5]  # no condition: the short form
+        return ", ".join([self.ptype, *values])
+
+    def to_json(self) -> dict[str, str]:
+        if self.ptype == "g":
+            member, role, dom = self.values
+            return {"type": "g", "member": member, "role": role, "tenant": dom}
+        sub, dom, obj, act, eft, cond = self.values
+        return {
+            "type": "p",
+            "subject": sub,
+            "tenant": dom,
+            "object": obj,
+            "action": act,
+            "effect": eft,
+            "condition": cond,
+        }
+
+
+class PolicyInvalid(InvalidInput):
+    """A policy (or one rule of it) that does not validate; ``errors`` names each bad line."""
+
+    code = "policy_invalid"
+
+    def __init__(self, errors: list[dict[str, object]]) -> None:
+        first = errors[0]
+        where = f"line {first['line']}: " if "line" in first else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"invalid policy: {where}{first['message']}{more}", errors=errors)
+
+
+def parse_csv(text: str) -> list[Rule]:
+    """Parse a Casbin CSV policy, validating every line; all errors are reported at once."""
+    rules: list[Rule] = []
+    errors: list[dict[str, object]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            rules.append(rule_from_tokens(split_line(line)))
+        except ValueError as exc:
+            errors.append({"line": number, "message": str(exc), "text": line[:200]})
+    if errors:
+        raise PolicyInvalid(errors)
+    return rules
+
+
+def to_csv(rules: Iterable[Rule]) -> str:
+    ordered = sorted(rules, key=lambda r: r.ptype != "p")  # p lines first, then role links
+    return "".join(f"{rule.csv()}\n" for rule in ordered)
+
+
+def rule_from_tokens(tokens: Sequence[str]) -> Rule:
+    """A validated rule from a CSV line's tokens (``p, ...`` or ``g, ...``); ``ValueError`` says why not."""
+    if not tokens:
+        raise ValueError("empty rule")
+    kind, rest = tokens[0], [t.strip() for t in tokens[1:]]
+    if kind == "p":
+        if len(rest) not in (5, 6):
+            raise ValueError(
+                "a p rule has 5 or 6 fields: subject, tenant, object, action, effect[, condition]"
+            )
+        rule = Rule("p", (*rest[:5], rest[5] if len(rest) == 6 else ""))
+    elif kind == "g":
+        if len(rest) not in (2, 3):
+            raise ValueError("a g rule has 2 or 3 fields: member, role[, tenant]")
+        rule = Rule("g", (rest[0], rest[1], rest[2] if len(rest) == 3 else "*"))
+    else:
+        raise ValueError(f"unknown rule type {kind!r}: lines start with p or g")
+    check(rule)
+    return rule
+
+
+def check(rule: Rule) -> None:
+    """Raise ``ValueError`` naming what is wrong with one rule."""
+    if rule.ptype == "g":
+        member, role, dom = rule.values
+        if not _SUBJECT.match(member) or member == "*":
+            raise ValueError(f"member {member!r} must be user:<subject> or role:<name>")
+        if not _ROLE.match(role):
+            raise ValueError(f"role {role!r} must be role:<name>")
+        if member == role:
+            raise ValueError(f"{role} cannot inherit from itself")
+        _check_tenant(dom)
+        return
+    sub, dom, obj, act, eft, cond = rule.values
+    if not _SUBJECT.match(sub):
+        raise ValueError(f"subject {sub!r} must be user:<subject>, role:<name> or *")
+    _check_tenant(dom)
+    if act not in ACTIONS:
+        raise ValueError(f"unknown action {act!r}; actions are: {', '.join(ACTIONS)}")
+    check_object(obj, admin=act in ADMIN_ACTIONS)
+    if eft not in EFFECTS:
+        raise ValueError(f"effect {eft!r} must be allow or deny")
+    if cond:
+        compile_condition(cond)
+
+
+def _check_tenant(dom: str) -> None:
+    if not _TENANT.match(dom):
+        raise ValueError(f"tenant {dom!r} must be a tenant name or *")
+
+
+def check_object(obj: str, *, admin: bool = False) -> None:
+    if obj == "*":
+        return
+    if not obj or any(c.isspace() for c in obj) or len(obj) > 1100:
+        raise ValueError(f"object {obj!r} must be <upstream>/<name> with no spaces")
+    upstream, sep, name = obj.partition("/")
+    if not sep or not name:
+        raise ValueError(f"object {obj!r} must be <upstream>/<name> (globs allowed), or *")
+    if admin and upstream != "admin":
+        raise ValueError(f"admin actions apply to admin/<area> objects, not {obj!r}")
+    if not _UPSTREAM_GLOB.match(upstream):
+        raise ValueError(f"object {obj!r}: {upstream!r} is not an upstream name or glob")
+    if "**" in obj:
+        raise ValueError(f"object {obj!r}: use a single * (it already matches across /)")
+
+
+def split_line(line: str) -> list[str]:
+    """Split a Casbin CSV line on top-level commas (not inside (), [] or quotes), as Casbin does."""
+    tokens: list[str] = []
+    depth, quote, start = 0, "", 0
+    for i, c in enumerate(line):
+        if quote:
+            if c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        elif c == "," and depth == 0:
+            tokens.append(line[start:i].strip())
+            start = i + 1
+    tokens.append(line[start:].strip())
+    return tokens
+
+
+# --- conditions -----------------------------------------------------------------------------------
+
+_ALLOWED_NODES = (
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.Not,
+    ast.USub,
+    ast.Compare,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.In,
+    ast.NotIn,
+    ast.Constant,
+    ast.Attribute,
+    ast.Name,
+    ast.Load,
+    ast.Tuple,
+    ast.List,
+    ast.Subscript,
+)
+
+
+@lru_cache(maxsize=4096)
+def compile_condition(text: str) -> ast.Expression:
+    """Parse a condition, allowing only comparisons and boolean logic over ``r.args``/``r.sub``.
+
+    Examples: ``r.args.amount <= 100``, ``r.args.region == r.sub.tenant``,
+    ``r.args.status in ("open", "pending")``, ``"admin" in r.sub.roles``.
+    """
+    if len(text) > _MAX_CONDITION:
+        raise ValueError(f"condition is longer than {_MAX_CONDITION} characters")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"condition {text!r} is not a valid expression: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise ValueError(f"condition {text!r}: {type(node).__name__} is not allowed")
+        if isinstance(node, ast.Name) and node.id != "r":
+            raise ValueError(f"condition {text!r}: only r.args and r.sub may be used, not {node.id!r}")
+        if isinstance(node, ast.Attribute):
+            _check_attribute(text, node)
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
+            raise ValueError(f"condition {text!r}: subscripts must be constants, e.g. r.args['a-b']")
+    return tree
+
+
+def _check_attribute(text: str, node: ast.Attribute) -> None:
+    if node.attr.startswith("_"):
+        raise ValueError(f"condition {text!r}: attribute {node.attr!r} is not allowed")
+    if isinstance(node.value, ast.Name):  # r.<x>
+        if node.attr not in ("args", "sub"):
+            raise ValueError(f"condition {text!r}: use r.args.<name> or r.sub.<field>, not r.{node.attr}")
+    elif (
+        isinstance(node.value, ast.Attribute)
+        and isinstance(node.value.value, ast.Name)
+        and node.value.attr == "sub"
+        and node.attr not in SUBJECT_FIELDS
+    ):
+        fields = ", ".join(sorted(SUBJECT_FIELDS))
+        raise ValueError(f"condition {text!r}: r.sub has {fields}; not {node.attr!r}")

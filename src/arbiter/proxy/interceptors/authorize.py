@@ -1,0 +1,67 @@
+"""Pipeline step 2: the policy decides. Lists show only what the caller may use; a call to something the
+caller may not see is answered as if it did not exist; a visible but refused call is ``policy_denied``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arbiter.errors import PolicyDenied
+from arbiter.policies.engine import PolicyEngine, Subject
+from arbiter.policies.live import LivePolicy
+from arbiter.policies.rules import USE_ACTION
+from arbiter.proxy.interceptors.resolve import not_found
+from arbiter.proxy.naming import split_name, split_uri
+from arbiter.proxy.pipeline import CallContext, CallNext, Result
+
+# list method -> (result key, the field naming each item, whether it is a URI, the action that uses it)
+_LISTS: dict[str, tuple[str, str, bool, str]] = {
+    "tools/list": ("tools", "name", False, "call"),
+    "prompts/list": ("prompts", "name", False, "get"),
+    "resources/list": ("resources", "uri", True, "read"),
+    "resources/templates/list": ("resourceTemplates", "uriTemplate", True, "read"),
+}
+DECISION_KEY = "policy.decision"
+
+
+class Authorize:
+    def __init__(self, live: LivePolicy) -> None:
+        self._live = live
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        engine = self._live.engine  # one version decides the whole request
+        if ctx.principal is None:  # every /mcp request is authenticated first; anything else fails closed
+            raise PolicyDenied("no authenticated caller", policy_version=engine.version)
+        sub = Subject.of(ctx.principal)
+        use = USE_ACTION.get(ctx.method)
+        if use is not None:
+            assert ctx.upstream is not None and ctx.target is not None and ctx.exposed is not None
+            obj = f"{ctx.upstream}/{ctx.target}"
+            if not engine.visible(sub, obj, use):
+                raise not_found(ctx.method, ctx.exposed)
+            decision = engine.decide(sub, obj, use, ctx.arguments)
+            ctx.state[DECISION_KEY] = decision
+            if not decision.allowed:
+                raise PolicyDenied(
+                    f"the policy does not allow you to {use} {ctx.exposed}", policy_version=engine.version
+                )
+            return await call_next(ctx)
+        listing = _LISTS.get(ctx.method)
+        result = await call_next(ctx)
+        if listing is not None:
+            _filter(result, listing, engine, sub)
+        return result
+
+
+def _filter(result: Result, listing: tuple[str, str, bool, str], engine: PolicyEngine, sub: Subject) -> None:
+    key, field, is_uri, use = listing
+    items: Any = result.get(key)
+    if not isinstance(items, list):
+        return
+    kept: list[Any] = []
+    for item in items:  # pyright: ignore[reportUnknownVariableType]
+        name: Any = item.get(field) if isinstance(item, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        parts = (split_uri(name) if is_uri else split_name(name)) if isinstance(name, str) else None
+        if parts is not None and engine.visible(sub, f"{parts[0]}/{parts[1]}", use):
+            kept.append(item)
+    result[key] = kept
