@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,9 @@ class Fleet:
                 proc.popen.kill()
                 proc.popen.wait(timeout=STOP_TIMEOUT_S)
         self._procs.clear()
+
+
+DEMO_POLICY = Path(str(files("arbiter.policies") / "demo.csv"))
 
 
 def free_ports(n: int) -> list[int]:
@@ -218,8 +222,20 @@ def start_servers(fleet: Fleet, workdir: Path, bare_stateless: bool) -> list[Tar
             json={"name": "crm", "url": upstream_url},
             headers={"Authorization": f"Bearer {token}"},
         )
-    if resp.status_code != 201:
-        raise BenchError(f"registering the upstream answered {resp.status_code}: {resp.text[:500]}")
+        if resp.status_code != 201:
+            raise BenchError(f"registering the upstream answered {resp.status_code}: {resp.text[:500]}")
+        # Calls are decided by a realistic policy (the demo's rules plus one for the bench's caller);
+        # the empty default policy would deny them all.
+        policy = (
+            DEMO_POLICY.read_text(encoding="utf-8") + "p, role:security-admin, *, crm/get_*, call, allow\n"
+        )
+        resp = http.post(
+            f"http://{HOST}:{arb_port}/admin/v1/policies/import",
+            content=policy,
+            headers={"Authorization": f"Bearer {token}", "content-type": "text/csv"},
+        )
+        if resp.status_code != 200:
+            raise BenchError(f"importing the policy answered {resp.status_code}: {resp.text[:500]}")
     return [
         Target("direct", upstream_url, "get_customer", upstream, upstream),
         Target("bare", f"http://{HOST}:{bare_port}/mcp", "get_customer", bare, upstream),

@@ -34,6 +34,8 @@ async def readyz(request: Request) -> JSONResponse:
             "status": "ready" if ready else "not_ready",
             "checks": checks,
             "upstreams_down": runtime.catalog.hidden(),
+            # Which policy this replica enforces: replicas agree within policy.poll_interval_s.
+            "policy_version": runtime.policy.engine.version,
         },
         status_code=200 if ready else 503,
     )

@@ -98,7 +98,6 @@ class PolicyEngine:
     def __init__(self, rules: Sequence[Rule], version: int, *, enforcer: Any = None) -> None:
         self.rules = tuple(rules)
         self.version = version
-        self.conditional = any(r.ptype == "p" and r.values[5] for r in self.rules)
         if enforcer is None:
             enforcer = casbin.Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
             _configure(enforcer)
@@ -107,6 +106,7 @@ class PolicyEngine:
         self._enforcer = enforcer
         self._decisions: dict[tuple[object, ...], Decision] = {}
         self._visible: dict[tuple[object, ...], bool] = {}
+        self._conditional_targets: dict[tuple[object, ...], bool] = {}
 
     @classmethod
     async def load_into(cls, enforcer: Any, adapter: Any) -> PolicyEngine:
@@ -121,7 +121,7 @@ class PolicyEngine:
         """Allow or deny ``act`` on ``obj`` with ``args``; deny overrides allow, no match denies."""
         sub = principal if isinstance(principal, Subject) else Subject.of(principal)
         args = args or {}
-        key = (sub, obj, act, _fingerprint(args) if self.conditional else None)
+        key = (sub, obj, act, _fingerprint(args) if self._needs_args(obj, act) else None)
         hit = self._decisions.get(key)
         if hit is not None:
             return hit
@@ -135,6 +135,18 @@ class PolicyEngine:
             decision = Decision(False, "no_matching_rule", None, self.version)
         self._remember(self._decisions, key, decision)
         return decision
+
+    def _needs_args(self, obj: str, act: str) -> bool:
+        # Only a conditional rule that could apply to (obj, act) makes the arguments part of the
+        # decision; everything else is decided once per caller, object and action.
+        hit = self._conditional_targets.get((obj, act))
+        if hit is None:
+            hit = any(
+                r.ptype == "p" and r.values[5] and r.values[3] == act and object_matches(obj, r.values[2])
+                for r in self.rules
+            )
+            self._remember(self._conditional_targets, (obj, act), hit)
+        return hit
 
     def visible(self, principal: Principal | Subject, obj: str, use_action: str) -> bool:
         """Whether an item shows in lists: the caller may use it for some arguments, or may ``list`` it.
