@@ -113,7 +113,7 @@ def _engine(policy_file: Path | None) -> PolicyEngine:
     from arbiter.store.db import create_engine, session_factory
 
     if policy_file is not None:
-        return PolicyEngine(parse_csv(policy_file.read_text(encoding="utf-8")), 0)
+        return PolicyEngine(parse_csv(_read(policy_file)), 0)
     settings = load_settings()
 
     async def live() -> PolicyEngine:
@@ -127,6 +127,13 @@ def _engine(policy_file: Path | None) -> PolicyEngine:
     return asyncio.run(live())
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from None
+
+
 @policy_cli.command("test")
 def policy_test(
     table: Annotated[Path, typer.Argument(help="Decision table: YAML, or CSV with a header row")],
@@ -135,9 +142,9 @@ def policy_test(
     """Check every expected decision in TABLE; exit 1 if any differs (each case is printed)."""
     from arbiter.policies.tables import parse_table, run_table
 
-    cases = parse_table(
-        table.read_text(encoding="utf-8"), "csv" if table.suffix.lower() == ".csv" else "yaml"
-    )
+    cases = parse_table(_read(table), "csv" if table.suffix.lower() == ".csv" else "yaml")
+    if not cases:
+        raise InvalidInput(f"{table} has no cases: an empty table would pass without testing anything")
     engine = _engine(policy_file)
     outcomes = run_table(engine, cases)
     for outcome in outcomes:

@@ -15,6 +15,7 @@ from arbiter.runtime import Runtime
 from arbiter.store.models import ApiKey, utcnow
 
 Admin = Annotated[Principal, Depends(require("api-keys", "admin:write"))]
+Reader = Annotated[Principal, Depends(require("api-keys", "admin:read"))]
 
 router = APIRouter()
 
@@ -71,12 +72,12 @@ async def create_key(body: ApiKeyCreate, caller: Admin, store: ApiKeys = Depends
 
 
 @router.get("/api-keys", response_model=list[ApiKeyOut])
-async def list_keys(_: Admin, store: ApiKeys = Depends(keys)) -> list[ApiKeyOut]:  # noqa: B008
+async def list_keys(_: Reader, store: ApiKeys = Depends(keys)) -> list[ApiKeyOut]:  # noqa: B008
     return [_out(row) for row in await store.list()]
 
 
 @router.get("/api-keys/{key_id}", response_model=ApiKeyOut)
-async def get_key(key_id: str, _: Admin, store: ApiKeys = Depends(keys)) -> ApiKeyOut:  # noqa: B008
+async def get_key(key_id: str, _: Reader, store: ApiKeys = Depends(keys)) -> ApiKeyOut:  # noqa: B008
     return _out(await store.get(key_id))
 
 

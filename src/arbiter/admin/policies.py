@@ -15,7 +15,7 @@ from arbiter.admin.deps import require, runtime
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
 from arbiter.policies.engine import PolicyEngine, Subject
-from arbiter.policies.rules import PolicyInvalid, Rule, check, parse_csv, to_csv
+from arbiter.policies.rules import PolicyInvalid, Rule, check, check_roles, parse_csv, to_csv
 from arbiter.policies.tables import object_name, parse_rows, run_table
 from arbiter.runtime import Runtime
 
@@ -103,6 +103,7 @@ async def list_rules(rt: Rt, _: Reader) -> dict[str, object]:
 async def add_rules(body: RulesIn | RuleIn, rt: Rt, caller: Writer) -> dict[str, object]:
     """Add one rule or several (``{"rules": [...]}``), all or none."""
     rules = _validated(body.rules if isinstance(body, RulesIn) else [body])
+    check_roles([*rt.policy.engine.rules, *rules])
     version = await rt.policy.store.add(rules, caller.key)
     await rt.policy.changed(version)
     return _snapshot(rt)
@@ -121,6 +122,7 @@ async def replace_rules(
 ) -> dict[str, object]:
     """Replace the whole policy atomically; ``expected_version`` guards against a concurrent change."""
     rules = _validated(body.rules)
+    check_roles(rules)
     version = await rt.policy.store.replace(rules, caller.key, expected_version)
     await rt.policy.changed(version)
     return _snapshot(rt)
@@ -178,7 +180,8 @@ async def dry_run(body: DryRunIn, rt: Rt, _: Reader) -> dict[str, object]:
     outcomes = run_table(engine, cases)
     failed = [o for o in outcomes if not o.ok]
     return {
-        "policy_version": engine.version if body.policy is None else None,
+        "policy": "live" if body.policy is None else "candidate",
+        "policy_version": engine.version,  # -1 for a candidate: it has no version until applied
         "passed": len(outcomes) - len(failed),
         "failed": len(failed),
         "results": [o.to_json() for o in outcomes],

@@ -258,7 +258,7 @@ MISSING = _Missing()
 
 class _View:
     """Arguments as a condition sees them: ``r.args.a.b`` and ``r.args['a-b']`` reach into the JSON;
-    a missing key is ``MISSING`` rather than an error, so ``r.args.force == true`` is simply false
+    a missing key is ``MISSING`` rather than an error, so ``r.args.force == True`` is simply false
     for a call without ``force``. Anything else that fails (comparing a string with a number) still
     fails, and fails closed."""
 

@@ -35,6 +35,7 @@ class LivePolicy:
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._loaded = False
+        self._feed_up = False  # the Redis change feed is subscribed and delivering
 
     async def reload(self) -> PolicyEngine:
         """Load the policy if the database has a newer version; return the engine now in force."""
@@ -65,9 +66,10 @@ class LivePolicy:
             if self._redis_url:
                 self._redis = aioredis.from_url(self._redis_url, socket_connect_timeout=2)  # pyright: ignore[reportUnknownMemberType]
                 tg.start_soon(self._listen)
-                interval = self.settings.poll_interval_with_redis_s
             while not stopping.is_set():
-                with anyio.move_on_after(interval):
+                # Poll slowly only while the Redis feed is up; without it, as often as without Redis.
+                slow = self._feed_up and self.settings.poll_interval_with_redis_s
+                with anyio.move_on_after(slow or interval):
                     async with anyio.create_task_group() as waiters:
 
                         async def until(event: anyio.Event) -> None:
@@ -100,10 +102,15 @@ class LivePolicy:
                 async with pubsub:
                     await pubsub.subscribe(self.settings.redis_channel)
                     backoff = 0.5
+                    self._feed_up = True
+                    self._wake.set()  # changes made while the feed was down: check once now
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._wake.set()
             except (RedisError, OSError) as exc:
                 log.warning("policy change feed from Redis lost (%s); polling meanwhile", exc)
+            if self._feed_up:
+                self._feed_up = False
+                self._wake.set()  # back to fast polling at once
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)

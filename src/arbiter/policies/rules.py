@@ -92,6 +92,33 @@ class PolicyInvalid(InvalidInput):
         super().__init__(f"invalid policy: {where}{first['message']}{more}", errors=errors)
 
 
+MAX_ROLE_DEPTH = 8  # Casbin follows at most 10 role links; deeper ones would be ignored silently
+
+
+def check_roles(rules: Sequence[Rule]) -> None:
+    """Refuse role links that form a cycle or a chain deeper than Casbin follows.
+
+    Casbin stops following inheritance after a fixed depth without saying so: a deny rule reached
+    through a longer chain would simply not apply. Better to refuse such a policy outright.
+    """
+    parents: dict[str, set[str]] = {}
+    for rule in rules:
+        if rule.ptype == "g":
+            parents.setdefault(rule.values[0], set()).add(rule.values[1])
+
+    def depth(node: str, path: tuple[str, ...]) -> int:
+        if node in path:
+            raise PolicyInvalid([{"message": f"role links form a cycle: {' -> '.join((*path, node))}"}])
+        above = parents.get(node, set())
+        return 1 + max((depth(p, (*path, node)) for p in above), default=0) if above else 0
+
+    for member in parents:
+        if depth(member, ()) > MAX_ROLE_DEPTH:
+            raise PolicyInvalid(
+                [{"message": f"role links from {member} are more than {MAX_ROLE_DEPTH} deep; flatten them"}]
+            )
+
+
 def parse_csv(text: str) -> list[Rule]:
     """Parse a Casbin CSV policy, validating every line; all errors are reported at once."""
     rules: list[Rule] = []
@@ -106,6 +133,7 @@ def parse_csv(text: str) -> list[Rule]:
             errors.append({"line": number, "message": str(exc), "text": line[:200]})
     if errors:
         raise PolicyInvalid(errors)
+    check_roles(rules)
     return rules
 
 
