@@ -167,6 +167,7 @@ def policy_explain(
 ) -> None:
     """Say whether the policy allows a call, and which rule decided."""
     from arbiter.policies.engine import Subject
+    from arbiter.policies.rules import ACTIONS
     from arbiter.policies.tables import object_name
 
     try:
@@ -175,6 +176,8 @@ def policy_explain(
         raise InvalidInput(f"--args is not JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise InvalidInput("--args must be a JSON object")
+    if action not in ACTIONS:
+        raise InvalidInput(f"unknown action {action!r}; actions are: {', '.join(ACTIONS)}")
     engine = _engine(policy_file)
     sub = Subject(subject, tenant, tuple(sorted(role or [])))
     decision = engine.decide(sub, object_name(obj), action, cast(dict[str, Any], arguments))

@@ -15,7 +15,7 @@ from arbiter.admin.deps import require, runtime
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
 from arbiter.policies.engine import PolicyEngine, Subject
-from arbiter.policies.rules import PolicyInvalid, Rule, check, check_roles, parse_csv, to_csv
+from arbiter.policies.rules import ACTIONS, PolicyInvalid, Rule, check, check_roles, parse_csv, to_csv
 from arbiter.policies.tables import object_name, parse_rows, run_table
 from arbiter.runtime import Runtime
 
@@ -70,13 +70,17 @@ class DryRunIn(BaseModel):
     cases: list[dict[str, Any]] = Field(description="Decision table rows, as in `arbiter policy test`")
 
 
-def _validated(items: list[RuleIn]) -> list[Rule]:
+def _validated(items: list[RuleIn], *, allow_empty: bool = False) -> list[Rule]:
     rules: list[Rule] = []
     errors: list[dict[str, object]] = []
+    if not items and not allow_empty:  # an empty replace is legitimate: it denies everything
+        raise PolicyInvalid([{"message": "no rules given"}])
     for index, item in enumerate(items):
         rule = item.to_rule()
         try:
             check(rule)
+            if rule in rules:
+                raise ValueError(f"repeats rule {rules.index(rule) + 1}")
         except ValueError as exc:
             errors.append({"line": index + 1, "message": str(exc)})
         rules.append(rule)
@@ -121,7 +125,7 @@ async def replace_rules(
     body: RulesIn, rt: Rt, caller: Writer, expected_version: int | None = Query(default=None)
 ) -> dict[str, object]:
     """Replace the whole policy atomically; ``expected_version`` guards against a concurrent change."""
-    rules = _validated(body.rules)
+    rules = _validated(body.rules, allow_empty=True)
     check_roles(rules)
     version = await rt.policy.store.replace(rules, caller.key, expected_version)
     await rt.policy.changed(version)
@@ -160,6 +164,8 @@ async def import_csv(
 @router.post("/policies/explain")
 async def explain(body: ExplainIn, rt: Rt, _: Reader) -> dict[str, object]:
     """Allow or deny, and the rule that decided, for a caller, object, action and arguments."""
+    if body.action not in ACTIONS:
+        raise InvalidInput(f"unknown action {body.action!r}; actions are: {', '.join(ACTIONS)}")
     engine = rt.policy.engine
     sub = Subject(body.subject, body.tenant, tuple(sorted(body.roles)))
     obj = object_name(body.object)

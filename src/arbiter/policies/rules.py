@@ -123,12 +123,17 @@ def parse_csv(text: str) -> list[Rule]:
     """Parse a Casbin CSV policy, validating every line; all errors are reported at once."""
     rules: list[Rule] = []
     errors: list[dict[str, object]] = []
+    seen: dict[Rule, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         try:
-            rules.append(rule_from_tokens(split_line(line)))
+            rule = rule_from_tokens(split_line(line))
+            if rule in seen:  # stored twice, deleting "the" rule by id would leave its twin in force
+                raise ValueError(f"repeats line {seen[rule]}")
+            seen[rule] = number
+            rules.append(rule)
         except ValueError as exc:
             errors.append({"line": number, "message": str(exc), "text": line[:200]})
     if errors:
