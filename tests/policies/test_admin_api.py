@@ -299,3 +299,17 @@ def test_a_policy_rule_grants_an_admin_area(arbiter_factory: ArbiterFactory) -> 
             admin.post("/upstreams", json={"name": "kb", "url": "http://127.0.0.1:9/mcp"}).status_code == 403
         )
         assert admin.get("/policies").status_code == 403  # only the granted area
+
+
+def test_delegated_key_managers_cannot_mint_built_in_admin_roles(arbiter_factory: ArbiterFactory) -> None:
+    server = arbiter_factory(policy=None)
+    manager = new_key(server, "kim", ["key-manager"])
+    with server.admin() as admin:
+        grant = {"subject": "role:key-manager", "object": "admin/api-keys", "action": "admin:write"}
+        assert admin.post("/policies", json=grant).status_code == 201
+    with server.admin(manager) as admin:
+        ordinary = admin.post("/api-keys", json={"owner": "bot", "roles": ["support"]})
+        assert ordinary.status_code == 201, ordinary.text
+        for role in ("security-admin", "auditor"):
+            minted = admin.post("/api-keys", json={"owner": "me-too", "roles": [role]})
+            assert minted.status_code == 403, minted.text

@@ -153,3 +153,20 @@ def test_fixture_policy_round_trips_through_csv() -> None:
         "role": "role:b",
         "tenant": "*",
     }
+
+
+def test_an_argument_named_like_an_internal_helper_is_still_an_argument() -> None:
+    # r.args.wrap once resolved to a helper method instead of the argument, so this deny never fired.
+    from arbiter.policies.engine import PolicyEngine, Subject
+
+    rules = parse_csv('p, *, *, crm/*, call, allow\np, *, *, crm/*, call, deny, r.args.wrap == "danger"\n')
+    engine = PolicyEngine(rules, 1)
+    sub = Subject("alice", "acme", ())
+    assert not engine.decide(sub, "crm/x", "call", {"wrap": "danger"}).allowed
+    assert not engine.decide(sub, "crm/x", "call", {"n": {"wrap": "danger"}, "wrap": "danger"}).allowed
+    assert engine.decide(sub, "crm/x", "call", {"wrap": "safe"}).allowed
+
+
+def test_objects_with_commas_or_quotes_are_refused_so_export_reimports() -> None:
+    with pytest.raises(ValueError, match="commas or quotes"):
+        check(Rule.allow("role:a", "crm/a,b", "call"))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from arbiter.admin.deps import require, runtime
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.principal import Principal
+from arbiter.errors import Forbidden
 from arbiter.runtime import Runtime
 from arbiter.store.models import ApiKey, utcnow
 
@@ -58,7 +59,21 @@ def _out(row: ApiKey) -> ApiKeyOut:
 
 
 @router.post("/api-keys", response_model=ApiKeyCreated, status_code=status.HTTP_201_CREATED)
-async def create_key(body: ApiKeyCreate, caller: Admin, store: ApiKeys = Depends(keys)) -> ApiKeyCreated:  # noqa: B008
+async def create_key(
+    body: ApiKeyCreate,
+    caller: Admin,
+    rt: Runtime = Depends(runtime),  # noqa: B008
+    store: ApiKeys = Depends(keys),  # noqa: B008
+) -> ApiKeyCreated:
+    # A policy may delegate key management; it must not become a way to mint built-in admin roles.
+    built_in = set(rt.settings.auth.admin_roles) | set(rt.settings.auth.auditor_roles)
+    escalating = (set(body.roles) & built_in) - set(caller.roles)
+    if (
+        escalating
+        and caller.auth_method != "break_glass"
+        and not caller.roles & set(rt.settings.auth.admin_roles)
+    ):
+        raise Forbidden(f"only a security admin may create keys with the roles {sorted(escalating)}")
     expires = utcnow() + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
     row, secret = await store.create(
         owner=body.owner,

@@ -267,18 +267,14 @@ class _View:
     def __init__(self, data: Mapping[str, Any]) -> None:
         self._data = data
 
-    @staticmethod
-    def wrap(value: Any) -> Any:
-        return _View(cast(Mapping[str, Any], value)) if isinstance(value, Mapping) else value
-
     def __getattr__(self, name: str) -> Any:
         if name in self._data:
-            return _View.wrap(self._data[name])
+            return _wrap(self._data[name])
         return MISSING
 
     def __getitem__(self, key: object) -> Any:
         if isinstance(key, str) and key in self._data:
-            return _View.wrap(self._data[key])
+            return _wrap(self._data[key])
         return MISSING
 
     def __contains__(self, key: object) -> bool:
@@ -288,6 +284,11 @@ class _View:
         return self._data == (other._data if isinstance(other, _View) else other)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _wrap(value: Any) -> Any:
+    # Not a method: any public attribute of _View would shadow an argument of the same name.
+    return _View(cast(Mapping[str, Any], value)) if isinstance(value, Mapping) else value
 
 
 class _RequestView:

@@ -106,11 +106,15 @@ def check_roles(rules: Sequence[Rule]) -> None:
         if rule.ptype == "g":
             parents.setdefault(rule.values[0], set()).add(rule.values[1])
 
+    known: dict[str, int] = {}
+
     def depth(node: str, path: tuple[str, ...]) -> int:
         if node in path:
             raise PolicyInvalid([{"message": f"role links form a cycle: {' -> '.join((*path, node))}"}])
-        above = parents.get(node, set())
-        return 1 + max((depth(p, (*path, node)) for p in above), default=0) if above else 0
+        if node not in known:  # memoised: each role is measured once, however many paths reach it
+            above = parents.get(node, set())
+            known[node] = 1 + max(depth(p, (*path, node)) for p in above) if above else 0
+        return known[node]
 
     for member in parents:
         if depth(member, ()) > MAX_ROLE_DEPTH:
@@ -201,8 +205,9 @@ def _check_tenant(dom: str) -> None:
 def check_object(obj: str, *, admin: bool = False) -> None:
     if obj == "*":
         return
-    if not obj or any(c.isspace() for c in obj) or len(obj) > 1100:
-        raise ValueError(f"object {obj!r} must be <upstream>/<name> with no spaces")
+    if not obj or any(c.isspace() or c in ",\"'" for c in obj) or len(obj) > 1100:
+        # No commas or quotes either: the rule must survive export to CSV and import back.
+        raise ValueError(f"object {obj!r} must be <upstream>/<name> without spaces, commas or quotes")
     upstream, sep, name = obj.partition("/")
     if not sep or not name:
         raise ValueError(f"object {obj!r} must be <upstream>/<name> (globs allowed), or *")

@@ -22,7 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from arbiter.errors import Conflict, NotFound
 from arbiter.policies.engine import MODEL_TEXT, PolicyEngine
-from arbiter.policies.rules import Rule, check
+from arbiter.policies.rules import Rule, check, check_roles
 from arbiter.store.models import PolicyRuleRow, PolicyState, utcnow
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,13 @@ class PolicyStore:
 
     async def add(self, rules: Sequence[Rule], actor: str) -> int:
         async with self._sessions() as session, session.begin():
-            existing = {_rule(r) for r in (await session.exec(select(PolicyRuleRow))).all()}
+            # Lock the version row first, so concurrent adds on other replicas check against this one's.
+            await session.get(PolicyState, 1, with_for_update=True)
+            existing = [_rule(r) for r in (await session.exec(select(PolicyRuleRow))).all()]
             duplicates = [r.csv() for r in rules if r in existing]
             if duplicates:
                 raise Conflict("the policy already has this rule", rules=duplicates)
+            check_roles([*existing, *rules])
             version = await _bump(session, actor)
             session.add_all([_row(r) for r in rules])
         await self.sink(PolicyChange(actor, "add", version, after=[r.csv() for r in rules]))
