@@ -162,7 +162,7 @@ class PolicyEngine:
             self._enforcer.enforce(_VISIBILITY, sub, sub.tenant, obj, act, {}) for act in (use_action, "list")
         )
         self._remember(self._visible, key, seen)
-        return bool(seen)
+        return seen
 
     def roles_of(self, member: str, tenant: str = "*") -> list[str]:
         """The roles ``member`` inherits directly or transitively (for explain output)."""

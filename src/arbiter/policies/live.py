@@ -66,18 +66,17 @@ class LivePolicy:
             if self._redis_url:
                 self._redis = aioredis.from_url(self._redis_url, socket_connect_timeout=2)  # pyright: ignore[reportUnknownMemberType]
                 tg.start_soon(self._listen)
+
+            async def wake_on_stop() -> None:
+                await stopping.wait()
+                self._wake.set()
+
+            tg.start_soon(wake_on_stop)
             while not stopping.is_set():
                 # Poll slowly only while the Redis feed is up; without it, as often as without Redis.
                 slow = self._feed_up and self.settings.poll_interval_with_redis_s
                 with anyio.move_on_after(slow or interval):
-                    async with anyio.create_task_group() as waiters:
-
-                        async def until(event: anyio.Event) -> None:
-                            await event.wait()
-                            waiters.cancel_scope.cancel()
-
-                        waiters.start_soon(until, stopping)
-                        waiters.start_soon(until, self._wake)
+                    await self._wake.wait()
                 if self._wake.is_set():
                     self._wake = anyio.Event()
                 if stopping.is_set():
