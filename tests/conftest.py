@@ -178,10 +178,15 @@ def postgres_url() -> Iterator[str]:
 class ArbiterServer:
     """Arbiter under uvicorn in a background thread, on a free loopback port."""
 
-    def __init__(self, settings: Settings, interceptors: Sequence[Interceptor] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        interceptors: Sequence[Interceptor] = (),
+        clock: Callable[[], float] = time.time,  # the in-process limits backend's clock (tests skew it)
+    ) -> None:
         self.port = free_port()
         self.settings = settings.model_copy(update={"port": self.port})
-        self.app = create_app(self.settings, interceptors=interceptors)
+        self.app = create_app(self.settings, interceptors=interceptors, clock=clock)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -290,15 +295,20 @@ ArbiterFactory = Callable[..., ArbiterServer]
 
 
 @pytest.fixture
-def arbiter_factory(sqlite_url: str) -> Iterator[ArbiterFactory]:
+def arbiter_factory(sqlite_url: str, tmp_path: Path) -> Iterator[ArbiterFactory]:
     """Start Arbiters on the test's SQLite file (or another URL); all are stopped at teardown."""
     started: list[ArbiterServer] = []
 
     def make(
-        interceptors: Sequence[Interceptor] = (), policy: str | None = ALLOW_ALL, **overrides: Any
+        interceptors: Sequence[Interceptor] = (),
+        policy: str | None = ALLOW_ALL,
+        clock: Callable[[], float] = time.time,
+        **overrides: Any,
     ) -> ArbiterServer:
+        # Each test spools audit records (if it ever must) under its own directory, not the checkout.
+        overrides["audit"] = {"spool_dir": str(tmp_path / "audit-spool"), **overrides.get("audit", {})}
         settings = Settings(**{"database_url": sqlite_url, "admin_token": ADMIN_TOKEN, **overrides})
-        server = ArbiterServer(settings, interceptors).start()
+        server = ArbiterServer(settings, interceptors, clock).start()
         if policy is not None and settings.admin_token is not None:
             server.seed_policy(policy)
         started.append(server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -13,13 +14,23 @@ from fastapi.responses import JSONResponse
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
 from arbiter import probes
 from arbiter.admin import api_keys as admin_keys
+from arbiter.admin import audit as admin_audit
+from arbiter.admin import limits as admin_limits
 from arbiter.admin import openapi as admin_openapi
 from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
+from arbiter.audit.events import auth_event, record_policy_change
+from arbiter.audit.record import Renderer
+from arbiter.audit.redact import Redactor
+from arbiter.audit.retention import run_retention
+from arbiter.audit.signing import Signer, hmac_key
+from arbiter.audit.store import AuditStore
+from arbiter.audit.writer import AuditWriter
 from arbiter.auth import wellknown
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.authenticator import Authenticator, CredentialInQuery, resource_url
@@ -27,12 +38,16 @@ from arbiter.auth.jwt import JwtVerifier
 from arbiter.auth.outbound import Outbound
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import ArbiterError, InsufficientScope, Unauthorized
+from arbiter.limits.limiter import Limiter
+from arbiter.limits.store import LimitStore
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.endpoint import McpEndpoint
+from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
+from arbiter.proxy.interceptors.limits import Limits
 from arbiter.proxy.interceptors.resolve import Resolve
 from arbiter.proxy.pipeline import Interceptor, Pipeline
 from arbiter.proxy.pool import UpstreamPool
@@ -46,6 +61,8 @@ from arbiter.store.schema import require_head
 log = logging.getLogger(__name__)
 
 _BACKGROUND_STOP_S = 10.0  # how long shutdown waits for background work in flight before cancelling it
+# Admin changes keep these readable (a rule naming user:jane@example.com must say so); credentials never.
+_PERSONAL_DATA_DETECTORS = frozenset({"email", "ssn", "card", "iban"})
 
 
 def arbiter_version() -> str:
@@ -71,8 +88,16 @@ class ArbiterApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, interceptors: Sequence[Interceptor] = ()) -> FastAPI:
-    """Build an Arbiter app. ``interceptors`` run between the authorize and forward steps, in order."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    interceptors: Sequence[Interceptor] = (),
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """Build an Arbiter app. ``interceptors`` run between the limits and forward steps, in order.
+
+    ``clock`` (epoch seconds) drives the in-process limits backend; the Redis one uses Redis's clock.
+    """
     settings = settings or load_settings()
     _quiet_sdk_logging()
     catalog = Catalog()
@@ -93,8 +118,19 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
     keys = ApiKeys(sessions)
     jwt = _jwt_verifier(settings)
     authenticator = Authenticator(settings, keys, jwt)
-    policy = LivePolicy(PolicyStore(sessions), settings.policy, settings.redis_url)
-    pipeline = Pipeline([Resolve(catalog), Authorize(policy), *interceptors, Forward(catalog, pool)])
+    policy = LivePolicy(PolicyStore(sessions, record_policy_change), settings.policy, settings.redis_url)
+    audit = _audit_writer(settings, engine)
+    limiter = Limiter(settings.limits, LimitStore(sessions), settings.redis_url, clock)
+    pipeline = Pipeline(
+        [
+            Audit(audit),
+            Resolve(catalog),
+            Authorize(policy),
+            Limits(limiter),
+            *interceptors,
+            Forward(catalog, pool),
+        ]
+    )
     mcp_server = build_mcp_server(pipeline, catalog, arbiter_version())
     mcp_cfg = settings.mcp
     manager = StreamableHTTPSessionManager(
@@ -108,7 +144,19 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
         max_request_body_size=mcp_cfg.max_body_bytes,
     )
     runtime = Runtime(
-        settings, engine, sessions, catalog, pool, registry, pipeline, manager, keys, authenticator, policy
+        settings,
+        engine,
+        sessions,
+        catalog,
+        pool,
+        registry,
+        pipeline,
+        manager,
+        keys,
+        authenticator,
+        policy,
+        audit=audit,
+        limits=limiter,
     )
 
     @asynccontextmanager
@@ -117,23 +165,39 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
             if settings.check_schema:
                 await require_head(engine)
             stopping = anyio.Event()
-            async with pool, manager.run(), anyio.create_task_group() as tg:
-                await registry.load()
-                await keys.reload()
-                await policy.reload()
-                tg.start_soon(_guarded, registry.discover_new, "start-up discovery")
-                tg.start_soon(policy.run, stopping)
-                tg.start_soon(_maintain, runtime, stopping)
-                yield
-                # Let a maintenance pass in flight finish rather than cancel it mid-query: a cancelled
-                # database call makes SQLAlchemy terminate the connection, which can leave a task
-                # behind that the event loop then waits for. Cancel only what overstays.
-                stopping.set()
-                tg.cancel_scope.deadline = anyio.current_time() + _BACKGROUND_STOP_S
-            await _guarded(keys.flush_usage, "recording API key use")
+            audit_stopping = anyio.Event()
+            async with anyio.create_task_group() as audit_tg:
+                # The audit writer outlives the MCP endpoint: it drains once requests have stopped.
+                audit_tg.start_soon(audit.run, audit_stopping)
+                audit_tg.start_soon(run_retention, audit.store, settings.audit, audit_stopping)
+                try:
+                    async with pool, manager.run(), anyio.create_task_group() as tg:
+                        await registry.load()
+                        await keys.reload()
+                        await policy.reload()
+                        await limiter.start()
+                        tg.start_soon(_guarded, registry.discover_new, "start-up discovery")
+                        tg.start_soon(policy.run, stopping)
+                        tg.start_soon(limiter.run, stopping)
+                        tg.start_soon(_maintain, runtime, stopping)
+                        yield
+                        # Let a maintenance pass in flight finish rather than cancel it mid-query: a
+                        # cancelled database call makes SQLAlchemy terminate the connection, which can
+                        # leave a task behind that the event loop then waits for. Cancel only what
+                        # overstays.
+                        stopping.set()
+                        tg.cancel_scope.deadline = anyio.current_time() + _BACKGROUND_STOP_S
+                    await _guarded(keys.flush_usage, "recording API key use")
+                finally:
+                    audit_stopping.set()
+                    cfg = settings.audit
+                    audit_tg.cancel_scope.deadline = (
+                        anyio.current_time() + cfg.drain_timeout_s + 2 * cfg.write_timeout_s + 5
+                    )
         finally:
             if jwt is not None:
                 await jwt.aclose()
+            await limiter.aclose()
             await engine.dispose()
 
     app = ArbiterApp(
@@ -149,6 +213,8 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
     app.include_router(admin_upstreams.router, prefix="/admin/v1", tags=["upstreams"])
     app.include_router(admin_keys.router, prefix="/admin/v1", tags=["api-keys"])
     app.include_router(admin_policies.router, prefix="/admin/v1", tags=["policies"])
+    app.include_router(admin_audit.router, prefix="/admin/v1", tags=["audit"])
+    app.include_router(admin_limits.router, prefix="/admin/v1", tags=["limits"])
     app.include_router(admin_openapi.router, prefix="/admin/v1")
     app.include_router(probes.router)
     app.include_router(wellknown.router)
@@ -161,16 +227,32 @@ def create_app(settings: Settings | None = None, *, interceptors: Sequence[Inter
             allowed_hosts=mcp_cfg.allowed_hosts,
             allowed_origins=mcp_cfg.allowed_origins,
         ),
+        audit=audit,
     )
 
     @app.exception_handler(ArbiterError)
-    async def _arbiter_error(_: Request, exc: ArbiterError) -> JSONResponse:  # pyright: ignore[reportUnusedFunction]
+    async def _arbiter_error(request: Request, exc: ArbiterError) -> JSONResponse:  # pyright: ignore[reportUnusedFunction]
         headers = None
         if isinstance(exc, Unauthorized | InsufficientScope | CredentialInQuery):
             headers = {"www-authenticate": authenticator.challenge(exc)}
+            audit.offer(auth_event(exc, request.scope, f"{request.method} {request.url.path}"))
         return JSONResponse(exc.to_http_body(), status_code=exc.http_status, headers=headers)
 
     return app
+
+
+def _audit_writer(settings: Settings, engine: AsyncEngine) -> AuditWriter:
+    cfg = settings.audit
+    signer = Signer.from_secret(cfg.signing_key)
+    key, stable = hmac_key(cfg.hmac_key, signer)
+    if not stable:
+        log.warning("audit.hmac_key and audit.signing_key are unset: argument HMACs use a per-process key")
+    if signer.private is None:
+        log.warning("audit.signing_key is unset: audit checkpoints are not signed")
+    credentials_only = [d for d in cfg.redact.detectors if d not in _PERSONAL_DATA_DETECTORS]
+    admin_redactor = Redactor(cfg.redact.model_copy(update={"detectors": credentials_only}))
+    renderer = Renderer(Redactor(cfg.redact), key, admin_redactor)
+    return AuditWriter(AuditStore(engine, signer, cfg, renderer.render), renderer.render, cfg)
 
 
 def _jwt_verifier(settings: Settings) -> JwtVerifier | None:

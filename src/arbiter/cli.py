@@ -1,4 +1,4 @@
-"""The ``arbiter`` command line: serve, migrate, demo, api-key, policy."""
+"""The ``arbiter`` command line: serve, migrate, demo, api-key, policy, audit."""
 
 from __future__ import annotations
 
@@ -182,6 +182,126 @@ def policy_explain(
     sub = Subject(subject, tenant, tuple(sorted(role or [])))
     decision = engine.decide(sub, object_name(obj), action, cast(dict[str, Any], arguments))
     typer.echo(json.dumps(decision.to_json(), indent=2))
+
+
+audit_cli = typer.Typer(
+    help="Verify, export and purge the audit log; make a checkpoint signing key.", no_args_is_help=True
+)
+cli.add_typer(audit_cli, name="audit")
+Filter = Annotated[str | None, typer.Option(help="Filter: exact match")]
+
+
+@audit_cli.command("verify")
+def audit_verify(
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="An exported bundle to verify offline (default: the database)"),
+    ] = None,
+    public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--public-key",
+            help="A trusted Ed25519 public key, base64 (repeatable). Default: the bundle's own keys, or "
+            "for the database the configured signing key and audit.trusted_public_keys",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON")] = False,
+) -> None:
+    """Check the hash chain and the checkpoints' signatures: exit 0 intact, 1 broken, 2 unreadable."""
+    from arbiter.audit import commands
+    from arbiter.audit.bundle import verify_bundle
+
+    keys = list(public_key or [])
+    if file is not None:
+        report = verify_bundle(file, keys or None)
+        what, doc = str(file), report.to_json()
+    else:
+        found = asyncio.run(commands.verify_database(load_settings(), keys or None))
+        report = found.report
+        what = "database"
+        doc = {**report.to_json(), "head_seq": found.head.seq, "anchor_seq": found.head.anchor_seq}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        for line in commands.describe(report, what):
+            typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_cli.command("export")
+def audit_export(
+    fmt: Annotated[str, typer.Option("--format", help="jsonl, csv, or bundle (verifiable offline)")],
+    out: Annotated[Path | None, typer.Option(help="Write to this file (owner-only); default stdout")] = None,
+    since: Annotated[str | None, typer.Option(help="From (inclusive): ISO 8601 or epoch ms")] = None,
+    until: Annotated[str | None, typer.Option(help="Until (exclusive): ISO 8601 or epoch ms")] = None,
+    subject: Filter = None,
+    tenant: Filter = None,
+    tool: Filter = None,
+    upstream: Filter = None,
+    decision: Annotated[str | None, typer.Option(help="allow, deny or error")] = None,
+    reason: Filter = None,
+    trace_id: Filter = None,
+    kind: Annotated[str | None, typer.Option(help="mcp, auth, admin or audit")] = None,
+    method: Filter = None,
+    order: Annotated[str, typer.Option(help="asc or desc (jsonl, csv)")] = "asc",
+    from_seq: Annotated[int | None, typer.Option(help="Bundle: first record (default: oldest kept)")] = None,
+    to_seq: Annotated[int | None, typer.Option(help="Bundle: last record (default: newest)")] = None,
+) -> None:
+    """Export records from the database: filtered JSONL or CSV, or a bundle (a contiguous range of
+    the chain with its checkpoints and public keys) for `arbiter audit verify --file`."""
+    from arbiter.audit import commands
+    from arbiter.audit.query import Filters, parse_order
+
+    filters = Filters.parse(
+        since=since,
+        until=until,
+        subject=subject,
+        tenant=tenant,
+        tool=tool,
+        upstream=upstream,
+        decision=decision,
+        reason=reason,
+        trace_id=trace_id,
+        kind=kind,
+        method=method,
+    )
+    done = asyncio.run(
+        commands.export(load_settings(), fmt, out, filters, parse_order(order), from_seq, to_seq)
+    )
+    if out is not None:
+        count = f"{done.records} records, " if done.records is not None else ""
+        typer.echo(f"wrote {count}{done.bytes} bytes to {out}", err=True)
+
+
+@audit_cli.command("keygen")
+def audit_keygen() -> None:
+    """Make a new Ed25519 key for signing audit checkpoints; prints the private seed and public key."""
+    from arbiter.audit.signing import generate_key, key_id
+
+    seed, public = generate_key()
+    typer.echo(f"ARBITER_AUDIT__SIGNING_KEY={seed}")
+    typer.echo(f"public_key={public}")
+    typer.echo(f"key_id={key_id(public)}")
+    typer.echo(
+        "Keep the signing key in a secret store. Give the public key to auditors. When you rotate, add "
+        "the old public key to ARBITER_AUDIT__TRUSTED_PUBLIC_KEYS so its checkpoints still verify.",
+        err=True,
+    )
+
+
+@audit_cli.command("purge")
+def audit_purge() -> None:
+    """Purge records older than audit.retention_days now, behind a signed checkpoint (the purge is
+    itself recorded); what every replica's retention loop does every purge_interval_s."""
+    from arbiter.audit import commands
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    purged = asyncio.run(commands.purge_now(settings))
+    if purged:
+        typer.echo(f"purged {purged} records older than {settings.audit.retention_days} days")
+    else:
+        typer.echo(f"nothing purged: no record is older than {settings.audit.retention_days} days")
 
 
 def main() -> None:

@@ -113,6 +113,55 @@ class PolicyDenied(RequestRejected):
     code = "policy_denied"
 
 
+class RateLimited(RequestRejected):
+    """A rate limit rule refused the call; ``retry_after_s`` says when a token is back."""
+
+    code = "rate_limited"
+    http_status = 429
+    jsonrpc_code = -31004
+
+
+class BudgetExceeded(RequestRejected):
+    """The call's cost would take a budget over its limit for the current period; nothing was forwarded."""
+
+    code = "budget_exceeded"
+    http_status = 402
+    jsonrpc_code = -31006
+
+
+class RepeatedCall(RequestRejected):
+    """The loop breaker: the same caller made the same call with the same arguments too often."""
+
+    code = "repeated_call"
+    http_status = 429
+    jsonrpc_code = -31007
+
+
+class LimitsUnavailable(RequestRejected):
+    """The shared limits store (Redis) is unreachable and limits fail closed: the call is refused."""
+
+    code = "limits_unavailable"
+    http_status = 503
+    jsonrpc_code = -31008
+
+
+class AuditUnavailable(ArbiterError):
+    """Records cannot be stored (or queued) right now, and the audit log fails closed: nothing runs
+    unaudited."""
+
+    code = "audit_unavailable"
+    http_status = 503
+    jsonrpc_code = -31005
+
+
+class AuditChainBroken(ArbiterError):
+    """A purge was refused: the records it would remove do not verify, and a purge must never turn a
+    tampered record into a signed anchor."""
+
+    code = "audit_chain_broken"
+    http_status = 409
+
+
 class UnknownTarget(ArbiterError):
     """An unknown (or invisible) tool, prompt or resource: answered as an MCP server answers it."""
 

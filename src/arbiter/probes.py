@@ -28,6 +28,13 @@ async def readyz(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure, never raises
         checks["database"] = f"error: {type(exc).__name__}"
+    # Limits: "ok" also while falling back to per-replica limits (calls still run, limited per replica);
+    # an error only when Redis is down and limits fail closed. "limits" below says which.
+    await runtime.limits.check()
+    checks["limits"], limits = runtime.limits.health()
+    # Audit: "spooling" is still ready (calls run, records wait on disk); "unavailable" is not (fail-closed).
+    audit = runtime.audit.status()
+    checks["audit"] = "error: unavailable" if audit["state"] == "unavailable" else "ok"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {
@@ -36,6 +43,8 @@ async def readyz(request: Request) -> JSONResponse:
             "upstreams_down": runtime.catalog.hidden(),
             # Which policy this replica enforces: replicas agree within policy.poll_interval_s.
             "policy_version": runtime.policy.engine.version,
+            "audit": audit,
+            "limits": limits,
         },
         status_code=200 if ready else 503,
     )

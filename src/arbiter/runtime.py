@@ -8,8 +8,10 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from arbiter.audit.writer import AuditWriter
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.authenticator import Authenticator
+from arbiter.limits.limiter import Limiter
 from arbiter.policies.live import LivePolicy
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.pipeline import Pipeline
@@ -31,3 +33,5 @@ class Runtime:
     keys: ApiKeys
     authenticator: Authenticator
     policy: LivePolicy
+    audit: AuditWriter
+    limits: Limiter

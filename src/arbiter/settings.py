@@ -260,6 +260,166 @@ class PolicySettings(BaseModel):
     redis_channel: str = "arbiter:policy"
 
 
+# Value detectors known to the audit redactor (arbiter.audit.redact); see RedactSettings.detectors.
+REDACT_DETECTORS = (
+    "private_key",
+    "jwt",
+    "bearer",
+    "url_password",
+    "api_key",
+    "credential",
+    "email",
+    "ssn",
+    "card",
+    "iban",
+)
+
+
+class RedactSettings(BaseModel):
+    """What the audit log never stores in clear (see docs/audit.md). Applied before anything is queued."""
+
+    # Argument paths whose values are replaced whole: dotted paths with globs, matched case-insensitively
+    # against every key path in the arguments (``password`` matches a key named password at any depth;
+    # ``payment.card.*`` everything under payment.card; list items are ``[]``, e.g. ``users.[].ssn``).
+    # Globs are fnmatch-style without character classes ("*" also crosses dots). The defaults name keys
+    # that hold credentials or identifiers outright; "*token" rather than "*token*" so that token,
+    # access_token, id_token, x-auth-token match but max_tokens and token_count (LLM parameters) do not.
+    # Over-matching elsewhere (e.g. "secretary") is accepted: a lost value costs less than a stored one.
+    paths: list[str] = Field(
+        default_factory=lambda: [
+            "*password*",
+            "*passwd*",
+            "*passphrase*",
+            "*secret*",
+            "*token",
+            "*api_key*",
+            "*apikey*",
+            "*api-key*",
+            "*authorization*",
+            "*credential*",
+            "*private_key*",
+            "*privatekey*",
+            "*private-key*",
+            "*cookie*",
+            "auth",
+            "session",
+            "*session_id",
+            "*session-id",
+            "*sessionid",
+            "ssn",
+            "*_ssn",
+            "cvv",
+            "cvc",
+            "otp",
+            "dsn",
+            "*connection_string*",
+        ]
+    )
+    # Built-in value detectors applied inside every string value (and key): jwt, bearer (Authorization
+    # values), api_key (Arbiter's and common providers' key shapes, "api_key=…"), private_key (PEM),
+    # card (Luhn-checked), email, url_password (scheme://user:PASSWORD@host), credential ("password=…",
+    # "secret: …", "access_token=…" in free text); iban (mod-97 checked) and ssn (US, dashed) are off by
+    # default, as their shapes are common in ordinary identifiers: turn them on where that data is handled.
+    detectors: list[str] = Field(
+        default_factory=lambda: [
+            "jwt",
+            "bearer",
+            "api_key",
+            "private_key",
+            "card",
+            "email",
+            "url_password",
+            "credential",
+        ]
+    )
+    # Extra value patterns (name -> regular expression); a match is replaced by [REDACTED:<name>].
+    patterns: dict[str, str] = Field(default_factory=dict[str, str])
+    # Arguments larger than this (as canonical JSON) are stored as a size-and-shape summary only.
+    max_bytes: int = Field(default=16 * 1024, gt=0)
+    # Each string value is cut to this many characters after redaction.
+    max_string: int = Field(default=2048, gt=0)
+
+    @field_validator("detectors")
+    @classmethod
+    def _detectors(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(REDACT_DETECTORS))
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; known: {sorted(REDACT_DETECTORS)}")
+        return v
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
+                raise ValueError(f"pattern name {name!r} must match [a-z][a-z0-9_-]{{0,31}}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {name!r} is not a valid regular expression: {exc}") from None
+        return v
+
+
+class AuditSettings(BaseModel):
+    """The audit log (see docs/audit.md)."""
+
+    # When records cannot be stored: refuse new calls (503, audit_unavailable), or spool them to a local
+    # append-only file that is replayed into the store when it returns.
+    on_store_failure: Literal["fail_closed", "spool"] = "fail_closed"
+    spool_dir: Path = Path("./audit-spool")
+    # Records accepted but not yet stored; when full, new calls are refused rather than run unaudited.
+    queue_max: int = Field(default=10_000, gt=0)
+    batch_max: int = Field(default=500, gt=0, le=5000)
+    # Records reach the store at most this long after their request was answered.
+    flush_interval_s: float = Field(default=0.2, gt=0, le=1.0)
+    retry_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # How long a stopping Arbiter spends storing what is queued before spooling the rest to disk.
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+    # Each store write (one batch) must finish within this, or the store counts as unavailable.
+    write_timeout_s: float = Field(default=5.0, gt=0)
+    # Ed25519 private key signing checkpoints: 32 bytes base64 (a raw seed) or PKCS#8 PEM. Unset:
+    # checkpoints are written unsigned and `audit verify` says so.
+    signing_key: SecretStr | None = None
+    # Public keys of earlier signing keys (base64 raw 32 bytes), so their checkpoints still verify.
+    trusted_public_keys: list[str] = Field(default_factory=list[str])
+    # Key for the HMAC of each call's original arguments. Unset: derived from signing_key; if that is
+    # unset too, a random per-process key (the HMACs then prove nothing after a restart).
+    hmac_key: SecretStr | None = None
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    checkpoint_every: int = Field(default=10_000, gt=0)
+    # Records older than this are purged (with a signed checkpoint at the cut). Unset: kept forever.
+    retention_days: int | None = Field(default=None, gt=0)
+    purge_interval_s: float = Field(default=3600.0, gt=0)
+    redact: RedactSettings = Field(default_factory=RedactSettings)
+
+
+class LimitSettings(BaseModel):
+    """Rate limits, cost budgets and the loop breaker (see docs/limits.md)."""
+
+    enabled: bool = True
+    # auto: Redis when ARBITER_REDIS_URL is set, else in-process. memory: in-process even with Redis.
+    backend: Literal["auto", "memory", "redis"] = "auto"
+    # When Redis cannot be reached: refuse calls (limits_unavailable), or fall back to per-replica
+    # in-process limits until it is back. Either way it is logged and shown in /readyz.
+    on_redis_down: Literal["fail_closed", "fallback"] = "fail_closed"
+    redis_prefix: str = Field(default="arbiter:limits:", min_length=1, max_length=100)
+    # Each Redis round trip must finish within this, or Redis counts as down.
+    redis_timeout_s: float = Field(default=0.5, gt=0, le=30)
+    # After a Redis failure, calls skip Redis (and take the on_redis_down path) this long before retrying.
+    redis_retry_s: float = Field(default=1.0, gt=0, le=300)
+    # How often a replica checks for limit/budget/cost changes made through another replica.
+    reload_interval_s: float = Field(default=2.0, gt=0, le=600)
+    # Cost of a tool call when no cost entry matches the tool (units).
+    default_cost: float = Field(default=1.0, ge=0, le=1_000_000)
+    # Loop breaker default: more than this many identical calls within the window are refused (0: off).
+    loop_max_repeats: int = Field(default=0, ge=0, le=100_000)
+    loop_window_s: float = Field(default=60.0, gt=0, le=86_400)
+    # How long a request key (idempotency key) is remembered, so a retried request is charged once.
+    request_key_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    # How often each replica writes its usage counts (GET /admin/v1/usage) to the database.
+    usage_flush_interval_s: float = Field(default=5.0, gt=0, le=3600)
+
+
 class Settings(BaseSettings):
     """Arbiter's configuration: environment ``ARBITER_*`` over an optional YAML/JSON config file."""
 
@@ -289,6 +449,8 @@ class Settings(BaseSettings):
     upstream: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
     upstreams: list[UpstreamConfig] = Field(default_factory=list[UpstreamConfig])
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     # Skip the "database is at head" check; only for tools that manage the schema themselves.
     check_schema: bool = True
 

@@ -49,6 +49,15 @@ def test_migrations_upgrade_from_empty_to_head_and_back(empty_db: str) -> None:
         "api_keys",
         "policy_rules",
         "policy_state",
+        "audit_events",
+        "audit_chain",
+        "audit_checkpoints",
+        "limit_rules",
+        "limit_budgets",
+        "limit_tool_costs",
+        "limit_state",
+        "limit_usage",
+        "limit_spend",
     }
     schema.downgrade(empty_db, "0001")  # one step at a time works too
     assert "api_keys" not in asyncio.run(_tables(empty_db))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from arbiter.admin.deps import require, runtime
+from arbiter.admin.deps import change, require, runtime
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.principal import Principal
 from arbiter.errors import Forbidden
@@ -62,6 +62,7 @@ def _out(row: ApiKey) -> ApiKeyOut:
 async def create_key(
     body: ApiKeyCreate,
     caller: Admin,
+    request: Request,
     rt: Runtime = Depends(runtime),  # noqa: B008
     store: ApiKeys = Depends(keys),  # noqa: B008
 ) -> ApiKeyCreated:
@@ -75,14 +76,16 @@ async def create_key(
     ):
         raise Forbidden(f"only a security admin may create keys with the roles {sorted(escalating)}")
     expires = utcnow() + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
-    row, secret = await store.create(
-        owner=body.owner,
-        roles=body.roles,
-        tenant=body.tenant,
-        description=body.description,
-        expires_at=expires,
-        created_by=caller.subject,
-    )
+    async with change(request, caller, "api_key.create", body.owner) as audit:
+        row, secret = await store.create(
+            owner=body.owner,
+            roles=body.roles,
+            tenant=body.tenant,
+            description=body.description,
+            expires_at=expires,
+            created_by=caller.subject,
+        )
+        audit.after = _out(row).model_dump(mode="json")  # the key's public fields, never the key
     return ApiKeyCreated(**_out(row).model_dump(), key=secret)
 
 
@@ -97,7 +100,13 @@ async def get_key(key_id: str, _: Reader, store: ApiKeys = Depends(keys)) -> Api
 
 
 @router.delete("/api-keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def revoke_key(key_id: str, _: Admin, store: ApiKeys = Depends(keys)) -> Response:  # noqa: B008
+async def revoke_key(
+    key_id: str,
+    caller: Admin,
+    request: Request,
+    store: ApiKeys = Depends(keys),  # noqa: B008
+) -> Response:
     """Revoke a key: refused at once by this replica, by the others within the maintenance interval."""
-    await store.revoke(key_id)
+    async with change(request, caller, "api_key.revoke", key_id):
+        await store.revoke(key_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

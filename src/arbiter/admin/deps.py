@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from arbiter.audit.events import Change, admin_change, forbidden_event
 from arbiter.auth.principal import Principal
 from arbiter.errors import Forbidden
 from arbiter.proxy.registry import UpstreamRegistry
@@ -41,7 +43,9 @@ def require(area: str, action: str) -> Callable[..., Awaitable[Principal]]:
     obj = f"admin/{area}"
 
     async def check(
-        caller: Annotated[Principal, Depends(principal)], rt: Annotated[Runtime, Depends(runtime)]
+        request: Request,
+        caller: Annotated[Principal, Depends(principal)],
+        rt: Annotated[Runtime, Depends(runtime)],
     ) -> Principal:
         auth = rt.settings.auth
         if caller.auth_method == "break_glass" or caller.roles & set(auth.admin_roles):
@@ -50,7 +54,11 @@ def require(area: str, action: str) -> Callable[..., Awaitable[Principal]]:
             return caller
         if rt.policy.engine.decide(caller, obj, action).allowed:
             return caller
-        raise Forbidden(f"the policy does not allow {action} on {obj}")
+        refused = Forbidden(f"the policy does not allow {action} on {obj}")
+        rt.audit.offer(
+            forbidden_event(refused, caller, request.scope, f"{request.method} {request.url.path}")
+        )
+        raise refused
 
     return check
 
@@ -60,3 +68,11 @@ def registry(rt: Annotated[Runtime, Depends(runtime)]) -> UpstreamRegistry:
 
 
 Registry = Annotated[UpstreamRegistry, Depends(registry)]
+
+
+def change(
+    request: Request, caller: Principal, action: str, target: str
+) -> AbstractAsyncContextManager[Change]:
+    """Record one admin change in the audit log (refused with 503 first if it could not be recorded)."""
+    rt: Runtime = request.app.state.runtime
+    return admin_change(rt.audit, caller, request, action, target)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from arbiter.admin.deps import require, runtime
+from arbiter.admin.deps import change, require, runtime
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
 from arbiter.policies.engine import PolicyEngine, Subject
@@ -104,29 +104,36 @@ async def list_rules(rt: Rt, _: Reader) -> dict[str, object]:
 
 
 @router.post("/policies", status_code=201)
-async def add_rules(body: RulesIn | RuleIn, rt: Rt, caller: Writer) -> dict[str, object]:
+async def add_rules(body: RulesIn | RuleIn, rt: Rt, caller: Writer, request: Request) -> dict[str, object]:
     """Add one rule or several (``{"rules": [...]}``), all or none."""
     rules = _validated(body.rules if isinstance(body, RulesIn) else [body])
-    version = await rt.policy.store.add(rules, caller.key)
+    async with change(request, caller, "policy.add", "policies"):
+        version = await rt.policy.store.add(rules, caller.key)
     await rt.policy.changed(version)
     return _snapshot(rt)
 
 
 @router.delete("/policies/{rule_id}")
-async def remove_rule(rule_id: int, rt: Rt, caller: Writer) -> dict[str, object]:
-    version = await rt.policy.store.remove(rule_id, caller.key)
+async def remove_rule(rule_id: int, rt: Rt, caller: Writer, request: Request) -> dict[str, object]:
+    async with change(request, caller, "policy.remove", str(rule_id)):
+        version = await rt.policy.store.remove(rule_id, caller.key)
     await rt.policy.changed(version)
     return _snapshot(rt)
 
 
 @router.put("/policies")
 async def replace_rules(
-    body: RulesIn, rt: Rt, caller: Writer, expected_version: int | None = Query(default=None)
+    body: RulesIn,
+    rt: Rt,
+    caller: Writer,
+    request: Request,
+    expected_version: int | None = Query(default=None),
 ) -> dict[str, object]:
     """Replace the whole policy atomically; ``expected_version`` guards against a concurrent change."""
     rules = _validated(body.rules, allow_empty=True)
     check_roles(rules)
-    version = await rt.policy.store.replace(rules, caller.key, expected_version)
+    async with change(request, caller, "policy.replace", "policies"):
+        version = await rt.policy.store.replace(rules, caller.key, expected_version)
     await rt.policy.changed(version)
     return _snapshot(rt)
 
@@ -155,7 +162,8 @@ async def import_csv(
 ) -> dict[str, object]:
     """Replace the whole policy with a Casbin CSV file; one bad line rejects the file, changing nothing."""
     rules = parse_csv(await _text(request))
-    version = await rt.policy.store.replace(rules, caller.key, expected_version)
+    async with change(request, caller, "policy.import", "policies"):
+        version = await rt.policy.store.replace(rules, caller.key, expected_version)
     await rt.policy.changed(version)
     return _snapshot(rt)
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from arbiter.admin.deps import Registry, require
+from arbiter.admin.deps import Registry, change, require
 from arbiter.admin.schemas import (
     CatalogCounts,
     CatalogEntryOut,
@@ -96,9 +96,14 @@ async def list_upstreams(reg: Registry, _: Reader) -> list[UpstreamOut]:
 
 
 @router.post("/upstreams", response_model=UpstreamOut, status_code=status.HTTP_201_CREATED)
-async def create_upstream(body: UpstreamCreate, reg: Registry, _: Admin) -> UpstreamOut:
+async def create_upstream(
+    body: UpstreamCreate, reg: Registry, caller: Admin, request: Request
+) -> UpstreamOut:
     """Register an upstream: Arbiter connects, discovers its tools/resources/prompts and stores them."""
-    return await _one(reg, await reg.create(body))
+    async with change(request, caller, "upstream.create", body.name) as audit:
+        out = await _one(reg, await reg.create(body))
+        audit.after = out.model_dump(mode="json")
+    return out
 
 
 @router.get("/upstreams/{upstream_id}", response_model=UpstreamOut)
@@ -107,20 +112,31 @@ async def get_upstream(upstream_id: int, reg: Registry, _: Reader) -> UpstreamOu
 
 
 @router.patch("/upstreams/{upstream_id}", response_model=UpstreamOut)
-async def update_upstream(upstream_id: int, body: UpstreamUpdate, reg: Registry, _: Admin) -> UpstreamOut:
-    return await _one(reg, await reg.update(upstream_id, body))
+async def update_upstream(
+    upstream_id: int, body: UpstreamUpdate, reg: Registry, caller: Admin, request: Request
+) -> UpstreamOut:
+    async with change(request, caller, "upstream.update", str(upstream_id)) as audit:
+        audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
+        out = await _one(reg, await reg.update(upstream_id, body))
+        audit.after = out.model_dump(mode="json")
+    return out
 
 
 @router.delete("/upstreams/{upstream_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_upstream(upstream_id: int, reg: Registry, _: Admin) -> Response:
-    await reg.delete(upstream_id)
+async def delete_upstream(upstream_id: int, reg: Registry, caller: Admin, request: Request) -> Response:
+    async with change(request, caller, "upstream.delete", str(upstream_id)) as audit:
+        audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
+        await reg.delete(upstream_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/upstreams/{upstream_id}/refresh", response_model=UpstreamOut)
-async def refresh_upstream(upstream_id: int, reg: Registry, _: Admin) -> UpstreamOut:
+async def refresh_upstream(upstream_id: int, reg: Registry, caller: Admin, request: Request) -> UpstreamOut:
     """Re-discover an upstream's catalog now."""
-    return await _one(reg, await reg.refresh(upstream_id))
+    async with change(request, caller, "upstream.refresh", str(upstream_id)) as audit:
+        out = await _one(reg, await reg.refresh(upstream_id))
+        audit.after = {"catalog": out.catalog.model_dump(mode="json"), "status": out.status}
+    return out
 
 
 @router.get("/upstreams/{upstream_id}/catalog", response_model=list[CatalogEntryOut])

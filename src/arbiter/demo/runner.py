@@ -13,10 +13,12 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from pydantic import SecretStr
 
 from arbiter.app import create_app
+from arbiter.audit.signing import generate_key
 from arbiter.runtime import Runtime
-from arbiter.settings import load_settings
+from arbiter.settings import Settings, load_settings
 from arbiter.store import schema
 
 DEMO_UPSTREAMS = {"kb": "arbiter.demo.kb", "crm": "arbiter.demo.crm"}
@@ -66,7 +68,7 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
     database_url = f"sqlite+aiosqlite:///{db_path}"
     await asyncio.to_thread(schema.upgrade, database_url)
     # Everything else (log level, timeouts, ...) still comes from ARBITER_* through the settings object.
-    configured = load_settings(database_url=database_url)
+    configured = _with_audit_key(load_settings(database_url=database_url), state_dir)
     ports, procs = start_upstreams()
     try:
         for (name, upstream_port), proc in zip(ports.items(), procs, strict=True):
@@ -115,6 +117,8 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
             "api_keys": keys,
             "upstreams": {name: f"http://127.0.0.1:{p}/mcp" for name, p in ports.items()},
             "database_url": database_url,
+            # Pin this when verifying an exported audit bundle offline (`arbiter audit verify --file`).
+            "audit_public_key": app.state.runtime.audit.store.signer.public_b64,
         }
         await asyncio.to_thread(_write_atomically, info_file, json.dumps(info, indent=2))
         _print_banner(info, info_file)
@@ -138,6 +142,16 @@ async def _demo_keys(runtime: Runtime) -> dict[str, str]:
         )
         out[role] = key
     return out
+
+
+def _with_audit_key(settings: Settings, state_dir: Path) -> Settings:
+    """A demo signs its audit checkpoints with a key of its own (a fresh one per run, like its
+    database) unless ARBITER_AUDIT__SIGNING_KEY is set; its spool lives beside its database."""
+    audit = settings.audit
+    update: dict[str, object] = {"spool_dir": state_dir / "audit-spool"}
+    if audit.signing_key is None:
+        update["signing_key"] = SecretStr(generate_key()[0])
+    return settings.model_copy(update={"audit": audit.model_copy(update=update)})
 
 
 def _fresh_db_path(state_dir: Path) -> Path:
@@ -169,6 +183,7 @@ Arbiter demo is running (SQLite, demo upstreams 'kb' and 'crm', policy: {DEMO_PO
   MCP endpoint   {mcp_url}
   Admin API      {info["admin_url"]}   (OpenAPI: {info["admin_url"]}/openapi.json)
   Credentials    {info_file}: an API key per demo role (support-agent, auditor, security-admin)
+  Audit log      {info["admin_url"]}/audit/events (auditor key); verify: {info["admin_url"]}/audit/verify
 
 Run the example LangChain agent as the support agent (in another terminal):
   ARBITER_TOKEN={key} \\

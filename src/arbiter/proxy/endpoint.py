@@ -28,10 +28,12 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
+from arbiter.audit.events import auth_event
+from arbiter.audit.writer import AuditWriter
 from arbiter.auth.authenticator import Authenticator, CredentialInQuery
 from arbiter.auth.outbound import CALLER_TOKEN_KEY
 from arbiter.auth.principal import Principal
-from arbiter.errors import ArbiterError, InsufficientScope, Unauthorized
+from arbiter.errors import ArbiterError, AuditUnavailable, InsufficientScope, Unauthorized
 
 _PROTOCOL_HEADER = "mcp-protocol-version"
 PRINCIPAL_KEY = "arbiter.principal"
@@ -45,8 +47,10 @@ class McpEndpoint:
         max_body_bytes: int,
         authenticator: Authenticator,
         security: TransportSecuritySettings,
+        audit: AuditWriter,
     ) -> None:
         self._manager = manager
+        self._audit = audit
         self._max_body = max_body_bytes
         self._auth = authenticator
         self._security = TransportSecurityMiddleware(security)
@@ -66,7 +70,12 @@ class McpEndpoint:
         try:
             principal = await self._auth.authenticate(authorization, scope.get("query_string", b""))
         except (Unauthorized, InsufficientScope, CredentialInQuery) as exc:
+            self._audit.offer(auth_event(exc, scope, headers.get(MCP_METHOD_HEADER) or scope["method"]))
             await _refuse(send, exc, self._auth.challenge(exc))
+            return
+        if self._audit.refusing:
+            # Fail closed: nothing runs while its record could not be stored.
+            await _audit_unavailable(send)
             return
         scope[PRINCIPAL_KEY] = principal
         scope["user"] = _session_owner(principal)
@@ -176,16 +185,26 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _error(send: Send, status: int, code: int, message: str) -> None:
-    payload = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
+async def _audit_unavailable(send: Send) -> None:
+    exc = AuditUnavailable("the audit log cannot store records right now; try again shortly")
+    error = exc.to_mcp_error().error
+    body = {"code": error.code, "message": error.message, "data": error.data}
+    await _error(send, exc.http_status, error.code, error.message, body=body, retry_after="1")
+
+
+async def _error(
+    send: Send,
+    status: int,
+    code: int,
+    message: str,
+    *,
+    body: dict[str, Any] | None = None,
+    retry_after: str | None = None,
+) -> None:
+    error = body if body is not None else {"code": code, "message": message}
+    payload = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

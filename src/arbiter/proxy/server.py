@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "arbiter"
 
 
+def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
+    # What the client says it is (initialize, or the 2026-07-28 envelope): recorded, never trusted.
+    params = ctx.session.client_params
+    info = params.client_info if params is not None else None
+    if info is None:
+        return None
+    return {"name": info.name, "version": info.version, "title": info.title}
+
+
 def build_mcp_server(pipeline: Pipeline, catalog: Catalog, version: str) -> Server[Any]:
     """A server that answers every proxied method through ``pipeline``."""
 
@@ -37,6 +46,7 @@ def build_mcp_server(pipeline: Pipeline, catalog: Catalog, version: str) -> Serv
             protocol_version=ctx.protocol_version,
             http_request=http,
             principal=http.scope.get(PRINCIPAL_KEY) if http is not None else None,
+            client_info=_client_info(ctx),
         )
         try:
             result = await pipeline(call)

@@ -22,6 +22,7 @@ _LISTS: dict[str, tuple[str, str, bool, str]] = {
     "resources/templates/list": ("resourceTemplates", "uriTemplate", True, "read"),
 }
 DECISION_KEY = "policy.decision"
+VERSION_KEY = "policy.version"
 
 
 class Authorize:
@@ -30,6 +31,7 @@ class Authorize:
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         engine = self._live.engine  # one version decides the whole request
+        ctx.state[VERSION_KEY] = engine.version
         if ctx.principal is None:  # every /mcp request is authenticated first; anything else fails closed
             raise PolicyDenied("no authenticated caller", policy_version=engine.version)
         sub = Subject.of(ctx.principal)
@@ -37,10 +39,10 @@ class Authorize:
         if use is not None:
             assert ctx.upstream is not None and ctx.target is not None and ctx.exposed is not None
             obj = f"{ctx.upstream}/{ctx.target}"
+            decision = engine.decide(sub, obj, use, ctx.arguments)
+            ctx.state[DECISION_KEY] = decision  # the audit record tells auditors the truth
             if not engine.visible(sub, obj, use):
                 raise not_found(ctx.method, ctx.exposed)
-            decision = engine.decide(sub, obj, use, ctx.arguments)
-            ctx.state[DECISION_KEY] = decision
             if not decision.allowed:
                 raise PolicyDenied(
                     f"the policy does not allow you to {use} {ctx.exposed}", policy_version=engine.version

@@ -1,0 +1,227 @@
+"""One audit record: what the request path hands over (``Event``), what is stored (the rendered body),
+and the canonical form whose SHA-256 chains each record to the one before it.
+
+The request path only builds an ``Event`` (references, no copying or hashing); redaction, the HMAC of
+the arguments and the tool-definition hash are computed by the writer, off the request's latency,
+before anything is queued for the store or written to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any, Literal
+
+from arbiter.audit.redact import Redactor
+from arbiter.auth.principal import Principal
+
+GENESIS = "0" * 64
+FORMAT_VERSION = 1
+
+Kind = Literal["mcp", "auth", "admin", "audit"]
+Decision = Literal["allow", "deny", "error"]
+# Columns copied out of the body so auditors' filters can use indexes; verify checks they agree.
+INDEXED = (
+    "ts_ms",
+    "kind",
+    "subject",
+    "tenant",
+    "method",
+    "tool",
+    "upstream",
+    "decision",
+    "reason",
+    "trace_id",
+)
+
+
+def canonical(value: Any) -> str:
+    """The one serialisation that is hashed: sorted keys, no whitespace, UTF-8 as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def record_hash(body_text: str) -> str:
+    return hashlib.sha256(body_text.encode("utf-8")).hexdigest()
+
+
+def uuid7(ms: int | None = None) -> str:
+    """An RFC 9562 version 7 UUID: 48-bit Unix milliseconds, then random bits (time-ordered ids)."""
+    ms = time.time_ns() // 1_000_000 if ms is None else ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+@lru_cache(maxsize=4096)  # per principal: the same caller makes many calls
+def _actor(principal: Principal) -> tuple[tuple[str, Any], ...]:
+    return (
+        ("subject", principal.subject),
+        ("issuer", principal.issuer),
+        ("tenant", principal.tenant),
+        ("client_id", principal.client_id),
+        ("api_key_id", principal.api_key_id),
+        ("auth_method", principal.auth_method),
+        ("roles", sorted(principal.roles)),
+    )
+
+
+def actor_of(principal: Principal | None, source_ip: str | None) -> dict[str, Any]:
+    """Who acted, never with their credential: identity claims, key id (not the key) and source IP."""
+    actor: dict[str, Any] = dict(_actor(principal)) if principal is not None else {}
+    actor["source_ip"] = source_ip
+    return actor
+
+
+@dataclass(slots=True)
+class Event:
+    """What happened, as the request path saw it; rendered into a stored record by the writer.
+
+    ``arguments`` are the caller's original arguments and are never stored as such: the writer keeps
+    a redacted copy, an HMAC and their size. ``admin`` holds an admin change's before/after (already
+    without secrets; redacted again on the way in, as free-form data).
+    """
+
+    kind: Kind
+    decision: Decision
+    reason: str
+    actor: dict[str, Any]
+    ts_ms: int = field(default_factory=now_ms)
+    id: str = ""
+    method: str | None = None
+    tool: str | None = None  # the exposed name (or URI) the agent used; for admin events, the target
+    upstream: str | None = None
+    target: str | None = None  # the upstream's own name or URI
+    definition: Mapping[str, Any] | None = None
+    policy: Mapping[str, Any] | None = None  # {decision, reason, rule, version}
+    policy_version: int | None = None
+    outcome: dict[str, Any] = field(default_factory=dict[str, Any])
+    latency_ms: float | None = None
+    cost: float | None = None
+    trace_id: str | None = None
+    request_id: str | int | None = None
+    protocol_version: str | None = None
+    client_info: Mapping[str, Any] | None = None
+    arguments: Mapping[str, Any] | None = None
+    admin: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = uuid7(self.ts_ms)
+
+
+class Renderer:
+    """Turns events into the records that are stored: redacted, with an HMAC of the arguments."""
+
+    def __init__(self, redactor: Redactor, hmac_key: bytes, admin_redactor: Redactor | None = None) -> None:
+        self._redactor = redactor
+        # Admin changes name people and rules (e.g. user:jane@example.com): only credentials come out.
+        self._admin_redactor = admin_redactor or redactor
+        self._hmac_key = hmac_key
+        self._def_hashes: dict[int, tuple[Mapping[str, Any], str]] = {}
+
+    def render(self, event: Event) -> dict[str, Any]:
+        args_hmac: str | None = None
+        args_bytes: int | None = None
+        redacted: Any = None
+        redactions = 0
+        truncated = False
+        if event.arguments is not None:
+            original = canonical(event.arguments).encode("utf-8")
+            args_bytes = len(original)
+            args_hmac = hmac.new(self._hmac_key, original, hashlib.sha256).hexdigest()
+            result = self._redactor.arguments(event.arguments)
+            redacted, redactions, truncated = result.value, result.redactions, result.truncated
+        outcome = dict(event.outcome)
+        message = outcome.get("message")
+        if isinstance(message, str):
+            outcome["message"] = self._redactor.text(message)
+        admin: Any = None
+        if event.admin is not None:
+            admin = self._admin_redactor.arguments(event.admin).value
+        client_info: dict[str, Any] | None = None
+        if event.client_info is not None:
+            info = self._redactor.arguments(
+                {k: event.client_info.get(k) for k in ("name", "version", "title")}
+            ).value
+            client_info = {**info, "untrusted": True}  # reported by the client; nothing vouches for it
+        actor = event.actor
+        return {
+            "v": FORMAT_VERSION,
+            "id": event.id,
+            "ts": iso_ms(event.ts_ms),
+            "ts_ms": event.ts_ms,
+            "kind": event.kind,
+            "actor": actor,
+            "subject": actor.get("subject"),
+            "tenant": actor.get("tenant"),
+            "client_info": client_info,
+            "method": event.method,
+            "tool": event.tool,
+            "upstream": event.upstream,
+            "target": event.target,
+            "tool_hash": self._definition_hash(event.definition),
+            "decision": event.decision,
+            "reason": event.reason,
+            "policy": dict(event.policy) if event.policy is not None else None,
+            "policy_version": event.policy_version,
+            "outcome": outcome,
+            "latency_ms": event.latency_ms,
+            "cost": event.cost,
+            "trace_id": event.trace_id,
+            "request_id": event.request_id,
+            "protocol_version": event.protocol_version,
+            "args": redacted,
+            "args_hmac": args_hmac,
+            "args_bytes": args_bytes,
+            "args_redactions": redactions,
+            "args_truncated": truncated,
+            "admin": admin,
+        }
+
+    def _definition_hash(self, definition: Mapping[str, Any] | None) -> str | None:
+        if definition is None:
+            return None
+        # Catalog entries are immutable and shared: hash each one once (keyed by identity, kept alive).
+        cached = self._def_hashes.get(id(definition))
+        if cached is not None and cached[0] is definition:
+            return cached[1]
+        digest = hashlib.sha256(canonical(definition).encode("utf-8")).hexdigest()
+        if len(self._def_hashes) > 10_000:
+            self._def_hashes.clear()
+        self._def_hashes[id(definition)] = (definition, digest)
+        return digest
+
+
+def seal(body: dict[str, Any], seq: int, prev_hash: str) -> tuple[str, str]:
+    """Place a rendered record in the chain: returns its canonical text and hash."""
+    body["seq"] = seq
+    body["prev_hash"] = prev_hash
+    text = canonical(body)
+    return text, record_hash(text)
+
+
+def columns(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The indexed columns of a record, cut to their column sizes."""
+    cols = {name: body.get(name) for name in INDEXED}
+    for name, size in (("subject", 300), ("tenant", 200), ("tool", 1100), ("upstream", 64), ("method", 64)):
+        value = cols[name]
+        if isinstance(value, str) and len(value) > size:
+            cols[name] = value[:size]
+    return cols

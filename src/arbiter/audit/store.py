@@ -1,0 +1,282 @@
+"""The audit store: appends batches to the hash chain, writes signed checkpoints, purges by retention.
+
+One chain per database. Every append takes the chain-head row's lock first (an UPDATE, so it is a
+write lock on SQLite and a row lock on PostgreSQL), reads the head, numbers and links its records, and
+moves the head in the same transaction. Replicas sharing a database therefore extend one valid chain;
+they serialise only for the length of one batch insert.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from arbiter.audit import tables as t
+from arbiter.audit.record import Event, columns, now_ms, seal
+from arbiter.audit.signing import KeyRing, Signer, checkpoint_payload
+from arbiter.audit.verify import ChainCheck, Checkpoint, Report
+from arbiter.errors import AuditChainBroken
+from arbiter.settings import AuditSettings
+
+log = logging.getLogger(__name__)
+
+_VERIFY_PAGE = 2000
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+    anchor_seq: int
+    anchor_hash: str
+    checkpoint_seq: int
+    checkpoint_ms: int
+
+
+class AuditStore:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        signer: Signer,
+        settings: AuditSettings,
+        render: Callable[[Event], dict[str, Any]],
+    ) -> None:
+        self._engine = engine
+        self._signer = signer
+        self._settings = settings
+        self._render = render
+
+    @property
+    def signer(self) -> Signer:
+        return self._signer
+
+    def keyring(self) -> KeyRing:
+        return KeyRing([self._signer.public_b64, *self._settings.trusted_public_keys])
+
+    async def append(self, bodies: Sequence[dict[str, Any]], *, dedupe: bool = False) -> int:
+        """Store rendered records at the end of the chain; returns how many were new.
+
+        ``dedupe`` skips records whose id is already stored (a spool replayed after a crash that came
+        between storing it and deleting the spool file).
+        """
+        if not bodies:
+            return 0
+        async with self._engine.begin() as conn:
+            head = await _lock_head(conn)
+            if dedupe:
+                ids = [b["id"] for b in bodies]
+                present = set(
+                    (await conn.execute(sa.select(t.events.c.id).where(t.events.c.id.in_(ids)))).scalars()
+                )
+                bodies = [b for b in bodies if b["id"] not in present]
+                if not bodies:
+                    return 0
+            seq, prev = head.seq, head.hash
+            rows: list[dict[str, Any]] = []
+            for body in bodies:
+                seq += 1
+                text, digest = seal(body, seq, prev)
+                rows.append(
+                    {
+                        "seq": seq,
+                        "id": body["id"],
+                        **columns(body),
+                        "body": text,
+                        "prev_hash": prev,
+                        "hash": digest,
+                    }
+                )
+                prev = digest
+            await conn.execute(sa.insert(t.events), rows)
+            values: dict[str, Any] = {"seq": seq, "hash": prev}
+            now = now_ms()
+            cfg = self._settings
+            if (
+                seq - head.checkpoint_seq >= cfg.checkpoint_every
+                or now - head.checkpoint_ms >= cfg.checkpoint_interval_s * 1000
+            ):
+                await self._checkpoint(conn, seq, prev, now, "periodic")
+                values.update(checkpoint_seq=seq, checkpoint_ms=now)
+            await conn.execute(sa.update(t.chain).where(t.chain.c.id == 1).values(**values))
+        return len(rows)
+
+    async def append_replayed(self, bodies: Sequence[dict[str, Any]]) -> int:
+        return await self.append(bodies, dedupe=True)
+
+    async def checkpoint(self) -> int | None:
+        """Sign the current head now (on shutdown, and on demand), unless it is already signed."""
+        async with self._engine.begin() as conn:
+            head = await _lock_head(conn)
+            if head.seq == head.checkpoint_seq or head.seq == 0:
+                return None
+            now = now_ms()
+            await self._checkpoint(conn, head.seq, head.hash, now, "periodic")
+            await conn.execute(
+                sa.update(t.chain).where(t.chain.c.id == 1).values(checkpoint_seq=head.seq, checkpoint_ms=now)
+            )
+            return head.seq
+
+    async def _checkpoint(self, conn: AsyncConnection, seq: int, hash_: str, ts_ms: int, kind: str) -> None:
+        signature = self._signer.sign(checkpoint_payload(seq, hash_, ts_ms, kind))
+        await conn.execute(
+            sa.insert(t.checkpoints).values(
+                seq=seq, hash=hash_, ts_ms=ts_ms, kind=kind, key_id=self._signer.key_id, signature=signature
+            )
+        )
+
+    async def head(self) -> Head:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one()
+            return _head(row)
+
+    async def ping(self) -> None:
+        async with self._engine.connect() as conn:
+            await conn.execute(sa.select(t.chain.c.seq).where(t.chain.c.id == 1))
+
+    async def load_checkpoints(self, conn: AsyncConnection, since: int = 0) -> dict[int, list[Checkpoint]]:
+        result = await conn.execute(
+            sa.select(t.checkpoints).where(t.checkpoints.c.seq >= since).order_by(t.checkpoints.c.id)
+        )
+        found: dict[int, list[Checkpoint]] = {}
+        for r in result:
+            found.setdefault(r.seq, []).append(
+                Checkpoint(r.seq, r.hash, r.ts_ms, r.kind, r.key_id, r.signature)
+            )
+        return found
+
+    async def verify(self, *, through: int | None = None) -> Report:
+        """Check the whole stored chain (from the last purge's anchor), streaming in pages."""
+        async with self._engine.connect() as conn:
+            head = _head((await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one())
+            check = ChainCheck(
+                head.anchor_seq,
+                head.anchor_hash,
+                self.keyring(),
+                await self.load_checkpoints(conn, head.anchor_seq),
+            )
+            async for page in _pages(conn, head.anchor_seq, through):
+                # Hashing a page costs tens of ms of CPU: off the event loop that serves /mcp.
+                await anyio.to_thread.run_sync(_feed, check, page)
+            return check.finish(head.seq if through is None else None)
+
+    async def purge(self, cutoff_ms: int, actor: dict[str, Any]) -> int:
+        """Delete records older than ``cutoff_ms`` behind a signed checkpoint at the cut; the purge is
+        itself recorded. Returns how many were purged (0: none old enough). Raises ``AuditChainBroken``
+        if the records to be purged do not verify."""
+        async with self._engine.begin() as conn:
+            head = await _lock_head(conn)
+            newer = (
+                await conn.execute(
+                    sa.select(sa.func.min(t.events.c.seq)).where(t.events.c.ts_ms >= cutoff_ms)
+                )
+            ).scalar()
+            cut = (newer - 1) if newer is not None else head.seq
+            if cut <= head.anchor_seq:
+                return 0
+            points = await self.load_checkpoints(conn, head.anchor_seq)
+            check = ChainCheck(
+                head.anchor_seq,
+                head.anchor_hash,
+                self.keyring(),
+                {seq: cps for seq, cps in points.items() if seq <= cut},  # later ones are not purged
+            )
+            async for page in _pages(conn, head.anchor_seq, cut):
+                await anyio.to_thread.run_sync(_feed, check, page)
+            report = check.finish(cut)
+            if not report.ok:
+                first = report.problems[0].seq if report.problems else None
+                raise AuditChainBroken(
+                    f"purge refused: the records to purge do not verify (first problem at seq {first}); "
+                    "run `arbiter audit verify`",
+                    first_broken_seq=first,
+                )
+            cut_hash = (
+                await conn.execute(sa.select(t.events.c.hash).where(t.events.c.seq == cut))
+            ).scalar_one()
+            now = now_ms()
+            await self._checkpoint(conn, cut, cut_hash, now, "purge")
+            deleted = (await conn.execute(sa.delete(t.events).where(t.events.c.seq <= cut))).rowcount
+            await conn.execute(sa.delete(t.checkpoints).where(t.checkpoints.c.seq < cut))
+            event = Event(
+                kind="audit",
+                decision="allow",
+                reason="purged",
+                actor=actor,
+                method="audit.purge",
+                admin={
+                    "cutoff_ms": cutoff_ms,
+                    "purged_through_seq": cut,
+                    "purged": deleted,
+                    "anchor_hash": cut_hash,
+                },
+            )
+            body = self._render(event)
+            seq = head.seq + 1
+            text, digest = seal(body, seq, head.hash)
+            await conn.execute(
+                sa.insert(t.events).values(
+                    seq=seq, id=body["id"], **columns(body), body=text, prev_hash=head.hash, hash=digest
+                )
+            )
+            await conn.execute(
+                sa.update(t.chain)
+                .where(t.chain.c.id == 1)
+                .values(seq=seq, hash=digest, anchor_seq=cut, anchor_hash=cut_hash)
+            )
+            log.info(
+                "audit purge: %d records through seq %d removed behind a signed checkpoint", deleted, cut
+            )
+            return deleted
+
+
+async def _lock_head(conn: AsyncConnection) -> Head:
+    # A no-op UPDATE takes the write lock on both SQLite and PostgreSQL before the head is read, so two
+    # writers can never both extend the chain from the same head.
+    await conn.execute(sa.update(t.chain).where(t.chain.c.id == 1).values(seq=t.chain.c.seq))
+    row = (await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one()
+    return _head(row)
+
+
+def _head(row: Any) -> Head:
+    return Head(row.seq, row.hash, row.anchor_seq, row.anchor_hash, row.checkpoint_seq, row.checkpoint_ms)
+
+
+def _cols(row: Any) -> dict[str, Any]:
+    return {
+        "ts_ms": row.ts_ms,
+        "kind": row.kind,
+        "subject": row.subject,
+        "tenant": row.tenant,
+        "method": row.method,
+        "tool": row.tool,
+        "upstream": row.upstream,
+        "decision": row.decision,
+        "reason": row.reason,
+        "trace_id": row.trace_id,
+    }
+
+
+def _feed(check: ChainCheck, page: Sequence[Any]) -> None:
+    for row in page:
+        check.feed(row.seq, row.body, row.hash, row.prev_hash, _cols(row))
+
+
+async def _pages(conn: AsyncConnection, after: int, through: int | None) -> AsyncIterator[Sequence[Any]]:
+    """Records with seq > after (and <= through), in seq order, a page at a time."""
+    last = after
+    while True:
+        query = sa.select(t.events).where(t.events.c.seq > last).order_by(t.events.c.seq).limit(_VERIFY_PAGE)
+        if through is not None:
+            query = query.where(t.events.c.seq <= through)
+        page = (await conn.execute(query)).all()
+        if page:
+            yield page
+        if len(page) < _VERIFY_PAGE:
+            return
+        last = page[-1].seq

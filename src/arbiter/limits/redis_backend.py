@@ -1,0 +1,173 @@
+"""The Redis backend: every replica's limits in one Redis, one round trip (one Lua script) per call.
+
+The script reads the time with ``redis.call('TIME')``, so buckets refill, loop windows slide and budget
+periods turn by Redis's clock alone: a replica whose clock is off changes nothing. Scripts run
+atomically, so concurrent calls from any number of replicas cannot both take the last token or the last
+unit of a budget. Keys are computed in the script (budget counters get the period suffix there), so
+this needs a standalone Redis (or Sentinel), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from arbiter.limits.backend import PERIOD_CODES, Plan, Verdict, counter_ttl_s
+
+# KEYS: none (see the module docstring). ARGV[1]: the plan as JSON:
+#   b = [[key, capacity, tokens per ms], ...]   l = [key, max, window ms, member] or []
+#   c = [[key, period code h|d|m, limit micro-units, ttl s], ...]   cost = micro-units
+#   r = [request key, ttl ms] or []
+# Returns JSON [outcome, index (1-based), retry after ms, spent, now ms, duplicate, charged keys]
+# (cjson writes an empty list as {}: both read as no keys).
+ADMIT_LUA = """
+local p = cjson.decode(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local secs = math.floor(now / 1000)
+
+local function month_index(days)
+  -- civil_from_days (H. Hinnant): the proleptic Gregorian year and month of a day count
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)
+  yoe = math.floor(yoe / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y * 12 + m - 1
+end
+
+local function period_id(code)
+  if code == 'h' then return 'h' .. string.format('%d', math.floor(secs / 3600)) end
+  if code == 'd' then return 'd' .. string.format('%d', math.floor(secs / 86400)) end
+  return 'm' .. string.format('%d', month_index(math.floor(secs / 86400)))
+end
+
+local dup = 0
+if #p.r > 0 and redis.call('EXISTS', p.r[1]) == 1 then dup = 1 end
+
+local tokens = {}
+for i, b in ipairs(p.b) do
+  local cap, rate = tonumber(b[2]), tonumber(b[3])
+  local s = redis.call('HMGET', b[1], 'k', 't')
+  local have, at = tonumber(s[1]), tonumber(s[2])
+  if have == nil or at == nil then have = cap; at = now end
+  if now > at then have = have + (now - at) * rate end
+  if have > cap then have = cap end
+  if have < 1 then
+    return cjson.encode({'rate', i, (1 - have) / rate, 0, now, dup, {}})
+  end
+  tokens[i] = have
+end
+
+local loop = (dup == 0 and #p.l > 0) and p.l or nil
+if loop then
+  local window = tonumber(loop[3])
+  redis.call('ZREMRANGEBYSCORE', loop[1], '-inf', now - window)
+  if redis.call('ZCARD', loop[1]) >= tonumber(loop[2]) then
+    local oldest = redis.call('ZRANGE', loop[1], 0, 0, 'WITHSCORES')
+    return cjson.encode({'loop', 1, tonumber(oldest[2]) + window - now, 0, now, dup, {}})
+  end
+end
+
+local charged = {}
+if dup == 0 and p.cost > 0 then
+  for i, c in ipairs(p.c) do
+    local key = c[1] .. ':' .. period_id(c[2])
+    local spent = tonumber(redis.call('GET', key) or '0')
+    if spent + p.cost > tonumber(c[3]) then
+      return cjson.encode({'budget', i, 0, spent, now, dup, {}})
+    end
+    charged[i] = key
+  end
+end
+
+for i, b in ipairs(p.b) do
+  redis.call('HSET', b[1], 'k', string.format('%.17g', tokens[i] - 1), 't', string.format('%d', now))
+  redis.call('PEXPIRE', b[1], math.ceil(tonumber(b[2]) / tonumber(b[3])) + 1000)
+end
+if loop then
+  redis.call('ZADD', loop[1], now, loop[4])
+  redis.call('PEXPIRE', loop[1], math.ceil(tonumber(loop[3])) + 1000)
+end
+for i, key in ipairs(charged) do
+  redis.call('INCRBY', key, string.format('%d', p.cost))
+  redis.call('EXPIRE', key, tonumber(p.c[i][4]))
+end
+if #charged > 0 and #p.r > 0 then
+  redis.call('SET', p.r[1], '1', 'PX', tonumber(p.r[2]))
+end
+return cjson.encode({'ok', 0, 0, 0, now, dup, charged})
+"""
+
+# ARGV[1]: {"k": [charged counter keys], "cost": micro-units, "r": request key or ""}
+REFUND_LUA = """
+local p = cjson.decode(ARGV[1])
+for _, key in ipairs(p.k) do
+  if redis.call('EXISTS', key) == 1 then redis.call('DECRBY', key, string.format('%d', p.cost)) end
+end
+if p.r ~= '' then redis.call('DEL', p.r) end
+return 1
+"""
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
+        self._prefix = prefix
+        self._redis: Any = aioredis.from_url(  # pyright: ignore[reportUnknownMemberType]
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
+        )
+        self._admit: Any = self._redis.register_script(ADMIT_LUA)
+        self._refund: Any = self._redis.register_script(REFUND_LUA)
+
+    async def admit(self, plan: Plan) -> Verdict:
+        pre = self._prefix
+        payload = {
+            "b": [[pre + b.key, b.capacity, b.rate_per_s / 1000.0] for b in plan.buckets],
+            "l": (
+                [pre + plan.loop.key, plan.loop.max_repeats, plan.loop.window_s * 1000.0, plan.call_id]
+                if plan.loop
+                else []
+            ),
+            "c": [
+                [pre + c.key, PERIOD_CODES[c.period], c.limit_micros, counter_ttl_s(c.period)]
+                for c in plan.counters
+            ],
+            "cost": plan.cost_micros,
+            "r": [pre + plan.request_key, round(plan.request_ttl_s * 1000)] if plan.request_key else [],
+        }
+        raw: Any = await self._admit(keys=[], args=[json.dumps(payload, separators=(",", ":"))])
+        outcome, index, retry_ms, spent, now_ms, dup, charged = json.loads(raw)
+        return Verdict(
+            outcome=outcome,
+            now=float(now_ms) / 1000.0,
+            index=max(int(index) - 1, 0),
+            retry_after_s=max(float(retry_ms), 0.0) / 1000.0,
+            spent_micros=int(spent),
+            duplicate=bool(dup),
+            charged=tuple(str(k)[len(pre) :] for k in charged),
+        )
+
+    async def refund(self, charged: Sequence[str], cost_micros: int, request_key: str | None) -> None:
+        pre = self._prefix
+        payload = {
+            "k": [pre + k for k in charged],
+            "cost": cost_micros,
+            "r": pre + request_key if request_key else "",
+        }
+        await self._refund(keys=[], args=[json.dumps(payload, separators=(",", ":"))])
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

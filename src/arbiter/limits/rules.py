@@ -1,0 +1,213 @@
+"""What limits a call: rate limit rules, budgets and tool costs, matched against the caller and the tool.
+
+Every rule and budget matches on five globs (``*`` any run, ``?`` one character): the caller's subject,
+one of its roles, its tenant, the upstream and the tool. Its ``per`` names the dimensions that get a
+counter of their own (``principal``, ``tenant``, ``upstream``, ``tool``; none: one counter for every
+matching call). Among the matching rules that count per the same dimensions, the most specific apply
+(all of them on a tie); rules counting per different dimensions all apply. Budgets select the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal, TypeVar
+
+from arbiter.auth.principal import Principal
+
+Dimension = Literal["principal", "tenant", "upstream", "tool"]
+DIMENSIONS: tuple[Dimension, ...] = ("principal", "tenant", "upstream", "tool")
+RatePeriod = Literal["second", "minute", "hour", "day"]
+RATE_PERIOD_S: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+BudgetPeriod = Literal["hour", "day", "month"]
+BUDGET_PERIODS: tuple[BudgetPeriod, ...] = ("hour", "day", "month")
+MAX_RATE = 1_000_000
+MAX_BUDGET = 1_000_000_000.0  # units; counters hold micro-units, exact in a double up to 2**53
+MICROS = 1_000_000
+
+_UPSTREAM_GLOB_RE = re.compile(r"^[a-z0-9*?-]{1,64}$")
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts), re.DOTALL)
+
+
+@lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return glob_regex(pattern)
+
+
+def glob_match(pattern: str, value: str) -> bool:
+    return pattern == "*" or _compiled(pattern).fullmatch(value) is not None
+
+
+def field_weight(pattern: str) -> int:
+    """How much one field narrows a match: ``*`` 0, a glob with literal characters 1, an exact value 2."""
+    if pattern == "*":
+        return 0
+    return 1 if ("*" in pattern or "?" in pattern) else 2
+
+
+def check_glob(name: str, pattern: str, max_length: int = 300) -> str:
+    """Raise ValueError with a specific message if ``pattern`` is not a usable glob for ``name``."""
+    if not pattern:
+        raise ValueError(f"{name} must not be empty (use '*' for any)")
+    if len(pattern) > max_length:
+        raise ValueError(f"{name} must be at most {max_length} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in pattern):
+        raise ValueError(f"{name} must not contain control characters")
+    if name == "upstream" and not _UPSTREAM_GLOB_RE.match(pattern):
+        raise ValueError("upstream must be an upstream name or a glob of one (a-z, 0-9, '-', '*', '?')")
+    return pattern
+
+
+def check_tool_pattern(pattern: str) -> str:
+    """A tool cost pattern: ``*`` or ``<upstream glob>/<tool glob>``."""
+    check_glob("tool", pattern, 1100)
+    if pattern == "*":
+        return pattern
+    upstream, sep, tool = pattern.partition("/")
+    if not sep or not tool:
+        raise ValueError("tool must be <upstream>/<tool> (globs allowed, e.g. crm/* or */delete_*), or *")
+    check_glob("upstream", upstream)
+    return pattern
+
+
+@dataclass(frozen=True)
+class Match:
+    """The five globs a rule or budget matches on."""
+
+    subject: str = "*"
+    role: str = "*"
+    tenant: str = "*"
+    upstream: str = "*"
+    tool: str = "*"
+
+    def matches(self, principal: Principal, upstream: str, tool: str) -> bool:
+        if self.role != "*" and not any(glob_match(self.role, r) for r in principal.roles):
+            return False
+        return (
+            glob_match(self.subject, principal.subject)
+            and glob_match(self.tenant, principal.tenant or "")
+            and glob_match(self.upstream, upstream)
+            and glob_match(self.tool, tool)
+        )
+
+    @property
+    def specificity(self) -> int:
+        return sum(field_weight(p) for p in (self.subject, self.role, self.tenant, self.upstream, self.tool))
+
+
+@dataclass(frozen=True)
+class RateRule:
+    id: int
+    match: Match
+    per: tuple[Dimension, ...]
+    limit: int
+    period: RatePeriod
+    burst: int | None = None
+    description: str = ""
+
+    @property
+    def capacity(self) -> int:
+        return self.burst or self.limit
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.limit / RATE_PERIOD_S[self.period]
+
+
+@dataclass(frozen=True)
+class Budget:
+    id: int
+    match: Match
+    per: tuple[Dimension, ...]
+    period: BudgetPeriod
+    limit: float
+    description: str = ""
+
+    @property
+    def limit_micros(self) -> int:
+        return round(self.limit * MICROS)
+
+
+@dataclass(frozen=True)
+class ToolCost:
+    """Cost and loop-breaker settings for the tools ``tool`` (``<upstream>/<tool>`` glob) names."""
+
+    id: int
+    tool: str
+    cost: float | None = None
+    loop_max_repeats: int | None = None
+    loop_window_s: float | None = None
+
+    @property
+    def rank(self) -> tuple[int, bool]:
+        # The longest literal match wins; on a tie, a pattern without wildcards.
+        literal = sum(1 for c in self.tool if c not in "*?")
+        return literal, "*" not in self.tool and "?" not in self.tool
+
+    def matches(self, upstream: str, tool: str) -> bool:
+        return glob_match(self.tool, f"{upstream}/{tool}")
+
+
+_Selectable = TypeVar("_Selectable", RateRule, Budget)
+
+
+def select(items: Iterable[_Selectable], principal: Principal, upstream: str, tool: str) -> list[_Selectable]:
+    """The matching items that apply: per ``per`` group, those of the highest specificity."""
+    best: dict[tuple[Dimension, ...], tuple[int, list[_Selectable]]] = {}
+    for item in items:
+        if not item.match.matches(principal, upstream, tool):
+            continue
+        spec = item.match.specificity
+        current = best.get(item.per)
+        if current is None or spec > current[0]:
+            best[item.per] = (spec, [item])
+        elif spec == current[0]:
+            current[1].append(item)
+    return [item for _, group in best.values() for item in group]
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    cost: float
+    loop_max_repeats: int
+    loop_window_s: float
+
+
+def tool_settings(costs: Sequence[ToolCost], upstream: str, tool: str, default: ToolSettings) -> ToolSettings:
+    """Each setting from the most specific matching entry that sets it, else the default."""
+    matching = sorted((c for c in costs if c.matches(upstream, tool)), key=lambda c: c.rank, reverse=True)
+    cost = next((c.cost for c in matching if c.cost is not None), default.cost)
+    repeats = next((c.loop_max_repeats for c in matching if c.loop_max_repeats is not None), None)
+    window = next((c.loop_window_s for c in matching if c.loop_window_s is not None), None)
+    return ToolSettings(
+        cost=cost,
+        loop_max_repeats=default.loop_max_repeats if repeats is None else repeats,
+        loop_window_s=default.loop_window_s if window is None else window,
+    )
+
+
+@dataclass(frozen=True)
+class LimitConfig:
+    """One version of everything that limits calls, loaded whole from the database."""
+
+    version: int = 0
+    rules: tuple[RateRule, ...] = ()
+    budgets: tuple[Budget, ...] = ()
+    costs: tuple[ToolCost, ...] = ()
+    defaults: ToolSettings = field(default_factory=lambda: ToolSettings(1.0, 0, 60.0))
+
+    @property
+    def empty(self) -> bool:
+        """Nothing could limit a call: no rules, no budgets, no loop breaker anywhere."""
+        return (
+            not self.rules
+            and not self.budgets
+            and self.defaults.loop_max_repeats == 0
+            and not any(c.loop_max_repeats for c in self.costs)
+        )

@@ -1,0 +1,203 @@
+"""What the audit log must never hold (credentials, secrets in arguments), and what it must prove: an
+edited or deleted record is reported at its sequence number; a purge keeps the rest verifiable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from arbiter.audit.record import Renderer, canonical, record_hash
+from arbiter.audit.redact import Redactor
+from arbiter.audit.signing import Signer, generate_key
+from arbiter.audit.store import AuditStore
+from arbiter.errors import AuditChainBroken
+from arbiter.settings import AuditSettings
+from arbiter.store.db import create_engine
+from tests.audit.helpers import execute, of_kind, raw_text, stored, verify, wait_for
+from tests.auth.jwks import ISSUER, RESOURCE, JwksServer, SigningKey, claims, mint, rsa_key
+from tests.conftest import ArbiterFactory, UpstreamProc
+from tests.policies.conftest import MODERN, MODERN_META
+
+SEED, PUBLIC = generate_key()
+CARD = "4111 1111 1111 1111"
+PROVIDER_KEY = "sk_live_51Hx9aZ3kq8PzT0mXyQ2bC4dE"
+
+
+@pytest.fixture
+def idp() -> Iterator[tuple[JwksServer, SigningKey]]:
+    key = rsa_key("audit-kid")
+    jwks = JwksServer(keys=[key])
+    with jwks.running():
+        yield jwks, key
+
+
+def _call(url: str, token: str, arguments: dict[str, Any], n: int) -> httpx.Response:
+    body = {"jsonrpc": "2.0", "id": n, "method": "tools/call",
+            "params": {"name": "kb__search_docs", "arguments": arguments, "_meta": MODERN_META}}  # fmt: skip
+    headers = {
+        **MODERN,
+        "mcp-method": "tools/call",
+        "mcp-name": "kb__search_docs",
+        "authorization": f"Bearer {token}",
+    }
+    with httpx.Client(timeout=30) as http:
+        return http.post(url, content=json.dumps(body), headers=headers)
+
+
+def test_no_token_key_or_secret_argument_reaches_the_store_the_logs_or_an_export(
+    arbiter_factory: ArbiterFactory,
+    kb_upstream: UpstreamProc,
+    idp: tuple[JwksServer, SigningKey],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    jwks, key = idp
+    caplog.set_level(logging.DEBUG)
+    server = arbiter_factory(
+        auth={"resource_url": RESOURCE, "issuers": [{"issuer": ISSUER, "jwks_uri": jwks.url}]},
+        audit={"signing_key": SEED},
+    )
+    server.register("kb", kb_upstream.url)
+    token = mint(claims(sub="jwt-user", tenant="acme", roles=["agent"]), key)
+    secret_args = {
+        "query": f"card {CARD} and key {PROVIDER_KEY}",
+        "password": "hunter2-correct-horse",
+        "limit": 3,
+    }
+    assert _call(server.mcp_url, token, secret_args, 1).status_code == 200
+    assert (
+        _call(
+            server.mcp_url, server.agent_key, {**secret_args, "query": f"my token is {token}"}, 2
+        ).status_code
+        == 200
+    )
+    records = wait_for(
+        server, lambda rs: len([r for r in of_kind(rs, "mcp") if r["method"] == "tools/call"]) >= 2
+    )
+    calls = [r for r in of_kind(records, "mcp") if r["method"] == "tools/call"]
+    assert {r["actor"]["auth_method"] for r in calls} == {"jwt", "api_key"}
+    assert all(r["args_redactions"] >= 2 and r["args"]["limit"] == 3 for r in calls)  # redacted, not dropped
+
+    with httpx.Client(timeout=30) as http:
+        exported = http.get(
+            f"{server.base_url}/admin/v1/audit/events",
+            params={"format": "jsonl"},
+            headers={"authorization": f"Bearer {server.settings.admin_token.get_secret_value()}"},  # type: ignore[union-attr]
+        )
+    assert exported.status_code == 200 and len(exported.text.splitlines()) == len(
+        stored(server.settings.database_url)
+    )
+    secrets = [
+        token,
+        server.agent_key,
+        CARD,
+        CARD.replace(" ", ""),
+        PROVIDER_KEY,
+        "hunter2-correct-horse",
+        SEED,
+    ]
+    places = {"store": raw_text(server.settings.database_url), "logs": caplog.text, "export": exported.text}
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret reached the {where}"
+    # The HMAC still ties a record to the original arguments for whoever holds the key.
+    assert all(len(r["args_hmac"]) == 64 for r in calls)
+
+
+def test_an_edited_and_a_deleted_record_are_reported_at_their_sequence_numbers(
+    arbiter_factory: ArbiterFactory, kb_upstream: UpstreamProc
+) -> None:
+    server = arbiter_factory(audit={"signing_key": SEED})
+    server.register("kb", kb_upstream.url)
+    for n in range(12):
+        assert _call(server.mcp_url, server.agent_key, {"query": f"q{n}"}, n).status_code == 200
+    records = wait_for(server, lambda rs: len([r for r in rs if r["method"] == "tools/call"]) >= 12)
+    url = server.settings.database_url
+    assert verify(url, [PUBLIC]).ok
+    edited, deleted = records[-8]["seq"], records[-3]["seq"]
+    # An insider changes a denial into an allow and removes another record.
+    flip = "UPDATE audit_events SET body = replace(body, :allow, :deny) WHERE seq = :s"
+    execute(url, flip, allow='"decision":"allow"', deny='"decision":"deny"', s=edited)
+    execute(url, "DELETE FROM audit_events WHERE seq = :s", s=deleted)
+    report = verify(url, [PUBLIC])
+    assert not report.ok
+    found = {(p.seq, p.kind) for p in report.problems}
+    assert found == {(edited, "altered"), (deleted, "missing")}, report.to_json()
+    assert report.problems[0].seq == edited
+
+
+def test_a_rewritten_and_rehashed_record_is_caught_by_the_next_link_and_the_signed_checkpoint(
+    arbiter_factory: ArbiterFactory, kb_upstream: UpstreamProc
+) -> None:
+    server = arbiter_factory(audit={"signing_key": SEED, "checkpoint_every": 5})
+    server.register("kb", kb_upstream.url)
+    for n in range(12):
+        assert _call(server.mcp_url, server.agent_key, {"query": f"q{n}"}, n).status_code == 200
+    records = wait_for(server, lambda rs: len([r for r in rs if r["method"] == "tools/call"]) >= 12)
+    server.stop()  # signs the head on the way out
+    url = server.settings.database_url
+    report = verify(url, [PUBLIC])
+    assert report.ok and report.checkpoints_valid >= 1 and report.last_signed_seq == records[-1]["seq"]
+    target = records[-4]
+    body = {k: v for k, v in target.items() if k != "hash"}
+    body["reason"] = "forged"
+    text = canonical(body)
+    execute(url, "UPDATE audit_events SET body = :b, hash = :h, reason = 'forged' WHERE seq = :s",
+            b=text, h=record_hash(text), s=target["seq"])  # fmt: skip
+    report = verify(url, [PUBLIC])
+    assert not report.ok and report.problems[0].seq == target["seq"], report.to_json()
+    # Without the private key no valid checkpoint can be made for the forgery: a wrong key fails them.
+    _, other = generate_key()
+    assert verify(url, [other]).checkpoints_valid == 0
+
+
+def test_purge_removes_old_records_behind_a_signed_anchor_and_is_itself_audited(
+    arbiter_factory: ArbiterFactory, kb_upstream: UpstreamProc
+) -> None:
+    server = arbiter_factory(audit={"signing_key": SEED})
+    server.register("kb", kb_upstream.url)
+    for n in range(6):
+        assert _call(server.mcp_url, server.agent_key, {"query": f"q{n}"}, n).status_code == 200
+    before = wait_for(server, lambda rs: len([r for r in rs if r["method"] == "tools/call"]) >= 6)
+    server.stop()
+    url = server.settings.database_url
+    settings = AuditSettings(signing_key=SEED)  # type: ignore[arg-type]
+
+    async def purge(cutoff_ms: int) -> int:
+        engine = create_engine(url)
+        try:
+            render = Renderer(Redactor(settings.redact), b"k").render
+            store = AuditStore(engine, Signer.from_secret(settings.signing_key), settings, render)
+            return await store.purge(cutoff_ms, {"subject": "retention-test"})
+        finally:
+            await engine.dispose()
+
+    # A tampered record among those due for purging: the purge refuses to sign over it.
+    victim = next(r for r in before if r["method"] == "tools/call")["seq"]
+    execute(
+        url, "UPDATE audit_events SET body = replace(body, 'allowed', 'allowed ') WHERE seq = :s", s=victim
+    )
+    with pytest.raises(AuditChainBroken) as refused:
+        asyncio.run(purge(before[-1]["ts_ms"]))
+    assert refused.value.details["first_broken_seq"] == victim
+    execute(
+        url, "UPDATE audit_events SET body = replace(body, 'allowed ', 'allowed') WHERE seq = :s", s=victim
+    )
+    assert verify(url, [PUBLIC]).ok
+
+    purged = asyncio.run(purge(before[-1]["ts_ms"]))
+    assert purged >= 1
+    after = stored(url)
+    assert after[0]["seq"] == purged + 1 and len(after) == len(before) - purged + 1
+    assert after[-1]["kind"] == "audit" and after[-1]["reason"] == "purged"
+    assert after[-1]["admin"]["purged"] == purged and after[-1]["admin"]["purged_through_seq"] == purged
+    report = verify(url, [PUBLIC])
+    assert report.ok and report.checkpoints_valid >= 1, report.to_json()
+    # Records purged from the front leave nothing to re-hash, but the anchor is signed: a forged anchor fails.
+    execute(url, "UPDATE audit_chain SET anchor_hash = :h", h="f" * 64)
+    assert not verify(url, [PUBLIC]).ok
