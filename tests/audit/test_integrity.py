@@ -4,6 +4,7 @@ edited or deleted record is reported at its sequence number; a purge keeps the r
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import Iterator
@@ -12,12 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
-from arbiter.audit.record import Renderer, canonical, record_hash
+from arbiter.audit.record import Event, Renderer, canonical, now_ms, record_hash
 from arbiter.audit.redact import Redactor
 from arbiter.audit.signing import Signer, generate_key
 from arbiter.audit.store import AuditStore
 from arbiter.errors import AuditChainBroken
-from arbiter.settings import AuditSettings
+from arbiter.settings import AuditSettings, RedactSettings
+from arbiter.store import schema
 from arbiter.store.db import create_engine
 from tests.audit.helpers import execute, of_kind, raw_text, stored, verify, wait_for
 from tests.auth.jwks import ISSUER, RESOURCE, JwksServer, SigningKey, claims, mint, rsa_key
@@ -201,3 +203,85 @@ def test_purge_removes_old_records_behind_a_signed_anchor_and_is_itself_audited(
     # Records purged from the front leave nothing to re-hash, but the anchor is signed: a forged anchor fails.
     execute(url, "UPDATE audit_chain SET anchor_hash = :h", h="f" * 64)
     assert not verify(url, [PUBLIC]).ok
+
+
+def _store(url: str, **settings: object) -> tuple[AuditStore, object]:
+    engine = create_engine(url)
+    cfg = AuditSettings(signing_key=SEED, **settings)  # type: ignore[arg-type]
+    render = Renderer(Redactor(cfg.redact), b"k").render
+    return AuditStore(engine, Signer.from_secret(cfg.signing_key), cfg, render), engine
+
+
+def _old_events(n: int, age_s: int) -> list[Event]:
+    past = now_ms() - age_s * 1000
+    return [
+        Event(
+            kind="mcp",
+            decision="allow",
+            reason="allowed",
+            actor={"subject": "s"},
+            ts_ms=past + i,
+            request_id=i,
+        )
+        for i in range(n)
+    ]
+
+
+async def test_an_edited_newest_record_is_caught_by_the_chain_head(sqlite_url: str) -> None:
+    await asyncio.to_thread(schema.upgrade, sqlite_url)
+    store, engine = _store(sqlite_url)
+    render = Renderer(Redactor(RedactSettings()), b"k").render
+    await store.append([render(e) for e in _old_events(5, 0)])
+    await engine.dispose()  # type: ignore[attr-defined]
+    last = stored(sqlite_url)[-1]
+    body = {k: v for k, v in last.items() if k != "hash"}
+    body["reason"] = "forged"
+    text = canonical(body)
+    execute(sqlite_url, "UPDATE audit_events SET body = :b, hash = :h, reason = 'forged' WHERE seq = :s",
+            b=text, h=record_hash(text), s=last["seq"])  # fmt: skip
+    report = verify(sqlite_url, [PUBLIC])
+    # Caught twice over: the head row and the checkpoint signed at the first append both disagree.
+    assert {(p.seq, p.kind) for p in report.problems} == {(last["seq"], "altered")}, report.to_json()
+
+
+async def test_deleting_every_checkpoint_of_old_records_is_reported(sqlite_url: str) -> None:
+    await asyncio.to_thread(schema.upgrade, sqlite_url)
+    store, engine = _store(sqlite_url)
+    render = Renderer(Redactor(RedactSettings()), b"k").render
+    await store.append([render(e) for e in _old_events(20, age_s=3600)])  # signed on the first append
+    assert (await store.head()).checkpoint_seq == 20
+    assert (await store.verify()).ok
+    execute(sqlite_url, "DELETE FROM audit_checkpoints")
+    report = await store.verify()
+    await engine.dispose()  # type: ignore[attr-defined]
+    assert [(p.seq, p.kind) for p in report.problems] == [(1, "unsigned")], report.to_json()
+
+
+async def test_a_caller_chosen_name_with_a_nul_byte_is_stored_on_postgres(
+    arbiter_factory: ArbiterFactory, kb_upstream: UpstreamProc, postgres_url: str
+) -> None:
+    await asyncio.to_thread(schema.upgrade, postgres_url)
+    server = arbiter_factory(database_url=postgres_url)
+    server.register("kb", kb_upstream.url)
+    body = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "kb__x\u0000y", "arguments": {}, "_meta": MODERN_META}}  # fmt: skip
+    headers = {**MODERN, "mcp-method": "tools/call", "authorization": f"Bearer {server.agent_key}"}
+    name = "=?base64?" + base64.b64encode("kb__x\u0000y".encode()).decode() + "?="  # how clients send it
+    async with httpx.AsyncClient(timeout=30) as http:
+        refused = await http.post(
+            server.mcp_url, content=json.dumps(body), headers={**headers, "mcp-name": name}
+        )
+        assert refused.json()["error"]["code"] == -32602
+        # The record is stored (its column cleaned, its body exact) and the store stays available.
+        ok = await http.post(
+            server.mcp_url, content=_body_for("q"), headers={**headers, "mcp-name": "kb__search_docs"}
+        )
+        assert "result" in ok.json(), ok.text
+    records = wait_for(server, lambda rs: any(r["reason"] == "unknown_target" for r in rs))
+    assert next(r for r in records if r["reason"] == "unknown_target")["tool"] == "kb__x\u0000y"
+    assert verify(postgres_url).ok
+
+
+def _body_for(query: str) -> str:
+    params = {"name": "kb__search_docs", "arguments": {"query": query}, "_meta": MODERN_META}
+    return json.dumps({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": params})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbiter.admin.deps import change, require, runtime
+from arbiter.audit.events import forbidden_event
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.principal import Principal
 from arbiter.errors import Forbidden
@@ -74,7 +75,9 @@ async def create_key(
         and caller.auth_method != "break_glass"
         and not caller.roles & set(rt.settings.auth.admin_roles)
     ):
-        raise Forbidden(f"only a security admin may create keys with the roles {sorted(escalating)}")
+        refused = Forbidden(f"only a security admin may create keys with the roles {sorted(escalating)}")
+        rt.audit.offer(forbidden_event(refused, caller, request.scope, "POST /admin/v1/api-keys"))
+        raise refused
     expires = utcnow() + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
     async with change(request, caller, "api_key.create", body.owner) as audit:
         row, secret = await store.create(

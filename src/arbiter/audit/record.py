@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -173,9 +174,9 @@ class Renderer:
             "tenant": actor.get("tenant"),
             "client_info": client_info,
             "method": event.method,
-            "tool": event.tool,
+            "tool": _cap(event.tool, 1100),
             "upstream": event.upstream,
-            "target": event.target,
+            "target": _cap(event.target, 2048),
             "tool_hash": self._definition_hash(event.definition),
             "decision": event.decision,
             "reason": event.reason,
@@ -185,7 +186,9 @@ class Renderer:
             "latency_ms": event.latency_ms,
             "cost": event.cost,
             "trace_id": event.trace_id,
-            "request_id": event.request_id,
+            "request_id": _cap(event.request_id, 200)
+            if isinstance(event.request_id, str)
+            else event.request_id,
             "protocol_version": event.protocol_version,
             "args": redacted,
             "args_hmac": args_hmac,
@@ -217,11 +220,21 @@ def seal(body: dict[str, Any], seq: int, prev_hash: str) -> tuple[str, str]:
     return text, record_hash(text)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SIZES = (("subject", 300), ("tenant", 200), ("tool", 1100), ("upstream", 64), ("method", 64), ("reason", 64))
+
+
 def columns(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The indexed columns of a record, cut to their column sizes."""
+    """The indexed columns of a record: control characters replaced (PostgreSQL refuses NUL in text,
+    and a caller chooses the tool name), cut to their column sizes. The body keeps the exact value."""
     cols = {name: body.get(name) for name in INDEXED}
-    for name, size in (("subject", 300), ("tenant", 200), ("tool", 1100), ("upstream", 64), ("method", 64)):
+    for name, size in _SIZES:
         value = cols[name]
-        if isinstance(value, str) and len(value) > size:
-            cols[name] = value[:size]
+        if isinstance(value, str):
+            cols[name] = _CONTROL.sub("?", value[:size])
     return cols
+
+
+def _cap(value: str | None, size: int) -> str | None:
+    # Names and ids come from the caller: bounded, so a queued record's size is too.
+    return value if value is None or len(value) <= size else value[:size] + f"…[+{len(value) - size} chars]"

@@ -76,7 +76,7 @@ class Spool:
         """
         await self.close()  # our own file is replayed below like any other
         total = 0
-        for path in self.pending_files():
+        for path in await anyio.to_thread.run_sync(self.pending_files):
             total += await self._replay_file(path, append)
         self.records = 0
         return total
@@ -110,8 +110,8 @@ def _unsealed(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("seq", "prev_hash")}
 
 
-def _open_locked(path: Path) -> IO[str] | None:
-    f = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller
+def _open_locked(path: Path) -> IO[bytes] | None:
+    f = open(path, "rb")  # noqa: SIM115 - closed by the caller
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -123,14 +123,15 @@ def _open_locked(path: Path) -> IO[str] | None:
     return f
 
 
-def _read(f: IO[str], path: Path) -> list[dict[str, Any]]:
+def _read(f: IO[bytes], path: Path) -> list[dict[str, Any]]:
     bodies: list[dict[str, Any]] = []
-    for number, line in enumerate(f, 1):
-        if not line.strip():
+    for number, raw in enumerate(f, 1):
+        if not raw.strip():
             continue
         try:
-            value: Any = json.loads(line)
-        except ValueError:
+            # Decoded per line: a crash can cut a line inside a multi-byte character.
+            value: Any = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
             log.warning("audit spool %s line %d is torn (a crash mid-write?); skipped", path.name, number)
             continue
         if isinstance(value, dict) and isinstance(value.get("id"), str):  # pyright: ignore[reportUnknownMemberType]

@@ -27,6 +27,7 @@ from arbiter.settings import AuditSettings
 log = logging.getLogger(__name__)
 
 _VERIFY_PAGE = 2000
+_DELETE_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,17 @@ class AuditStore:
     async def append_replayed(self, bodies: Sequence[dict[str, Any]]) -> int:
         return await self.append(bodies, dedupe=True)
 
-    async def checkpoint(self) -> int | None:
-        """Sign the current head now (on shutdown, and on demand), unless it is already signed."""
+    async def checkpoint(self, *, max_age_s: float | None = None) -> int | None:
+        """Sign the head now (at start, shutdown, when idle) unless it is signed already, or (with
+        ``max_age_s``) was signed that recently. Returns the signed seq, or None."""
+        head = await self.head()
+        if head.seq in (0, head.checkpoint_seq):
+            return None
+        if max_age_s is not None and now_ms() - head.checkpoint_ms < max_age_s * 1000:
+            return None
         async with self._engine.begin() as conn:
             head = await _lock_head(conn)
-            if head.seq == head.checkpoint_seq or head.seq == 0:
+            if head.seq in (0, head.checkpoint_seq):
                 return None
             now = now_ms()
             await self._checkpoint(conn, head.seq, head.hash, now, "periodic")
@@ -152,6 +159,13 @@ class AuditStore:
 
     async def verify(self, *, through: int | None = None) -> Report:
         """Check the whole stored chain (from the last purge's anchor), streaming in pages."""
+        anchor, report = await self._verify_once(through)
+        if not report.ok and (await self.head()).anchor_seq != anchor:
+            # A purge moved the anchor while we read: what looked missing was purged. Check again.
+            _, report = await self._verify_once(through)
+        return report
+
+    async def _verify_once(self, through: int | None) -> tuple[int, Report]:
         async with self._engine.connect() as conn:
             head = _head((await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one())
             check = ChainCheck(
@@ -159,18 +173,32 @@ class AuditStore:
                 head.anchor_hash,
                 self.keyring(),
                 await self.load_checkpoints(conn, head.anchor_seq),
+                unsigned_before_ms=self._unsigned_threshold(),
             )
             async for page in _pages(conn, head.anchor_seq, through):
                 # Hashing a page costs tens of ms of CPU: off the event loop that serves /mcp.
                 await anyio.to_thread.run_sync(_feed, check, page)
-            return check.finish(head.seq if through is None else None)
+            if through is None:
+                return head.anchor_seq, check.finish(head.seq, head_hash=head.hash)
+            return head.anchor_seq, check.finish()
+
+    def _unsigned_threshold(self) -> int | None:
+        """With a signing key, every record older than two checkpoint intervals (and five minutes' grace)
+        must be covered by a valid signed checkpoint: otherwise checkpoints were deleted."""
+        if self._signer.private is None:
+            return None
+        return now_ms() - int((2 * self._settings.checkpoint_interval_s + 300) * 1000)
 
     async def purge(self, cutoff_ms: int, actor: dict[str, Any]) -> int:
-        """Delete records older than ``cutoff_ms`` behind a signed checkpoint at the cut; the purge is
+        """Purge records older than ``cutoff_ms`` behind a signed checkpoint at the cut; the purge is
         itself recorded. Returns how many were purged (0: none old enough). Raises ``AuditChainBroken``
-        if the records to be purged do not verify."""
-        async with self._engine.begin() as conn:
-            head = await _lock_head(conn)
+        if the records to be purged do not verify.
+
+        The records are verified before the chain lock is taken, so appends from every replica are held
+        up only for moving the anchor; the rows themselves are deleted afterwards, in chunks."""
+        await self._delete_below_anchor()  # what an interrupted purge left
+        head = await self.head()
+        async with self._engine.connect() as conn:
             newer = (
                 await conn.execute(
                     sa.select(sa.func.min(t.events.c.seq)).where(t.events.c.ts_ms >= cutoff_ms)
@@ -188,20 +216,25 @@ class AuditStore:
             )
             async for page in _pages(conn, head.anchor_seq, cut):
                 await anyio.to_thread.run_sync(_feed, check, page)
-            report = check.finish(cut)
-            if not report.ok:
-                first = report.problems[0].seq if report.problems else None
-                raise AuditChainBroken(
-                    f"purge refused: the records to purge do not verify (first problem at seq {first}); "
-                    "run `arbiter audit verify`",
-                    first_broken_seq=first,
-                )
+        report = check.finish(cut)
+        if not report.ok:
+            first = report.problems[0].seq if report.problems else None
+            raise AuditChainBroken(
+                f"purge refused: the records to purge do not verify (first problem at seq {first}); "
+                "run `arbiter audit verify`",
+                first_broken_seq=first,
+            )
+        async with self._engine.begin() as conn:
+            locked = await _lock_head(conn)
+            if locked.anchor_seq != head.anchor_seq:
+                return 0  # another replica purged meanwhile
             cut_hash = (
                 await conn.execute(sa.select(t.events.c.hash).where(t.events.c.seq == cut))
             ).scalar_one()
+            if cut_hash != check.last_hash:
+                raise AuditChainBroken(f"purge refused: record {cut} changed while it was being verified")
             now = now_ms()
             await self._checkpoint(conn, cut, cut_hash, now, "purge")
-            deleted = (await conn.execute(sa.delete(t.events).where(t.events.c.seq <= cut))).rowcount
             await conn.execute(sa.delete(t.checkpoints).where(t.checkpoints.c.seq < cut))
             event = Event(
                 kind="audit",
@@ -212,16 +245,16 @@ class AuditStore:
                 admin={
                     "cutoff_ms": cutoff_ms,
                     "purged_through_seq": cut,
-                    "purged": deleted,
+                    "purged": report.records,
                     "anchor_hash": cut_hash,
                 },
             )
             body = self._render(event)
-            seq = head.seq + 1
-            text, digest = seal(body, seq, head.hash)
+            seq = locked.seq + 1
+            text, digest = seal(body, seq, locked.hash)
             await conn.execute(
                 sa.insert(t.events).values(
-                    seq=seq, id=body["id"], **columns(body), body=text, prev_hash=head.hash, hash=digest
+                    seq=seq, id=body["id"], **columns(body), body=text, prev_hash=locked.hash, hash=digest
                 )
             )
             await conn.execute(
@@ -229,10 +262,25 @@ class AuditStore:
                 .where(t.chain.c.id == 1)
                 .values(seq=seq, hash=digest, anchor_seq=cut, anchor_hash=cut_hash)
             )
-            log.info(
-                "audit purge: %d records through seq %d removed behind a signed checkpoint", deleted, cut
-            )
-            return deleted
+        await self._delete_below_anchor()
+        log.info(
+            "audit purge: %d records through seq %d removed behind a signed checkpoint", report.records, cut
+        )
+        return report.records
+
+    async def _delete_below_anchor(self) -> None:
+        """Delete records the anchor has already left behind, a chunk per transaction."""
+        anchor = (await self.head()).anchor_seq
+        while True:
+            async with self._engine.begin() as conn:
+                low = (
+                    await conn.execute(sa.select(sa.func.min(t.events.c.seq)).where(t.events.c.seq <= anchor))
+                ).scalar()
+                if low is None:
+                    return
+                await conn.execute(
+                    sa.delete(t.events).where(t.events.c.seq <= min(anchor, low + _DELETE_CHUNK - 1))
+                )
 
 
 async def _lock_head(conn: AsyncConnection) -> Head:

@@ -89,6 +89,8 @@ class ChainCheck:
     anchor_hash: str
     keys: KeyRing
     checkpoints: Mapping[int, list[Checkpoint]] = field(default_factory=dict[int, list[Checkpoint]])
+    # Records older than this (ms) must be covered by a valid signed checkpoint (None: not checked).
+    unsigned_before_ms: int | None = None
     _problems: list[Problem] = field(default_factory=list[Problem])
     _count: int = 0
     _records: int = 0
@@ -100,6 +102,7 @@ class ChainCheck:
     _unsigned: int = 0
     _invalid: int = 0
     _last_signed: int | None = None
+    _old_seq: int | None = None  # the newest record older than unsigned_before_ms
 
     def __post_init__(self) -> None:
         self._last_seq = self.anchor_seq
@@ -141,6 +144,7 @@ class ChainCheck:
         if self._first is None:
             self._first = seq
         bad = False
+        ts: Any = None
         expected = self._last_seq + 1
         gap = seq != expected
         if seq < expected:
@@ -160,6 +164,7 @@ class ChainCheck:
             bad = True
         else:
             record: dict[str, Any] = body  # pyright: ignore[reportUnknownVariableType]
+            ts = record.get("ts_ms")
             if computed != stored_hash:
                 self._problem(seq, "altered", f"record {seq} does not match its hash (content changed)")
                 bad = True
@@ -182,12 +187,36 @@ class ChainCheck:
             if cp.hash != computed:
                 self._problem(seq, "altered", f"record {seq} differs from the signed checkpoint at {seq}")
                 bad = True
+        if self.unsigned_before_ms is not None and isinstance(ts, int) and ts < self.unsigned_before_ms:
+            self._old_seq = seq
         self._last_seq = max(self._last_seq, seq)
         self._last_hash = computed
         self._last_bad = bad
 
-    def finish(self, head_seq: int | None = None) -> Report:
+    @property
+    def last_hash(self) -> str:
+        """The hash the last record fed actually has (recomputed, not as stored)."""
+        return self._last_hash
+
+    def finish(self, head_seq: int | None = None, *, head_hash: str | None = None) -> Report:
         end = self._last_seq if head_seq is None else head_seq
+        if (
+            head_hash is not None
+            and head_seq == self._last_seq
+            and self._records
+            and head_hash != self._last_hash
+        ):
+            self._problem(
+                self._last_seq, "altered", f"record {self._last_seq} does not match the chain's head"
+            )
+        if self._old_seq is not None and (self._last_signed is None or self._last_signed < self._old_seq):
+            start = (self._last_signed or self.anchor_seq) + 1
+            self._problem(
+                start,
+                "unsigned",
+                f"no valid signed checkpoint covers records {start} to {self._old_seq}, although they are "
+                "old enough to have been signed (checkpoints deleted, or signed with an untrusted key)",
+            )
         if head_seq is not None and head_seq > self._last_seq:
             self._problem(
                 self._last_seq + 1, "truncated", f"records {self._last_seq + 1} to {head_seq} are missing"

@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import anyio
+import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
 from arbiter.audit.record import Event
@@ -52,6 +53,8 @@ class AuditWriter:
         self._state: State = "ok"
         self._retry_at = 0.0
         self._leftover = False
+        self._closed = False
+        self._last_error = ""
         self.stored = 0
         self.refused = 0  # requests refused because nothing could be recorded
         self.dropped = 0  # records that could not be kept at all (see offer())
@@ -82,7 +85,7 @@ class AuditWriter:
 
     def reserve(self) -> None:
         """Take a queue slot for one record, or refuse: the caller must not run unaudited."""
-        if self._state == "unavailable":
+        if self._state == "unavailable" or self._closed:
             self.refused += 1
             raise AuditUnavailable("the audit log cannot store records right now; try again shortly")
         if self._pending >= self._cfg.queue_max:
@@ -98,45 +101,56 @@ class AuditWriter:
 
     def offer(self, event: Event) -> bool:
         """Record something that already happened without running anything (a refused credential):
-        queued if there is room, otherwise counted and logged, since nothing ran."""
-        try:
-            self.reserve()
-        except AuditUnavailable:
+        queued if there is room, otherwise counted and logged, since nothing ran. Such records may use
+        only half the queue, so a flood of bad credentials cannot crowd out real callers' records."""
+        if self._pending >= self._cfg.queue_max // 2 or self._state == "unavailable" or self._closed:
             self.dropped += 1
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("audit: %d records of refused requests could not be queued", self.dropped)
             return False
+        self._pending += 1
         self.submit(event)
         return True
 
     # --- the background task ----------------------------------------------------------------------
+    # Records move queue -> (rendered) _held -> store, or -> spool. A batch stays in _held until the
+    # store or the spool has it, so a write cut short (timeout, shutdown, cancellation) loses nothing:
+    # it is retried, or spooled at the end; a retry that finds it already stored skips it by id.
 
     async def run(self, stopping: anyio.Event) -> None:
         """Store records until ``stopping`` is set; then drain (see ``drain``)."""
-        # Spool files a previous run (or a dead replica) left: stored now, or retried until they are.
-        self._leftover = not await self._replay("start-up")
-        while not stopping.is_set():
-            await self._wait_for_work(stopping)
-            if stopping.is_set():
-                break
-            await self._flush_once()
-        await self.drain()
+        try:
+            # Spool files a previous run (or a dead replica) left: stored now, or retried until they are.
+            self._leftover = not await self._replay("start-up")
+            await self._checkpoint(force=True)  # a crash may have left the head unsigned
+            while not stopping.is_set():
+                await self._wait_for_work(stopping)
+                if stopping.is_set():
+                    break
+                await self._flush_once()
+            await self.drain()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._spool_rest()
 
     async def _wait_for_work(self, stopping: anyio.Event) -> None:
         if self._queue:
-            timeout = 0.0
+            timeout: float | None = 0.0
         elif self._held or self._spool.active or self._leftover:
             timeout = self._cfg.retry_interval_s  # retry the store even if no new request comes
         else:
-            timeout = None
+            timeout = self._cfg.checkpoint_interval_s  # an idle replica still signs the head
         stop = asyncio.ensure_future(stopping.wait())
         wake = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({stop, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            idle = not (stop.done() or wake.done()) and timeout == self._cfg.checkpoint_interval_s
             stop.cancel()
             wake.cancel()
         self._wake.clear()
+        if idle:
+            await self._checkpoint()
         if self._queue and len(self._queue) < self._cfg.batch_max and not stopping.is_set():
             # Let a batch gather: records still reach the store within flush_interval_s (<= 1 s).
             with anyio.move_on_after(self._cfg.flush_interval_s):
@@ -144,110 +158,122 @@ class AuditWriter:
 
     async def _flush_once(self) -> None:
         retry = self._cfg.retry_interval_s
-        if (self._held or self._spool.active) and anyio.current_time() < self._retry_at:
+        down = bool(self._held) or self._spool.active or self._leftover
+        if down and anyio.current_time() < self._retry_at:
             # The store was down a moment ago: do not wait on it again before retry_interval_s.
             if self._spool.active and not self._held:
-                batch = self._take()
-                if batch:
-                    await self._to_spool(batch)
+                await self._take_into_held()
+                await self._held_to_spool()
             return
-        if self._leftover and anyio.current_time() >= self._retry_at:
+        if self._leftover:
             self._leftover = not await self._replay("recovery")
-            if self._leftover:
-                self._retry_at = anyio.current_time() + retry
-        if self._held:
-            if not await self._store_batch(self._held, retry=True):
-                self._retry_at = anyio.current_time() + retry
-                return
-            self._held = []
+        if self._held and not await self._store_held():
+            self._retry_at = anyio.current_time() + retry
+            return
         if self._spool.active and not await self._replay("recovery"):
             self._retry_at = anyio.current_time() + retry
             # Still down: keep the spool in order by sending new records after the ones already there.
-            batch = self._take()
-            if batch:
-                await self._to_spool(batch)
+            await self._take_into_held()
+            await self._held_to_spool()
             return
-        batch = self._take()
-        if batch and not await self._store_batch(batch):
+        await self._take_into_held()
+        if self._held and not await self._store_held():
             self._retry_at = anyio.current_time() + retry
 
-    def _take(self) -> list[dict[str, Any]]:
-        batch: list[dict[str, Any]] = []
-        while self._queue and len(batch) < self._cfg.batch_max:
-            batch.append(self._render(self._queue.popleft()))
-        return batch
+    async def _take_into_held(self) -> None:
+        if self._held or not self._queue:
+            return
+        events = [self._queue.popleft() for _ in range(min(len(self._queue), self._cfg.batch_max))]
+        # Redaction and hashing cost real CPU for large arguments: not on the loop serving /mcp.
+        self._held = await anyio.to_thread.run_sync(_render_all, self._render, events)
 
-    async def _store_batch(self, batch: list[dict[str, Any]], *, retry: bool = False) -> bool:
+    async def _store_held(self) -> bool:
+        """Store the held batch (skipping ids already stored: a cut-short write may have committed)."""
         try:
             with anyio.fail_after(self._cfg.write_timeout_s):
-                await self._store.append(batch)
+                await self._store.append(self._held, dedupe=True)
         except _STORE_ERRORS as exc:
             self._failed(exc)
-            if retry:
-                # Already held: wait for the next retry (in spool mode, move it to disk instead).
-                if self._cfg.on_store_failure == "spool" and await self._to_spool(batch):
-                    self._held = []
-                    return False
+            if self._cfg.on_store_failure == "spool" and await self._held_to_spool():
                 return False
-            if self._cfg.on_store_failure == "spool" and await self._to_spool(batch):
-                return False
-            self._held = batch
-            self._state = "unavailable"
+            self._set_state("unavailable")
             return False
-        self._done(len(batch))
+        self._done(len(self._held))
+        self._held = []
         if self._state != "ok" and not self._spool.active:
-            log.warning("audit store is back: records are stored again")
-            self._state = "ok"
+            self._set_state("ok")
         return True
 
-    async def _to_spool(self, batch: list[dict[str, Any]]) -> bool:
+    async def _held_to_spool(self) -> bool:
+        if not self._held:
+            return True
         try:
-            await self._spool.write(batch)
+            await self._spool.write(self._held)
         except OSError as exc:
             # A full or read-only disk: keep the records in memory and refuse new requests.
-            log.error(
-                "audit spool write failed (%s); refusing new requests until records can be stored",
-                exc.strerror or type(exc).__name__,
-            )
-            self._held = batch
-            self._state = "unavailable"
+            log.error("audit spool write failed (%s)", exc.strerror or type(exc).__name__)
+            self._set_state("unavailable")
             return False
-        self._done(len(batch))
-        if self._state != "spooling":
-            log.warning("audit store unavailable: spooling records to %s", self._cfg.spool_dir)
-        self._state = "spooling"
+        self._done(len(self._held))
+        self._held = []
+        self._set_state("spooling")
         return True
 
     async def _replay(self, when: str) -> bool:
         """Move spooled records (ours and any a dead process left) into the store; False if it is down."""
-        if not self._spool.pending_files() and not self._spool.active:
+        if not self._spool.active and not await anyio.to_thread.run_sync(self._spool.pending_files):
             return True
+
+        async def append(bodies: Sequence[dict[str, Any]]) -> int:
+            with anyio.fail_after(self._cfg.write_timeout_s):
+                return await self._store.append(bodies, dedupe=True)
+
         try:
-            with anyio.fail_after(max(self._cfg.write_timeout_s, 60.0)):
-                count = await self._spool.replay(self._store.append_replayed)
+            count = await self._spool.replay(append)
         except _STORE_ERRORS as exc:
             self._failed(exc)
             return False
         if count:
             log.warning("audit spool replayed at %s: %d records stored", when, count)
-        if self._state == "spooling":
-            self._state = "ok"
-            log.warning("audit store is back: spooled records replayed, records are stored again")
+        if self._state == "spooling" and not self._held:
+            self._set_state("ok")
         return True
+
+    async def _checkpoint(self, *, force: bool = False) -> None:
+        try:
+            with anyio.fail_after(self._cfg.write_timeout_s):
+                await self._store.checkpoint(max_age_s=None if force else self._cfg.checkpoint_interval_s)
+        except _STORE_ERRORS as exc:
+            log.warning("audit: could not sign a checkpoint (%s)", type(exc).__name__)
 
     def _done(self, n: int) -> None:
         self._pending -= n
         self.stored += n
 
+    def _set_state(self, state: State) -> None:
+        if state == self._state:
+            return
+        messages = {
+            "ok": "audit store is back: records are stored again",
+            "spooling": f"audit store unavailable: spooling records to {self._cfg.spool_dir}",
+            "unavailable": "audit records cannot be stored: new requests are refused until they can",
+        }
+        (log.warning if state != "unavailable" else log.error)(messages[state])
+        self._state = state
+        if state == "ok":
+            self._last_error = ""  # the next outage is reported again
+
     def _failed(self, exc: BaseException) -> None:
-        if self._state == "ok":
-            # The driver's message only: SQLAlchemy's own text would include the statement's parameters.
-            orig = getattr(exc, "orig", None)
-            what = str(orig)[:200] if orig is not None else type(exc).__name__
+        # The driver's message only: SQLAlchemy's own text would include the statement's parameters.
+        orig = getattr(exc, "orig", None)
+        what = f"{type(exc).__name__}: {str(orig)[:200]}" if orig is not None else type(exc).__name__
+        if what != self._last_error:  # each new kind of failure once, not every retry
             log.error("audit store write failed (%s); mode %s", what, self._cfg.on_store_failure)
+            self._last_error = what
 
     async def drain(self) -> None:
         """Store what is queued within ``drain_timeout_s``; spool the rest; sign the head."""
+        self._closed = True  # anything later would have no writer: refuse it rather than lose it
         self._retry_at = 0.0
         with anyio.move_on_after(self._cfg.drain_timeout_s):
             while self._queue or self._held:
@@ -255,28 +281,28 @@ class AuditWriter:
                 await self._flush_once()
                 if self._pending == before:  # no progress: the store is down
                     break
-        rest = self._held + self._take_all()
-        self._held = []
-        if rest:
-            try:
-                await self._spool.write(rest)
-                self._done(len(rest))
+        await self._spool_rest()
+        await self._checkpoint(force=True)
+
+    async def _spool_rest(self) -> None:
+        """Whatever is still held or queued goes to the spool (whatever the mode); the next start
+        replays it. Safe to call twice, and under cancellation (the caller shields it)."""
+        if self._queue:
+            self._held = self._held + _render_all(self._render, list(self._queue))
+            self._queue.clear()
+        if self._held:
+            count = len(self._held)
+            if await self._held_to_spool():
                 log.warning(
                     "audit: %d records spooled to %s at shutdown; replayed at next start",
-                    len(rest),
+                    count,
                     self._cfg.spool_dir,
                 )
-            except OSError:
-                log.error("audit: %d records could not be stored or spooled at shutdown", len(rest))
+            else:
+                log.error("audit: %d records could not be stored or spooled at shutdown", count)
+                self._held = []
         await self._spool.close()
-        try:
-            with anyio.fail_after(self._cfg.write_timeout_s):
-                await self._store.checkpoint()
-        except _STORE_ERRORS:
-            log.warning("audit: could not sign a final checkpoint at shutdown")
 
-    def _take_all(self) -> list[dict[str, Any]]:
-        rest: list[dict[str, Any]] = []
-        while self._queue:
-            rest.extend(self._take())
-        return rest
+
+def _render_all(render: Callable[[Event], dict[str, Any]], events: list[Event]) -> list[dict[str, Any]]:
+    return [render(event) for event in events]
