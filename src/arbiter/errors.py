@@ -137,6 +137,15 @@ class RepeatedCall(RequestRejected):
     jsonrpc_code = -31007
 
 
+class DuplicateRequest(RequestRejected):
+    """The call's request key (idempotency key, or session + JSON-RPC id) belongs to a request that was
+    already executed or is still running: it is not run or charged again."""
+
+    code = "duplicate_request"
+    http_status = 409
+    jsonrpc_code = -31009
+
+
 class LimitsUnavailable(RequestRejected):
     """The shared limits store (Redis) is unreachable and limits fail closed: the call is refused."""
 

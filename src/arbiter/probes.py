@@ -28,10 +28,12 @@ async def readyz(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure, never raises
         checks["database"] = f"error: {type(exc).__name__}"
-    # Limits: "ok" also while falling back to per-replica limits (calls still run, limited per replica);
-    # an error only when Redis is down and limits fail closed. "limits" below says which.
+    # Limits are reported, not a readiness condition: every replica shares the one Redis, so failing
+    # readiness would take them all out at once, along with calls no limit applies to. "limits" says
+    # whether Redis is reachable and what the replica does without it (refuse limited calls, or fall back).
     await runtime.limits.check()
-    checks["limits"], limits = runtime.limits.health()
+    limits_check, limits = runtime.limits.health()
+    limits = {**limits, "check": limits_check}
     # Audit: "spooling" is still ready (calls run, records wait on disk); "unavailable" is not (fail-closed).
     audit = runtime.audit.status()
     checks["audit"] = "error: unavailable" if audit["state"] == "unavailable" else "ok"

@@ -414,7 +414,7 @@ class LimitSettings(BaseModel):
     # Loop breaker default: more than this many identical calls within the window are refused (0: off).
     loop_max_repeats: int = Field(default=0, ge=0, le=100_000)
     loop_window_s: float = Field(default=60.0, gt=0, le=86_400)
-    # How long a request key (idempotency key) is remembered, so a retried request is charged once.
+    # How long a request key (idempotency key) is remembered: a copy within it is refused (run at most once).
     request_key_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     # How often each replica writes its usage counts (GET /admin/v1/usage) to the database.
     usage_flush_interval_s: float = Field(default=5.0, gt=0, le=3600)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ import pytest
 import redis
 
 from arbiter.demo.runner import free_port
+from arbiter.limits.backend import period_bounds
+from arbiter.limits.rules import BudgetPeriod
 from tests.conftest import ADMIN_TOKEN, ArbiterServer, service_unavailable, wait_listening
 from tests.policies.conftest import MODERN, MODERN_META, redis_url
 
@@ -35,6 +39,14 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+async def clear_of_period_end(period: BudgetPeriod, margin_s: float = 60.0) -> None:
+    """Wait out the end of the current UTC ``period`` if it is less than ``margin_s`` away, so a test that
+    counts one budget period (or one usage period) cannot straddle two. Redis's clock is this machine's."""
+    _, end = period_bounds(period, time.time())
+    if end - time.time() < margin_s:
+        await asyncio.sleep(max(end - time.time(), 0.0) + 1.0)
 
 
 @dataclass

@@ -4,14 +4,23 @@ budget periods, and memory that stays bounded."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from arbiter.auth.principal import Principal
-from arbiter.errors import BudgetExceeded, RateLimited
-from arbiter.limits.backend import BucketSpec, CounterSpec, LoopSpec, Plan, period_bounds, period_id
+from arbiter.errors import BudgetExceeded, DuplicateRequest, RateLimited
+from arbiter.limits.backend import (
+    BucketSpec,
+    CounterSpec,
+    LimitBackend,
+    LoopSpec,
+    Plan,
+    period_bounds,
+    period_id,
+)
 from arbiter.limits.limiter import Limiter
 from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
@@ -19,6 +28,7 @@ from arbiter.limits.store import LimitStore
 from arbiter.limits.tables import BudgetRow, LimitRuleRow
 from arbiter.settings import LimitSettings
 from arbiter.store.db import create_engine, session_factory
+from tests.limits.conftest import clear_of_period_end
 
 ALICE = Principal("alice", "arbiter", "api_key", tenant="acme", roles=frozenset({"agent"}))
 
@@ -115,8 +125,9 @@ async def test_replicas_with_clocks_five_minutes_apart_share_exact_limits_on_red
         LimitRuleRow(
             limit=10, period="minute", tool="search_docs"
         ),  # refills 1 token per 6 s: a 5-minute skew would refill all
-        BudgetRow(period="hour", limit=12.0, tool="get_doc"),
+        BudgetRow(period="day", limit=12.0, tool="get_doc"),
     )
+    await clear_of_period_end("day")  # the budget's counter must be one day's for the whole test
     settings = LimitSettings(redis_prefix=redis_prefix)
     ahead = await _limiter(limits_db, settings, redis_url, FakeClock(time.time() + 300))
     behind = await _limiter(limits_db, settings, redis_url, FakeClock(time.time() - 300))
@@ -131,7 +142,7 @@ async def test_replicas_with_clocks_five_minutes_apart_share_exact_limits_on_red
                 assert 0 < float(exc.details["retry_after_s"]) <= 6.001  # about one refill, by Redis's clock
         assert admitted == 10
         tickets = [await (ahead if i % 2 else behind).admit(ALICE, "kb2", "get_doc") for i in range(10)]
-        # Both replicas charged the same counter of the same (Redis-clock) hour.
+        # Both replicas charged the same counter of the same (Redis-clock) day.
         assert len({t.charged for t in tickets}) == 1
         with pytest.raises(BudgetExceeded):
             for i in range(3):
@@ -149,3 +160,94 @@ async def test_memory_backend_budget_counts_a_burst_of_concurrent_admits_exactly
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 10
     assert all(isinstance(r, BudgetExceeded) for r in results if isinstance(r, BaseException))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_backend(request: pytest.FixtureRequest) -> AsyncIterator[LimitBackend]:
+    if request.param == "memory":
+        yield MemoryBackend(FakeClock())
+        return
+    backend = RedisBackend(request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix"), 2.0)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+async def test_concurrent_copies_of_one_request_admit_one_and_the_rest_take_nothing(
+    any_backend: LimitBackend,
+) -> None:
+    counter = CounterSpec("c", "day", 10_000_000)
+    bucket = BucketSpec("b", 2, 1 / 86400)
+    loop = LoopSpec("l", 2, 600.0)
+
+    def plan(request_key: str) -> Plan:
+        return Plan(
+            buckets=(bucket,), counters=(counter,), cost_micros=1_000_000, loop=loop, request_key=request_key
+        )
+
+    verdicts = await asyncio.gather(*(any_backend.admit(plan("rq:same")) for _ in range(50)))
+    outcomes = [v.outcome for v in verdicts]
+    assert outcomes.count("ok") == 1 and outcomes.count("duplicate") == 49
+    charged = next(v.charged for v in verdicts if v.outcome == "ok")
+    # The 49 copies took no rate token, no loop slot and no budget: a new request still has one of each.
+    other = await any_backend.admit(plan("rq:other"))
+    assert other.outcome == "ok" and other.charged == charged
+    assert (await any_backend.admit(plan("rq:third"))).outcome == "rate"
+    # A refund releases the key: the same request may come again, and is charged again.
+    await any_backend.refund(charged, 1_000_000, "rq:same")
+    assert (
+        await any_backend.admit(Plan(counters=(counter,), cost_micros=1_000_000, request_key="rq:same"))
+    ).outcome == "ok"
+    assert (
+        await any_backend.admit(Plan(counters=(counter,), cost_micros=1_000_000, request_key="rq:same"))
+    ).outcome == "duplicate"
+
+
+@pytest.mark.parametrize("on_redis", [False, True], ids=["memory", "redis"])
+async def test_a_request_is_refused_while_in_flight_and_after_commit_but_not_after_a_refund(
+    limits_db: str, on_redis: bool, request: pytest.FixtureRequest
+) -> None:
+    await _seed(limits_db, BudgetRow(period="day", limit=3.0))
+    url = request.getfixturevalue("redis_url") if on_redis else None
+    prefix = request.getfixturevalue("redis_prefix") if on_redis else "arbiter:limits:"
+    limiter = await _limiter(limits_db, LimitSettings(redis_prefix=prefix), url)
+    try:
+        args = {"query": "vat"}
+        first = await limiter.admit(ALICE, "kb", "search_docs", args, "k:req-1")
+        assert first.cost == 1.0 and first.charged
+        with pytest.raises(DuplicateRequest) as in_flight:  # the original has not finished
+            await limiter.admit(ALICE, "kb", "search_docs", args, "k:req-1")
+        assert in_flight.value.code == "duplicate_request" and in_flight.value.jsonrpc_code == -31009
+        assert (
+            in_flight.value.http_status == 409
+            and "will not be run or charged again" in in_flight.value.message
+        )
+        await limiter.refund(first)  # its upstream failed before running it: the key is released
+        retry = await limiter.admit(ALICE, "kb", "search_docs", args, "k:req-1")
+        assert retry.cost == 1.0 and retry.charged
+        limiter.commit(retry)
+        with pytest.raises(DuplicateRequest):  # it ran: never again, whatever happens
+            await limiter.admit(ALICE, "kb", "search_docs", args, "k:req-1")
+        # Other arguments, or another caller, with the same key are other requests: charged.
+        await limiter.admit(ALICE, "kb", "search_docs", {"query": "sso"}, "k:req-1")
+        bob = Principal("bob", "arbiter", "api_key", tenant="acme")
+        await limiter.admit(bob, "kb", "search_docs", args, "k:req-1")
+        # Alice has spent 2 of 3 (the refunded attempt gave its unit back): one more fits, then none.
+        await limiter.admit(ALICE, "kb", "search_docs", {"query": "x"})
+        with pytest.raises(BudgetExceeded) as over:
+            await limiter.admit(ALICE, "kb", "search_docs", {"query": "y"})
+        assert over.value.details["spent"] == 3
+    finally:
+        await limiter.aclose()
+
+
+async def test_per_tool_counts_each_upstreams_tool_on_its_own(limits_db: str) -> None:
+    await _seed(limits_db, LimitRuleRow(limit=1, period="day", per="tool"))
+    limiter = await _limiter(limits_db, LimitSettings(), None)
+    await limiter.admit(ALICE, "kb", "search")
+    await limiter.admit(ALICE, "crm", "search")  # another upstream's "search": a counter of its own
+    with pytest.raises(RateLimited):
+        await limiter.admit(ALICE, "kb", "search")
+    with pytest.raises(RateLimited):
+        await limiter.admit(ALICE, "crm", "search")

@@ -4,13 +4,16 @@ loop breaker and request keys, on the in-process backend and on Redis."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from typing import Any
 
 import httpx
 import pytest
 
+from arbiter.errors import UpstreamUnavailable
 from arbiter.proxy.interceptors.limits import IDEMPOTENCY_META
+from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from tests.conftest import ArbiterFactory, ArbiterServer, Recorder, UpstreamProc
 from tests.limits.conftest import admin_post, call, open_session
 from tests.policies.conftest import new_key
@@ -83,6 +86,21 @@ async def test_most_specific_rule_per_scope_applies_and_other_scopes_still_count
     assert len(explained["rules"]) == 2
 
 
+async def test_a_role_rule_does_not_lift_a_cap_on_one_tool(
+    arbiter_factory: ArbiterFactory, kb_upstream: UpstreamProc, http: httpx.AsyncClient
+) -> None:
+    server = arbiter_factory()
+    server.register("kb", kb_upstream.url)
+    cap = admin_post(server, "/limits", {"upstream": "kb", "tool": "get_*", "limit": 1, "period": "day"})
+    # More exact fields, but not a subset of the cap's calls (it covers every tool of kb): both apply.
+    admin_post(server, "/limits", {"role": "agent", "upstream": "kb", "limit": 60, "period": "day"})
+    doc = {"doc_id": "sso-setup"}
+    assert (await call(http, server, server.agent_key, "kb__get_doc", doc)).ok
+    capped = await call(http, server, server.agent_key, "kb__get_doc", doc)
+    assert capped.reason == "rate_limited" and capped.error["data"]["rule_id"] == cap["id"]
+    assert (await call(http, server, server.agent_key, SEARCH, {"query": "x"})).ok  # the role's 60 only
+
+
 async def test_budget_admits_exactly_what_it_holds_under_100_concurrent_calls(
     arbiter_factory: ArbiterFactory,
     kb_upstream: UpstreamProc,
@@ -110,31 +128,141 @@ async def test_budget_admits_exactly_what_it_holds_under_100_concurrent_calls(
     assert usage["totals"] == {"calls": 10, "limited": 90, "cost": 25.0}
 
 
-async def test_a_retried_request_is_charged_once(
+async def test_a_duplicate_of_a_request_that_ran_is_refused_and_not_run_again(
     arbiter_factory: ArbiterFactory,
     kb_upstream: UpstreamProc,
     backend: dict[str, Any],
     http: httpx.AsyncClient,
 ) -> None:
-    server = arbiter_factory(**backend)
+    recorder = Recorder()
+    server = arbiter_factory([recorder], **backend)
     server.register("kb", kb_upstream.url)
     admin_post(server, "/budgets", {"period": "day", "limit": 3})  # 3 calls at the default cost of 1
+    admin_post(server, "/tool-costs", {"tool": "kb/*", "loop_max_repeats": 2})
     key = server.agent_key
-    retry = {IDEMPOTENCY_META: f"req-{uuid.uuid4().hex}"}
-    for _ in range(3):  # the same request three times (stateless era, idempotency key): charged once
-        assert (await call(http, server, key, SEARCH, {"query": "sso"}, meta=retry)).ok
+    same = {IDEMPOTENCY_META: f"req-{uuid.uuid4().hex}"}
+    # The same request 50 times (stateless era, idempotency key): it runs and is charged once; every
+    # copy is refused, reaches no upstream, and neither charges nor counts for the loop breaker.
+    replies = [await call(http, server, key, SEARCH, {"query": "sso"}, meta=same) for _ in range(50)]
+    assert replies[0].ok
+    assert {r.reason for r in replies[1:]} == {"duplicate_request"}
+    error = replies[1].error
+    assert error["code"] == -31009 and "will not be run or charged again" in error["message"]
+    assert _forwarded(recorder) == 1
     # Handshake era: the same JSON-RPC id in the same session is the same request ...
     session = await open_session(http, server, key)
-    for _ in range(2):
-        assert (await call(http, server, key, SEARCH, {"query": "vat"}, request_id=41, session=session)).ok
-    # ... and in another session it is another request: charged. That is the budget's third unit.
+    assert (await call(http, server, key, SEARCH, {"query": "vat"}, request_id=41, session=session)).ok
+    again = await call(http, server, key, SEARCH, {"query": "vat"}, request_id=41, session=session)
+    assert again.reason == "duplicate_request"
+    # ... and in another session it is another request: run and charged. That is the budget's third unit.
     other = await open_session(http, server, key)
     assert (await call(http, server, key, SEARCH, {"query": "vat"}, request_id=41, session=other)).ok
+    assert _forwarded(recorder) == 3
     over = await call(http, server, key, SEARCH, {"query": "new"}, meta={IDEMPOTENCY_META: "another"})
     assert over.reason == "budget_exceeded"
     assert over.error["data"]["spent"] == 3
     # Without a key, stateless requests are each new (their ids are unique only per client): refused.
     assert (await call(http, server, key, SEARCH, {"query": "sso"})).reason == "budget_exceeded"
+    usage = _usage(server, group_by="tenant")
+    assert usage["totals"] == {"calls": 3, "limited": 49 + 1 + 2, "cost": 3.0}
+
+
+class FailOnce:
+    """Fails the first tool call as an unreachable upstream does, before anything is sent to it."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        if ctx.method == "tools/call" and not self.failed:
+            self.failed = True
+            raise UpstreamUnavailable.of(ctx.upstream or "?")
+        return await call_next(ctx)
+
+
+async def test_a_retry_after_a_refunded_failure_is_a_new_request_charged_once(
+    arbiter_factory: ArbiterFactory,
+    kb_upstream: UpstreamProc,
+    backend: dict[str, Any],
+    http: httpx.AsyncClient,
+) -> None:
+    reached, ran = Recorder(), Recorder()
+    server = arbiter_factory([reached, FailOnce(), ran], **backend)
+    server.register("kb", kb_upstream.url)
+    admin_post(server, "/budgets", {"period": "day", "limit": 1})
+    key = server.agent_key
+    same = {IDEMPOTENCY_META: f"req-{uuid.uuid4().hex}"}
+    failed = await call(http, server, key, SEARCH, {"query": "sso"}, meta=same)
+    assert failed.reason == "upstream_unavailable"
+    # Refunded, and its key released: the retry runs, and is charged (the one unit of the budget) ...
+    assert (await call(http, server, key, SEARCH, {"query": "sso"}, meta=same)).ok
+    assert _forwarded(reached) == 2 and _forwarded(ran) == 1
+    # ... once: a copy of it now is a duplicate, and the budget has nothing left for a new request.
+    assert (await call(http, server, key, SEARCH, {"query": "sso"}, meta=same)).reason == "duplicate_request"
+    over = await call(http, server, key, SEARCH, {"query": "new"})
+    assert over.reason == "budget_exceeded" and over.error["data"]["spent"] == 1
+    assert _forwarded(ran) == 1
+
+
+async def test_the_same_key_with_other_arguments_or_from_another_caller_is_another_request(
+    arbiter_factory: ArbiterFactory,
+    kb_upstream: UpstreamProc,
+    backend: dict[str, Any],
+    http: httpx.AsyncClient,
+) -> None:
+    recorder = Recorder()
+    server = arbiter_factory([recorder], **backend)
+    server.register("kb", kb_upstream.url)
+    admin_post(server, "/budgets", {"period": "day", "limit": 2})  # per principal
+    other = new_key(server, "other-agent", ["agent"])
+    same = {IDEMPOTENCY_META: "the-same-key"}
+    assert (await call(http, server, server.agent_key, SEARCH, {"query": "a"}, meta=same)).ok
+    assert (await call(http, server, server.agent_key, SEARCH, {"query": "b"}, meta=same)).ok
+    assert (await call(http, server, other, SEARCH, {"query": "a"}, meta=same)).ok
+    assert _forwarded(recorder) == 3
+    copy = await call(http, server, server.agent_key, SEARCH, {"query": "a"}, meta=same)
+    assert copy.reason == "duplicate_request"
+    # Both of test-agent's requests were charged: its budget of 2 is spent.
+    over = await call(http, server, server.agent_key, SEARCH, {"query": "c"}, meta=same)
+    assert over.reason == "budget_exceeded" and over.error["data"]["spent"] == 2
+
+
+class Gate:
+    """Holds the first tool call until ``open`` is set (from the test's thread); lets others through."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()
+        self.open = threading.Event()
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        if ctx.method == "tools/call" and not self.held.is_set():
+            self.held.set()
+            await asyncio.to_thread(self.open.wait, 30)
+        return await call_next(ctx)
+
+
+async def test_a_copy_of_a_request_still_running_is_refused(
+    arbiter_factory: ArbiterFactory,
+    kb_upstream: UpstreamProc,
+    backend: dict[str, Any],
+    http: httpx.AsyncClient,
+) -> None:
+    recorder, gate = Recorder(), Gate()
+    server = arbiter_factory([recorder, gate], **backend)
+    server.register("kb", kb_upstream.url)
+    admin_post(server, "/budgets", {"period": "day", "limit": 100})
+    same = {IDEMPOTENCY_META: f"req-{uuid.uuid4().hex}"}
+    original = asyncio.create_task(call(http, server, server.agent_key, SEARCH, {"query": "sso"}, meta=same))
+    try:
+        assert await asyncio.to_thread(gate.held.wait, 20)
+        copies = await asyncio.gather(
+            *(call(http, server, server.agent_key, SEARCH, {"query": "sso"}, meta=same) for _ in range(20))
+        )
+        assert {r.reason for r in copies} == {"duplicate_request"}
+    finally:
+        gate.open.set()
+    assert (await original).ok
+    assert _forwarded(recorder) == 1
 
 
 async def test_a_failed_upstream_call_is_refunded(

@@ -52,7 +52,8 @@ async def test_fail_closed_refuses_limited_calls_while_redis_is_down(
     refused = await call(http, server, server.agent_key, SEARCH, {"query": "b"})
     assert refused.reason == "limits_unavailable" and refused.error["code"] == -31008
     status, ready = _ready(server)
-    assert status == 503 and ready["checks"]["limits"].startswith("error: Redis unreachable")
+    # Shown, and logged, but not a readiness failure: every replica shares this Redis.
+    assert status == 200 and ready["limits"]["check"].startswith("error: Redis unreachable")
     assert ready["limits"]["state"] == "unavailable" and ready["checks"]["database"] == "ok"
     # Calls that no limit applies to still run; the process is alive and answers everything else.
     assert (await call(http, server, server.agent_key, "kb__get_doc", {"doc_id": "sso-setup"})).ok
@@ -80,7 +81,7 @@ async def test_fallback_limits_each_replica_on_its_own_while_redis_is_down(
     assert [r.ok for r in replies] == [True, True, True, False, False]
     assert replies[-1].reason == "rate_limited"
     status, ready = _ready(server)
-    assert status == 200 and ready["checks"]["limits"] == "ok"
+    assert status == 200 and ready["limits"]["check"] == "ok"
     assert ready["limits"]["state"] == "fallback" and ready["limits"]["on_redis_down"] == "fallback"
     assert server.thread.is_alive()
 

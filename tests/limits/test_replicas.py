@@ -18,7 +18,7 @@ import pytest
 from arbiter.demo.runner import free_port
 from arbiter.store import schema
 from tests.conftest import ALLOW_ALL, ArbiterFactory, ArbiterServer, UpstreamProc, wait_listening
-from tests.limits.conftest import ADMIN_TOKEN, Reply, admin_post, call
+from tests.limits.conftest import ADMIN_TOKEN, Reply, admin_post, call, clear_of_period_end
 
 LIMIT = 20  # per hour for the whole tenant: at most one refill (every 3 min) can land during the test
 CALLERS = 50
@@ -105,6 +105,7 @@ async def test_three_processes_on_one_redis_admit_at_most_the_limit_plus_one(
         assert admin.post("/limits", json=rule).status_code == 201
     # The other two start on the same database: they load the upstream, policy, keys and limits.
     replicas.extend(Replica(replicas_env, tmp_path / f"r{i}.log") for i in (1, 2))
+    await clear_of_period_end("day")  # the usage totals below are one day's
     servers = [_Target(r.url) for r in replicas]
 
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as http:
@@ -126,7 +127,7 @@ async def test_three_processes_on_one_redis_admit_at_most_the_limit_plus_one(
     totals: dict[str, Any] = {}
     while time.monotonic() < deadline:
         with first.admin() as admin:
-            totals = admin.get("/usage", params={"period": "hour"}).json()["totals"]
+            totals = admin.get("/usage", params={"period": "day"}).json()["totals"]
         if totals.get("calls") == admitted and totals.get("limited") == len(replies) - admitted:
             break
         await asyncio.sleep(0.2)
@@ -153,7 +154,8 @@ async def test_a_replica_whose_clock_is_five_minutes_off_changes_nothing(
     # 10 per minute refills a token every 6 s: a replica refilling by its own clock, 5 minutes ahead,
     # would find the bucket full on every call.
     admin_post(on_time, "/limits", {"tool": "search_docs", "limit": 10, "period": "minute"})
-    admin_post(on_time, "/budgets", {"tool": "get_doc", "period": "hour", "limit": 6})
+    admin_post(on_time, "/budgets", {"tool": "get_doc", "period": "day", "limit": 6})
+    await clear_of_period_end("day")  # one budget period for the whole test
     skewed = arbiter_factory(
         clock=lambda: time.time() + 300, database_url=on_time.settings.database_url, **common
     )

@@ -29,8 +29,8 @@ from arbiter.limits.rules import (
     Dimension,
     RatePeriod,
     check_glob,
+    check_rule_tool,
     check_tool_pattern,
-    field_weight,
     select,
     tool_settings,
 )
@@ -74,7 +74,7 @@ class _Matching(BaseModel):
     @field_validator("tool")
     @classmethod
     def _tool(cls, v: str) -> str:
-        return check_glob("tool", v, 1024)
+        return check_rule_tool(v)
 
     @field_validator("per")
     @classmethod
@@ -161,9 +161,6 @@ def _matching_out(row: LimitRuleRow | BudgetRow) -> dict[str, Any]:
         "upstream": row.upstream,
         "tool": row.tool,
         "per": [p for p in row.per.split(",") if p],
-        "specificity": sum(
-            field_weight(p) for p in (row.subject, row.role, row.tenant, row.upstream, row.tool)
-        ),
         "description": row.description,
         "updated_at": row.updated_at.isoformat(),
         "updated_by": row.updated_by,

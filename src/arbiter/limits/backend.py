@@ -3,6 +3,12 @@
 A ``Plan`` lists everything one call must pass (token buckets, the loop breaker, budget counters) with
 keys already derived; a backend checks all of it and, only if everything passes, takes a token from
 every bucket, records the call for the loop breaker and charges every budget, as one atomic step.
+
+A plan's request key is charged once and executed at most once: a call whose key is held (its request
+is in flight or was committed) is refused as a ``duplicate`` before anything else is checked, and
+takes nothing. An admitted call holds its key from the same atomic step on, so two concurrent copies
+of one request cannot both pass; a refund (the upstream failed before running it) releases the key,
+so a retry after that is a new request.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Literal, Protocol
 
 from arbiter.limits.rules import BudgetPeriod
 
-Outcome = Literal["ok", "rate", "loop", "budget"]
+Outcome = Literal["ok", "duplicate", "rate", "loop", "budget"]
 PERIOD_CODES: dict[str, str] = {"hour": "h", "day": "d", "month": "m"}
 # Budget counters outlive their period by a day, so a late refund still finds them.
 COUNTER_SLACK_S = 86_400
@@ -64,7 +70,6 @@ class Verdict:
     index: int = 0  # which bucket/counter refused (0-based)
     retry_after_s: float = 0.0
     spent_micros: int = 0  # for "budget": what the counter held
-    duplicate: bool = False  # the request key was charged before: nothing charged this time
     charged: tuple[str, ...] = ()  # counter keys (with period) charged by this call
 
 

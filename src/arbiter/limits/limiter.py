@@ -22,7 +22,14 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from arbiter.auth.principal import Principal
-from arbiter.errors import BudgetExceeded, ConfigError, LimitsUnavailable, RateLimited, RepeatedCall
+from arbiter.errors import (
+    BudgetExceeded,
+    ConfigError,
+    DuplicateRequest,
+    LimitsUnavailable,
+    RateLimited,
+    RepeatedCall,
+)
 from arbiter.limits.backend import (
     BucketSpec,
     CounterSpec,
@@ -35,7 +42,7 @@ from arbiter.limits.backend import (
 from arbiter.limits.memory import Clock, MemoryBackend, ceil_s
 from arbiter.limits.redis_backend import RedisBackend
 from arbiter.limits.rules import MICROS, Budget, LimitConfig, RateRule, ToolSettings, select, tool_settings
-from arbiter.limits.store import LimitStore
+from arbiter.limits.store import LimitStore, db_error_message
 from arbiter.limits.usage import UsageCounter
 from arbiter.settings import LimitSettings
 
@@ -73,7 +80,6 @@ class Ticket:
     tool: str
     now: float
     cost_micros: int = 0
-    duplicate: bool = False
     charged: tuple[str, ...] = ()
     request_key: str | None = None
     backend: LimitBackend | None = None
@@ -81,7 +87,7 @@ class Ticket:
 
     @property
     def cost(self) -> float:
-        """The call's cost in units (0 for a retried request already counted)."""
+        """The call's cost in units."""
         return self.cost_micros / MICROS
 
 
@@ -99,7 +105,7 @@ def _dims(per: tuple[str, ...], principal: Principal, upstream: str, tool: str) 
         "principal": principal.key,
         "tenant": principal.tenant or "",
         "upstream": upstream,
-        "tool": tool,
+        "tool": f"{upstream}/{tool}",  # a tool is only unique within its upstream: kb/search != crm/search
     }
     return _digest(*(f"{d}={values[d]}" for d in per))
 
@@ -143,7 +149,12 @@ class Limiter:
         arguments: Mapping[str, Any] | None = None,
         request_key: str | None = None,
     ) -> Ticket:
-        """Admit a tool call or raise why not (rate_limited, repeated_call, budget_exceeded, ...)."""
+        """Admit a tool call or raise why not (duplicate_request, rate_limited, repeated_call,
+        budget_exceeded, limits_unavailable).
+
+        ``request_key`` names the request (see the limits interceptor): where a budget charges the call,
+        a key that is already held (its request is running or ran) is refused with ``DuplicateRequest``,
+        so one request is charged once and run at most once."""
         ticket = Ticket(principal, upstream, tool, 0.0)
         if not self.settings.enabled:
             ticket.now = self.clock()
@@ -185,9 +196,7 @@ class Limiter:
             self._count(ticket, verdict.now, limited=1)
             raise self._refusal(verdict, app, plan, upstream, tool)
         ticket.now, ticket.backend, ticket.request_key = verdict.now, backend, req
-        ticket.duplicate, ticket.charged = verdict.duplicate, verdict.charged
-        if verdict.duplicate:
-            ticket.cost_micros = 0  # charged (and counted) when it first came
+        ticket.charged = verdict.charged
         return ticket
 
     def commit(self, ticket: Ticket) -> None:
@@ -238,8 +247,14 @@ class Limiter:
 
     def _refusal(
         self, verdict: Verdict, app: _Applicable, plan: Plan, upstream: str, tool: str
-    ) -> RateLimited | RepeatedCall | BudgetExceeded:
+    ) -> DuplicateRequest | RateLimited | RepeatedCall | BudgetExceeded:
         name = f"{upstream}__{tool}"
+        if verdict.outcome == "duplicate":
+            return DuplicateRequest(
+                f"this {name} request (same request key, caller and arguments) was already executed or "
+                "is still running; it will not be run or charged again. Send a new "
+                "arbiter/idempotency-key (or JSON-RPC id) to make a new request"
+            )
         if verdict.outcome == "rate":
             rule = app.rules[verdict.index]
             retry = ceil_s(verdict.retry_after_s)
@@ -338,7 +353,8 @@ class Limiter:
             self._redis_up()
 
     def health(self) -> tuple[str, dict[str, object]]:
-        """The /readyz check ("ok" while calls can be limited) and what to show about it."""
+        """For /readyz, as information (not a readiness condition): "ok" while calls can be limited as
+        configured, else an error, and the state to show."""
         info: dict[str, object] = {
             "backend": "redis" if self.redis is not None else "memory",
             "config_version": self.config.version,
@@ -387,7 +403,11 @@ class Limiter:
             try:
                 await self.store.add_spend(deltas, self.memory.expiries(deltas))
             except (SQLAlchemyError, OSError) as exc:
-                log.warning("limits: could not store budget spend (%s); retrying", exc)
+                log.warning(
+                    "limits: could not store spend of %d budget counters (%s); retrying with the next flush",
+                    len(deltas),
+                    db_error_message(exc),
+                )
                 self.memory.restore_spend_deltas(deltas)
 
     async def run(self, stopping: anyio.Event) -> None:
@@ -410,7 +430,7 @@ class Limiter:
                 except (SQLAlchemyError, OSError) as exc:
                     log.warning(
                         "limits: could not check for changes (%s); keeping version %d",
-                        exc,
+                        db_error_message(exc),
                         self.config.version,
                     )
             if since_flush >= s.usage_flush_interval_s:

@@ -40,7 +40,8 @@ class MemoryBackend:
         self._admits += 1
         if self._admits % _SWEEP_EVERY == 0:
             self.sweep(now)
-        duplicate = plan.request_key is not None and self._requests.get(plan.request_key, 0.0) > now
+        if plan.request_key is not None and self._requests.get(plan.request_key, 0.0) > now:
+            return Verdict("duplicate", now)  # in flight or committed: refused, takes nothing
         tokens: list[float] = []
         for index, bucket in enumerate(plan.buckets):
             have, at, _, _ = self._buckets.get(bucket.key, (bucket.capacity, now, 0.0, 0.0))
@@ -48,17 +49,17 @@ class MemoryBackend:
                 have = have + (now - at) * bucket.rate_per_s
             have = min(have, bucket.capacity)
             if have < 1:
-                return Verdict("rate", now, index, (1 - have) / bucket.rate_per_s, duplicate=duplicate)
+                return Verdict("rate", now, index, (1 - have) / bucket.rate_per_s)
             tokens.append(have)
-        loop = plan.loop if not duplicate else None
+        loop = plan.loop
         if loop is not None:
             times, _ = self._loops.get(loop.key, (deque[float](), loop.window_s))
             while times and times[0] <= now - loop.window_s:
                 times.popleft()
             if len(times) >= loop.max_repeats:
-                return Verdict("loop", now, 0, max(times[0] + loop.window_s - now, 0.0), duplicate=False)
+                return Verdict("loop", now, 0, max(times[0] + loop.window_s - now, 0.0))
         charged: list[str] = []
-        if not duplicate and plan.cost_micros > 0:
+        if plan.cost_micros > 0:
             for index, counter in enumerate(plan.counters):
                 key = f"{counter.key}:{period_id(counter.period, now)}"
                 spent = self._spent.get(key, 0)
@@ -75,8 +76,9 @@ class MemoryBackend:
         for key, counter in zip(charged, plan.counters, strict=False):
             self._charge(key, plan.cost_micros, now + counter_ttl_s(counter.period))
         if charged and plan.request_key is not None:
+            # Held from admission on (not from commit), so a copy arriving while it runs is refused.
             self._requests[plan.request_key] = now + plan.request_ttl_s
-        return Verdict("ok", now, duplicate=duplicate, charged=tuple(charged))
+        return Verdict("ok", now, charged=tuple(charged))
 
     async def refund(self, charged: Sequence[str], cost_micros: int, request_key: str | None) -> None:
         for key in charged:

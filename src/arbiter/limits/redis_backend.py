@@ -21,8 +21,9 @@ from arbiter.limits.backend import PERIOD_CODES, Plan, Verdict, counter_ttl_s
 #   b = [[key, capacity, tokens per ms], ...]   l = [key, max, window ms, member] or []
 #   c = [[key, period code h|d|m, limit micro-units, ttl s], ...]   cost = micro-units
 #   r = [request key, ttl ms] or []
-# Returns JSON [outcome, index (1-based), retry after ms, spent, now ms, duplicate, charged keys]
-# (cjson writes an empty list as {}: both read as no keys).
+# Returns JSON [outcome, index (1-based), retry after ms, spent, now ms, charged keys]
+# (cjson writes an empty list as {}: both read as no keys). A held request key is refused first
+# ("duplicate") and the script writes nothing; an admitted call sets its key in the same script.
 ADMIT_LUA = """
 local p = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
@@ -50,8 +51,9 @@ local function period_id(code)
   return 'm' .. string.format('%d', month_index(math.floor(secs / 86400)))
 end
 
-local dup = 0
-if #p.r > 0 and redis.call('EXISTS', p.r[1]) == 1 then dup = 1 end
+if #p.r > 0 and redis.call('EXISTS', p.r[1]) == 1 then
+  return cjson.encode({'duplicate', 0, 0, 0, now, {}})
+end
 
 local tokens = {}
 for i, b in ipairs(p.b) do
@@ -62,28 +64,28 @@ for i, b in ipairs(p.b) do
   if now > at then have = have + (now - at) * rate end
   if have > cap then have = cap end
   if have < 1 then
-    return cjson.encode({'rate', i, (1 - have) / rate, 0, now, dup, {}})
+    return cjson.encode({'rate', i, (1 - have) / rate, 0, now, {}})
   end
   tokens[i] = have
 end
 
-local loop = (dup == 0 and #p.l > 0) and p.l or nil
+local loop = (#p.l > 0) and p.l or nil
 if loop then
   local window = tonumber(loop[3])
   redis.call('ZREMRANGEBYSCORE', loop[1], '-inf', now - window)
   if redis.call('ZCARD', loop[1]) >= tonumber(loop[2]) then
     local oldest = redis.call('ZRANGE', loop[1], 0, 0, 'WITHSCORES')
-    return cjson.encode({'loop', 1, tonumber(oldest[2]) + window - now, 0, now, dup, {}})
+    return cjson.encode({'loop', 1, tonumber(oldest[2]) + window - now, 0, now, {}})
   end
 end
 
 local charged = {}
-if dup == 0 and p.cost > 0 then
+if p.cost > 0 then
   for i, c in ipairs(p.c) do
     local key = c[1] .. ':' .. period_id(c[2])
     local spent = tonumber(redis.call('GET', key) or '0')
     if spent + p.cost > tonumber(c[3]) then
-      return cjson.encode({'budget', i, 0, spent, now, dup, {}})
+      return cjson.encode({'budget', i, 0, spent, now, {}})
     end
     charged[i] = key
   end
@@ -104,7 +106,7 @@ end
 if #charged > 0 and #p.r > 0 then
   redis.call('SET', p.r[1], '1', 'PX', tonumber(p.r[2]))
 end
-return cjson.encode({'ok', 0, 0, 0, now, dup, charged})
+return cjson.encode({'ok', 0, 0, 0, now, charged})
 """
 
 # ARGV[1]: {"k": [charged counter keys], "cost": micro-units, "r": request key or ""}
@@ -146,14 +148,13 @@ class RedisBackend:
             "r": [pre + plan.request_key, round(plan.request_ttl_s * 1000)] if plan.request_key else [],
         }
         raw: Any = await self._admit(keys=[], args=[json.dumps(payload, separators=(",", ":"))])
-        outcome, index, retry_ms, spent, now_ms, dup, charged = json.loads(raw)
+        outcome, index, retry_ms, spent, now_ms, charged = json.loads(raw)
         return Verdict(
             outcome=outcome,
             now=float(now_ms) / 1000.0,
             index=max(int(index) - 1, 0),
             retry_after_s=max(float(retry_ms), 0.0) / 1000.0,
             spent_micros=int(spent),
-            duplicate=bool(dup),
             charged=tuple(str(k)[len(pre) :] for k in charged),
         )
 

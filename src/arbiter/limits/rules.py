@@ -3,8 +3,10 @@
 Every rule and budget matches on five globs (``*`` any run, ``?`` one character): the caller's subject,
 one of its roles, its tenant, the upstream and the tool. Its ``per`` names the dimensions that get a
 counter of their own (``principal``, ``tenant``, ``upstream``, ``tool``; none: one counter for every
-matching call). Among the matching rules that count per the same dimensions, the most specific apply
-(all of them on a tie); rules counting per different dimensions all apply. Budgets select the same way.
+matching call). Among the matching rules that count per the same dimensions, a rule is overridden only
+by a strictly narrower one: one that matches a subset of the calls it matches, field by field (see
+``Match.covers``). Rules that are not comparable that way all apply, as do rules counting per
+different dimensions. Budgets select the same way.
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ def glob_match(pattern: str, value: str) -> bool:
     return pattern == "*" or _compiled(pattern).fullmatch(value) is not None
 
 
-def field_weight(pattern: str) -> int:
-    """How much one field narrows a match: ``*`` 0, a glob with literal characters 1, an exact value 2."""
-    if pattern == "*":
-        return 0
-    return 1 if ("*" in pattern or "?" in pattern) else 2
+def _literal(pattern: str) -> bool:
+    return "*" not in pattern and "?" not in pattern
+
+
+def pattern_covers(broad: str, narrow: str) -> bool:
+    """Does glob ``broad`` match every value glob ``narrow`` matches? Decided only in the clear cases
+    (``*``, the same pattern, or a glob matching a literal value); any other pair counts as not."""
+    if broad == "*" or broad == narrow:
+        return True
+    return _literal(narrow) and glob_match(broad, narrow)
 
 
 def check_glob(name: str, pattern: str, max_length: int = 300) -> str:
@@ -61,6 +68,20 @@ def check_glob(name: str, pattern: str, max_length: int = 300) -> str:
         raise ValueError(f"{name} must not contain control characters")
     if name == "upstream" and not _UPSTREAM_GLOB_RE.match(pattern):
         raise ValueError("upstream must be an upstream name or a glob of one (a-z, 0-9, '-', '*', '?')")
+    return pattern
+
+
+def check_rule_tool(pattern: str) -> str:
+    """A rate limit rule's or budget's ``tool``: a glob on the upstream's own tool name, which never has
+    the ``<upstream>/`` of a cost entry's pattern (the upstream is a field of its own)."""
+    check_glob("tool", pattern, 1024)
+    if "/" in pattern:
+        upstream, _, tool = pattern.partition("/")
+        raise ValueError(
+            "tool must not contain '/': it matches the upstream's own tool name, so "
+            f"{pattern!r} can never match; put the upstream in the upstream field "
+            f"(e.g. upstream {upstream or '*'!r}, tool {tool or '*'!r})"
+        )
     return pattern
 
 
@@ -97,8 +118,18 @@ class Match:
         )
 
     @property
-    def specificity(self) -> int:
-        return sum(field_weight(p) for p in (self.subject, self.role, self.tenant, self.upstream, self.tool))
+    def fields(self) -> tuple[str, str, str, str, str]:
+        return (self.subject, self.role, self.tenant, self.upstream, self.tool)
+
+    def covers(self, other: Match) -> bool:
+        """Every call ``other`` matches, this matches too (field by field; see ``pattern_covers``)."""
+        return all(
+            pattern_covers(mine, theirs) for mine, theirs in zip(self.fields, other.fields, strict=True)
+        )
+
+    def overridden_by(self, other: Match) -> bool:
+        """``other`` is strictly narrower: it matches a subset of this one's calls, and is not the same."""
+        return other != self and self.covers(other)
 
 
 @dataclass(frozen=True)
@@ -158,18 +189,23 @@ _Selectable = TypeVar("_Selectable", RateRule, Budget)
 
 
 def select(items: Iterable[_Selectable], principal: Principal, upstream: str, tool: str) -> list[_Selectable]:
-    """The matching items that apply: per ``per`` group, those of the highest specificity."""
-    best: dict[tuple[Dimension, ...], tuple[int, list[_Selectable]]] = {}
+    """The matching items that apply: within each ``per`` group, every matching item that no other
+    matching item of the group is strictly narrower than.
+
+    Narrower means a subset, field by field, not a higher sum of field weights: "crm ``delete_*``" and
+    "role support-agent on crm" are not comparable (each matches calls the other does not), so both
+    apply, and a rule for a role never lifts a cap on a tool.
+    """
+    groups: dict[tuple[Dimension, ...], list[_Selectable]] = {}
     for item in items:
-        if not item.match.matches(principal, upstream, tool):
-            continue
-        spec = item.match.specificity
-        current = best.get(item.per)
-        if current is None or spec > current[0]:
-            best[item.per] = (spec, [item])
-        elif spec == current[0]:
-            current[1].append(item)
-    return [item for _, group in best.values() for item in group]
+        if item.match.matches(principal, upstream, tool):
+            groups.setdefault(item.per, []).append(item)
+    return [
+        item
+        for group in groups.values()
+        for item in group
+        if not any(item.match.overridden_by(other.match) for other in group)
+    ]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Every change to rules, budgets or costs bumps ``limit_state.version`` in the same transaction, so a
 replica that sees a version sees the rows written with it (the same scheme as policies). Usage and
 spend are written as deltas (``INSERT … ON CONFLICT DO UPDATE SET x = x + excluded.x``), so any
-number of replicas can add to the same row.
+number of replicas can add to the same row. A flush may hold many thousands of rows: they are written
+in statements of at most ``UPSERT_CHUNK_ROWS`` rows (asyncpg takes at most 32,767 parameters per
+statement, SQLite 32,766), all in one transaction, so a flush is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -45,6 +47,24 @@ USAGE_KEYS = ("hour", "principal", "tenant", "upstream", "tool")
 GROUPS = ("principal", "tenant", "upstream", "tool")
 _USAGE = SQLModel.metadata.tables["limit_usage"]
 _SPEND = SQLModel.metadata.tables["limit_spend"]
+UPSERT_CHUNK_ROWS = 1000  # 8 parameters a usage row: 8,000 a statement, far below either driver's limit
+_ERROR_CHARS = 300
+
+
+def db_error_message(exc: BaseException) -> str:
+    """What went wrong writing or reading, for a log line: the error's class and the driver's own
+    message, truncated. Never SQLAlchemy's rendering, which carries the SQL text and every parameter
+    (caller names; for a large flush, hundreds of kilobytes)."""
+    if isinstance(exc, DBAPIError):
+        detail = str(exc.orig)
+    elif isinstance(exc, SQLAlchemyError):
+        detail = ""  # not from the driver: its text may embed the statement too
+    else:
+        detail = str(exc)
+    detail = " ".join(detail.split())
+    if len(detail) > _ERROR_CHARS:
+        detail = detail[: _ERROR_CHARS - 1] + "…"
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def per_of(text: str) -> tuple[Dimension, ...]:
@@ -167,10 +187,10 @@ class LimitStore:
         rows = [
             {
                 "hour": d.hour,
-                "principal": d.principal[:300],
-                "tenant": d.tenant[:200],
-                "upstream": d.upstream[:64],
-                "tool": d.tool[:1024],
+                "principal": _text(d.principal, 300),
+                "tenant": _text(d.tenant, 200),
+                "upstream": _text(d.upstream, 64),
+                "tool": _text(d.tool, 1024),
                 "calls": d.calls,
                 "limited": d.limited,
                 "cost_micros": d.cost_micros,
@@ -237,6 +257,12 @@ class LimitStore:
         return [(f"{r.counter}:{r.period}", r.spent_micros, float(r.expires_at)) for r in rows]
 
 
+def _text(value: str, length: int) -> str:
+    # PostgreSQL text cannot hold NUL: one such name (a token's subject, an upstream's tool) would make
+    # every later flush fail with it.
+    return value.replace("\x00", "")[:length]
+
+
 async def _upsert_add(
     session: AsyncSession,
     table: sa.Table,
@@ -244,14 +270,27 @@ async def _upsert_add(
     keys: Sequence[str],
     sums: Sequence[str],
 ) -> None:
+    # Rows whose keys became equal when truncated are summed first: one statement must not touch a row
+    # twice (PostgreSQL refuses that, and the flush would fail again every time).
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in keys)
+        found = merged.get(key)
+        if found is None:
+            merged[key] = dict(row)
+        else:
+            for name in sums:
+                found[name] += row[name]
+    rows = list(merged.values())
     conn = await session.connection()
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(keys),
-        set_={name: table.c[name] + getattr(stmt.excluded, name) for name in sums},
-    )
-    await conn.execute(stmt)
+    for start in range(0, len(rows), UPSERT_CHUNK_ROWS):
+        stmt = dialect.insert(table).values(rows[start : start + UPSERT_CHUNK_ROWS])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={name: table.c[name] + getattr(stmt.excluded, name) for name in sums},
+        )
+        await conn.execute(stmt)
 
 
 async def _bump(session: AsyncSession, actor: str) -> int:

@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from arbiter.limits.store import LimitStore, UsageDelta
+from arbiter.limits.store import LimitStore, UsageDelta, db_error_message
 
 log = logging.getLogger(__name__)
 _MAX_KEYS = 200_000  # a flood of distinct caller/tool pairs between two flushes: stop counting new ones
@@ -45,7 +45,9 @@ class UsageCounter:
             await self._store.add_usage(deltas)
         except (SQLAlchemyError, OSError) as exc:
             log.warning(
-                "usage: could not write %d counters (%s); retrying with the next flush", len(deltas), exc
+                "usage: could not write %d counters (%s); retrying with the next flush",
+                len(deltas),
+                db_error_message(exc),
             )
             for key, (calls, limited, cost) in pending.items():
                 self.add(key, calls=calls, limited=limited, cost_micros=cost)

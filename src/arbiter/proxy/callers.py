@@ -55,7 +55,12 @@ class CallerSessions:
         return [e.client for e in self._entries.values()]
 
     async def request(
-        self, token: SecretStr, method: str, request: types.ClientRequest, deadline_s: float | None
+        self,
+        token: SecretStr,
+        method: str,
+        request: types.ClientRequest,
+        deadline_s: float | None,
+        on_send: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         key = hashlib.sha256(token.get_secret_value().encode()).hexdigest()
         entry = self._entries.get(key)
@@ -66,7 +71,7 @@ class CallerSessions:
         entry.active += 1
         try:
             await self._evict(len(self._entries) - self._max)
-            return await entry.client.request(method, request, deadline_s=deadline_s)
+            return await entry.client.request(method, request, deadline_s=deadline_s, on_send=on_send)
         finally:
             entry.active -= 1
             entry.used = self._clock()

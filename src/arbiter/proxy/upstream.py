@@ -113,10 +113,13 @@ class UpstreamClient:
         *,
         deadline_s: float | None = None,
         caller: SecretStr | None = None,
+        on_send: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Send one request and return the upstream's raw result; JSON-RPC errors from it pass through.
 
-        ``caller`` (the caller's access token) is used only by token-exchange upstreams.
+        ``caller`` (the caller's access token) is used only by token-exchange upstreams. ``on_send`` is
+        called just before the request is handed to the upstream's session: a failure before that
+        point (no connection, no credential) means the upstream never saw the request.
         """
         if self.callers is not None:
             if caller is None:
@@ -125,10 +128,12 @@ class UpstreamClient:
                     "token to exchange; API keys cannot be exchanged",
                     upstream=self.spec.name,
                 )
-            return await self.callers.request(caller, method, request, deadline_s)
+            return await self.callers.request(caller, method, request, deadline_s, on_send)
         deadline = deadline_s or self.spec.call_timeout_s
 
         async def send(session: ClientSession) -> dict[str, Any]:
+            if on_send is not None:
+                on_send()
             # The SDK's own per-request timeout (REQUEST_TIMEOUT) rather than another cancel scope per call.
             result: dict[str, Any] = await session.send_request(
                 request, _RAW_RESULT, request_read_timeout_seconds=deadline

@@ -18,9 +18,8 @@ from arbiter.audit.record import Decision, Event, actor_of
 from arbiter.audit.writer import AuditWriter
 from arbiter.errors import ArbiterError, RequestRejected, UnknownTarget
 from arbiter.proxy.interceptors.authorize import DECISION_KEY, VERSION_KEY
+from arbiter.proxy.interceptors.limits import COST_KEY
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
-
-COST_KEY = "limits.cost"
 
 
 class Audit:

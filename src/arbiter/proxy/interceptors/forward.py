@@ -13,6 +13,11 @@ from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.pool import UpstreamPool
 
 _SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
+SENT_KEY = "forward.sent"  # set once the request is handed to the upstream: it may run from then on
+
+
+def _sent(ctx: CallContext) -> None:
+    ctx.state[SENT_KEY] = True
 
 
 class Forward:
@@ -61,7 +66,7 @@ class Forward:
         # The caller's own token is read only for an upstream that exchanges it (RFC 8693); every other
         # upstream gets Arbiter's credential alone.
         caller = caller_token(ctx.http_request.scope) if client.per_caller and ctx.http_request else None
-        result = await client.request(ctx.method, request, caller=caller)
+        result = await client.request(ctx.method, request, caller=caller, on_send=lambda: _sent(ctx))
         _strip_upstream_identity(result)
         if ctx.method == "resources/read":
             _rename_contents(result, ctx.upstream)

@@ -14,12 +14,13 @@ from typing import Any, cast
 from mcp.shared.exceptions import MCPError
 from mcp_types import REQUEST_TIMEOUT
 
-from arbiter.errors import ArbiterError, RequestRejected, UpstreamProtocolError, UpstreamUnavailable
+from arbiter.errors import ArbiterError, UpstreamUnavailable
 from arbiter.limits.limiter import Limiter
+from arbiter.proxy.interceptors.forward import SENT_KEY
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 
 IDEMPOTENCY_META = "arbiter/idempotency-key"
-COST_KEY = "limits.cost"  # the units charged to this call (0.0 when refunded or a duplicate)
+COST_KEY = "limits.cost"  # the units charged to this call (0.0 when refunded)
 _MAX_KEY_LENGTH = 200
 
 
@@ -37,19 +38,26 @@ def request_key(ctx: CallContext) -> str | None:
     return None
 
 
-def ran_before_failing(exc: BaseException) -> bool:
-    """Could the tool have run although the call failed? Then its cost stands."""
+def ran_before_failing(exc: BaseException, sent: bool) -> bool:
+    """Could the tool have run although the call failed? Then its cost stands.
+
+    ``sent``: the forward step handed the request to the upstream. Before that (no connection, a
+    connect timeout, no credential, a refusal by another step) the tool cannot have run. After it:
+    the upstream's own JSON-RPC error says it did not run; a deadline that passed, a malformed answer
+    or a later step's refusal may all come after the tool did its work. A connection that broke is
+    refunded: the SDK reports a dead upstream (connection refused) and a connection cut mid-call the
+    same way, and the first is by far the common case; docs/limits.md states the trade-off.
+    """
     if isinstance(exc, MCPError):
         return False  # the upstream's own JSON-RPC error: it refused the request
-    if isinstance(exc, UpstreamProtocolError):
-        return True  # it answered, just not in valid MCP
+    if not sent:
+        return False
     if isinstance(exc, UpstreamUnavailable):
         cause = exc.__cause__
-        # A deadline that passed after the request was sent: the tool may be running still.
         return isinstance(cause, TimeoutError) or (
             isinstance(cause, MCPError) and cause.code == REQUEST_TIMEOUT
         )
-    return not isinstance(exc, RequestRejected)
+    return True
 
 
 class Limits:
@@ -67,7 +75,7 @@ class Limits:
         try:
             return await call_next(ctx)
         except (ArbiterError, MCPError) as exc:
-            if not ran_before_failing(exc):
+            if not ran_before_failing(exc, ctx.state.get(SENT_KEY) is True):
                 await self._limiter.refund(ticket)
                 ctx.state[COST_KEY] = 0.0
             raise
