@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from arbiter.audit.record import Event, actor_of
+from arbiter.audit.record import Event, Kind, actor_of
 from arbiter.audit.writer import AuditWriter
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
@@ -25,23 +25,21 @@ def _source_ip(scope: Mapping[str, Any]) -> str | None:
 
 def auth_event(exc: ArbiterError, scope: Mapping[str, Any], what: str) -> Event:
     """A credential refused (401/403) before anything ran: who tried is only a source address."""
-    return Event(
-        kind="auth",
-        decision="deny",
-        reason=exc.code,
-        actor=actor_of(None, _source_ip(scope)),
-        method=what,
-        outcome={"status": "refused", "http_status": exc.http_status, "message": exc.message},
-        trace_id=trace_id(scope),
-    )
+    return _refusal("auth", exc, None, scope, what)
 
 
 def forbidden_event(
     exc: ArbiterError, caller: Principal | None, scope: Mapping[str, Any], what: str
 ) -> Event:
     """An authenticated admin request the policy refused."""
+    return _refusal("admin", exc, caller, scope, what)
+
+
+def _refusal(
+    kind: Kind, exc: ArbiterError, caller: Principal | None, scope: Mapping[str, Any], what: str
+) -> Event:
     return Event(
-        kind="admin",
+        kind=kind,
         decision="deny",
         reason=exc.code,
         actor=actor_of(caller, _source_ip(scope)),
