@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -68,8 +69,22 @@ def demo_arbiter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoArbit
         token=str(info["api_keys"]["support-agent"]),  # pyright: ignore[reportIndex]
         info=info,
     )
-    proc.terminate()
+    proc.terminate()  # SIGTERM, as a service manager stops it
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+    # Its demo upstreams stop with it rather than outliving it.
+    upstreams: dict[str, str] = info["upstreams"]  # type: ignore[assignment]
+    for url in upstreams.values():
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        deadline = time.monotonic() + 10
+        while _listening(port):
+            assert time.monotonic() < deadline, f"the demo upstream on port {port} outlived arbiter demo"
+            time.sleep(0.1)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

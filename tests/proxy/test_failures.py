@@ -68,7 +68,7 @@ async def test_upstream_that_comes_back_is_listed_again(arbiter_factory: Arbiter
             assert err.value.code == -31002
             assert err.value.data == {"reason": "upstream_unavailable", "upstream": "crm"}
             assert (await client.list_tools()).tools == []
-            UpstreamProc("arbiter.demo.crm", port=crm.port).start()
+            crm = UpstreamProc("arbiter.demo.crm", port=crm.port).start()  # killed in finally, like the first
             # The next call reconnects on its own; the upstream is listed again.
             result = await client.call_tool("crm__get_customer", {"customer_id": "C-1001"})
             assert result.structured_content is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def start_upstreams() -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
 
 
 async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
+    # uvicorn re-raises the SIGTERM that stopped it; by default that kills the process on the spot,
+    # before the `finally` below can stop the demo upstreams, which would then outlive it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     db_path = await asyncio.to_thread(_fresh_db_path, state_dir)
     database_url = f"sqlite+aiosqlite:///{db_path}"
     await asyncio.to_thread(schema.upgrade, database_url)
@@ -142,6 +146,10 @@ async def _demo_keys(runtime: Runtime) -> dict[str, str]:
         )
         out[role] = key
     return out
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _with_audit_key(settings: Settings, state_dir: Path) -> Settings:
