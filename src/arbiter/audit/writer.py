@@ -305,4 +305,31 @@ class AuditWriter:
 
 
 def _render_all(render: Callable[[Event], dict[str, Any]], events: list[Event]) -> list[dict[str, Any]]:
-    return [render(event) for event in events]
+    return [_render_one(render, event) for event in events]
+
+
+def _render_one(render: Callable[[Event], dict[str, Any]], event: Event) -> dict[str, Any]:
+    try:
+        return render(event)
+    except Exception as exc:  # noqa: BLE001 - a record is never dropped for a rendering bug
+        # The exception's text could quote an argument: log its type only, and store the record
+        # without its arguments or admin details rather than lose it.
+        log.error(
+            "audit: rendering record %s failed (%s); stored without arguments", event.id, type(exc).__name__
+        )
+        safe = Event(
+            kind=event.kind,
+            decision=event.decision,
+            reason=event.reason,
+            actor=event.actor,
+            ts_ms=event.ts_ms,
+            id=event.id,
+            method=event.method,
+            upstream=event.upstream,
+            policy_version=event.policy_version,
+            outcome={"status": event.outcome.get("status"), "render_error": type(exc).__name__},
+            latency_ms=event.latency_ms,
+            cost=event.cost,
+            request_id=event.request_id if isinstance(event.request_id, int) else None,
+        )
+        return render(safe)
