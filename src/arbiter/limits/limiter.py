@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from arbiter.auth.principal import Principal
@@ -44,6 +43,7 @@ from arbiter.limits.redis_backend import RedisBackend
 from arbiter.limits.rules import MICROS, Budget, LimitConfig, RateRule, ToolSettings, select, tool_settings
 from arbiter.limits.store import LimitStore, db_error_message
 from arbiter.limits.usage import UsageCounter
+from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import LimitSettings
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class Limiter:
         try:
             with anyio.fail_after(self.settings.redis_timeout_s * 2):
                 await ticket.backend.refund(ticket.charged, ticket.cost_micros, ticket.request_key)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             # The charge stays: over-counting a failed call is the safe side of a budget.
             log.warning("limits: could not refund %s units (%s); the charge stands", ticket.cost, exc)
         ticket.charged = ()
@@ -230,7 +230,7 @@ class Limiter:
         try:
             with anyio.fail_after(self.settings.redis_timeout_s * 2):
                 verdict = await self.redis.admit(plan)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             self._redis_down(exc)
             return await self._degraded(plan)
         self._redis_up()
@@ -347,7 +347,7 @@ class Limiter:
         try:
             with anyio.fail_after(self.settings.redis_timeout_s * 2):
                 await self.redis.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             self._redis_down(exc)
         else:
             self._redis_up()

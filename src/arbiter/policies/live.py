@@ -13,12 +13,12 @@ from typing import Any
 
 import anyio
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from arbiter.policies.engine import PolicyEngine, empty_engine
 from arbiter.policies.rules import Rule
 from arbiter.policies.store import PolicyStore
+from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import PolicySettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class LivePolicy:
             try:
                 with anyio.fail_after(2):
                     await self._redis.publish(self.settings.redis_channel, str(version))
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning(
                     "could not publish policy version %d to Redis (%s); replicas will poll", version, exc
                 )
@@ -106,7 +106,7 @@ class LivePolicy:
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._wake.set()
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("policy change feed from Redis lost (%s); polling meanwhile", exc)
             if self._feed_up:
                 self._feed_up = False
