@@ -25,8 +25,7 @@ from arbiter.admin import openapi as admin_openapi
 from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
 from arbiter.audit.events import auth_event, record_policy_change
-from arbiter.audit.record import Renderer
-from arbiter.audit.redact import Redactor
+from arbiter.audit.record import renderer_for
 from arbiter.audit.retention import run_retention
 from arbiter.audit.signing import Signer, hmac_key
 from arbiter.audit.store import AuditStore
@@ -61,8 +60,6 @@ from arbiter.store.schema import require_head
 log = logging.getLogger(__name__)
 
 _BACKGROUND_STOP_S = 10.0  # how long shutdown waits for background work in flight before cancelling it
-# Admin changes keep these readable (a rule naming user:jane@example.com must say so); credentials never.
-_PERSONAL_DATA_DETECTORS = frozenset({"email", "ssn", "card", "iban"})
 
 
 def arbiter_version() -> str:
@@ -249,9 +246,7 @@ def _audit_writer(settings: Settings, engine: AsyncEngine) -> AuditWriter:
         log.warning("audit.hmac_key and audit.signing_key are unset: argument HMACs use a per-process key")
     if signer.private is None:
         log.warning("audit.signing_key is unset: audit checkpoints are not signed")
-    credentials_only = [d for d in cfg.redact.detectors if d not in _PERSONAL_DATA_DETECTORS]
-    admin_redactor = Redactor(cfg.redact.model_copy(update={"detectors": credentials_only}))
-    renderer = Renderer(Redactor(cfg.redact), key, admin_redactor)
+    renderer = renderer_for(cfg.redact, key)
     return AuditWriter(AuditStore(engine, signer, cfg, renderer.render), renderer.render, cfg)
 
 

@@ -23,8 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from arbiter.audit.bundle import SELF_KEYS_NOTE, BundleReport
 from arbiter.audit.export import bundle_chunks, csv_chunks, jsonl_chunks, plan_bundle
 from arbiter.audit.query import Filters, Order
-from arbiter.audit.record import Renderer
-from arbiter.audit.redact import Redactor
+from arbiter.audit.record import renderer_for
 from arbiter.audit.retention import purge_expired
 from arbiter.audit.signing import Signer, hmac_key
 from arbiter.audit.store import AuditStore, Head
@@ -55,7 +54,7 @@ def open_store(settings: Settings, public_keys: list[str] | None = None) -> tupl
     else:
         signer = Signer.from_secret(cfg.signing_key)
     key, _ = hmac_key(cfg.hmac_key, signer)
-    renderer = Renderer(Redactor(cfg.redact), key)
+    renderer = renderer_for(cfg.redact, key)
     engine = create_engine(settings.database_url)
     return engine, AuditStore(engine, signer, cfg, renderer.render)
 

@@ -15,12 +15,7 @@ from arbiter.audit.writer import AuditWriter
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
 from arbiter.policies.store import PolicyChange, log_change
-from arbiter.proxy.interceptors.audit import trace_id
-
-
-def _source_ip(scope: Mapping[str, Any]) -> str | None:
-    client: Any = scope.get("client")
-    return str(client[0]) if client else None
+from arbiter.proxy.interceptors.audit import client_ip, trace_id
 
 
 def auth_event(exc: ArbiterError, scope: Mapping[str, Any], what: str) -> Event:
@@ -42,7 +37,7 @@ def _refusal(
         kind=kind,
         decision="deny",
         reason=exc.code,
-        actor=actor_of(caller, _source_ip(scope)),
+        actor=actor_of(caller, client_ip(scope)),
         method=what,
         outcome={"status": "refused", "http_status": exc.http_status, "message": exc.message},
         trace_id=trace_id(scope),
@@ -104,7 +99,7 @@ async def admin_change(
                 kind="admin",
                 decision="allow",
                 reason=reason,
-                actor=actor_of(caller, _source_ip(request.scope)),
+                actor=actor_of(caller, client_ip(request.scope)),
                 method=action,
                 tool=target,
                 outcome=outcome,

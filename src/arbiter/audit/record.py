@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from arbiter.audit.redact import Redactor
 from arbiter.auth.principal import Principal
+from arbiter.settings import RedactSettings
 
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
@@ -210,6 +211,18 @@ class Renderer:
             self._def_hashes.clear()
         self._def_hashes[id(definition)] = (definition, digest)
         return digest
+
+
+# Admin changes keep these readable (a rule naming user:jane@example.com must say so); credentials never.
+_PERSONAL_DATA_DETECTORS = frozenset({"email", "ssn", "card", "iban"})
+
+
+def renderer_for(settings: RedactSettings, hmac_key: bytes) -> Renderer:
+    """The renderer Arbiter uses: ``settings`` for arguments and messages, its credential detectors
+    alone for admin changes."""
+    credentials_only = [d for d in settings.detectors if d not in _PERSONAL_DATA_DETECTORS]
+    admin = Redactor(settings.model_copy(update={"detectors": credentials_only}))
+    return Renderer(Redactor(settings), hmac_key, admin)
 
 
 def seal(body: dict[str, Any], seq: int, prev_hash: str) -> tuple[str, str]:

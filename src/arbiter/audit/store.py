@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from arbiter.audit import tables as t
-from arbiter.audit.record import Event, columns, now_ms, seal
+from arbiter.audit.record import INDEXED, Event, columns, now_ms, seal
 from arbiter.audit.signing import KeyRing, Signer, checkpoint_payload
 from arbiter.audit.verify import ChainCheck, Checkpoint, Report
 from arbiter.errors import AuditChainBroken
@@ -296,18 +296,7 @@ def _head(row: Any) -> Head:
 
 
 def _cols(row: Any) -> dict[str, Any]:
-    return {
-        "ts_ms": row.ts_ms,
-        "kind": row.kind,
-        "subject": row.subject,
-        "tenant": row.tenant,
-        "method": row.method,
-        "tool": row.tool,
-        "upstream": row.upstream,
-        "decision": row.decision,
-        "reason": row.reason,
-        "trace_id": row.trace_id,
-    }
+    return {name: getattr(row, name) for name in INDEXED}
 
 
 def _feed(check: ChainCheck, page: Sequence[Any]) -> None:

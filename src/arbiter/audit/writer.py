@@ -48,6 +48,7 @@ class AuditWriter:
         self._spool = Spool(settings.spool_dir, settings.batch_max)
         self._queue: deque[Event] = deque()
         self._held: list[dict[str, Any]] = []  # rendered records a failed write left behind
+        self._held_tried = False  # a write of _held was attempted (and may have committed)
         self._pending = 0  # reserved + queued + held: bounded by queue_max
         self._wake = asyncio.Event()
         self._state: State = "ok"
@@ -186,13 +187,16 @@ class AuditWriter:
         events = [self._queue.popleft() for _ in range(min(len(self._queue), self._cfg.batch_max))]
         # Redaction and hashing cost real CPU for large arguments: not on the loop serving /mcp.
         self._held = await anyio.to_thread.run_sync(_render_all, self._render, events)
+        self._held_tried = False
 
     async def _store_held(self) -> bool:
-        """Store the held batch (skipping ids already stored: a cut-short write may have committed)."""
+        """Store the held batch. A retry skips ids already stored: the write that failed may have
+        committed before its deadline cut it short."""
         try:
             with anyio.fail_after(self._cfg.write_timeout_s):
-                await self._store.append(self._held, dedupe=True)
+                await self._store.append(self._held, dedupe=self._held_tried)
         except _STORE_ERRORS as exc:
+            self._held_tried = True
             self._failed(exc)
             if self._cfg.on_store_failure == "spool" and await self._held_to_spool():
                 return False

@@ -73,7 +73,7 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
         kind="mcp",
         decision=decision,
         reason=reason,
-        actor=actor_of(ctx.principal, _client_ip(scope)),
+        actor=actor_of(ctx.principal, client_ip(scope)),
         method=ctx.method,
         tool=ctx.exposed,
         upstream=ctx.upstream,
@@ -96,7 +96,8 @@ def _cost(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _client_ip(scope: Any) -> str | None:
+def client_ip(scope: Any) -> str | None:
+    """The peer address of the HTTP connection (what uvicorn puts in the scope)."""
     client: Any = scope.get("client") if scope is not None else None
     return str(client[0]) if client else None
 
