@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import httpx2
@@ -98,24 +98,18 @@ def serve_in_thread(app: ASGIApp, port: int | None = None) -> Iterator[int]:
         assert not thread.is_alive(), "test server did not stop"
 
 
-@dataclass
-class UpstreamProc:
-    """A demo upstream MCP server in its own process."""
+@dataclass(kw_only=True)
+class ServerProc:
+    """A server process of the test's own on a loopback port, which the test may kill and restart."""
 
-    module: str
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self) -> UpstreamProc:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    def start(self) -> Self:
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(self.port, self.proc)
         return self
 
@@ -123,6 +117,21 @@ class UpstreamProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@dataclass
+class UpstreamProc(ServerProc):
+    """A demo upstream MCP server in its own process."""
+
+    module: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module, "--port", str(self.port)]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,10 +15,9 @@ import httpx
 import pytest
 import redis
 
-from arbiter.demo.runner import free_port
 from arbiter.limits.backend import period_bounds
 from arbiter.limits.rules import BudgetPeriod
-from tests.conftest import ADMIN_TOKEN, ArbiterServer, service_unavailable, wait_listening
+from tests.conftest import ADMIN_TOKEN, ArbiterServer, ServerProc, service_unavailable
 from tests.policies.conftest import MODERN, MODERN_META, redis_url
 
 __all__ = ["ADMIN_TOKEN", "redis_url"]
@@ -50,39 +48,24 @@ async def clear_of_period_end(period: BudgetPeriod, margin_s: float = 60.0) -> N
 
 
 @dataclass
-class RedisProc:
+class RedisProc(ServerProc):
     """A redis-server of the test's own, which the test may kill and restart."""
-
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisProc:
+    def command(self) -> list[str]:
         binary = shutil.which("redis-server")
         assert binary is not None
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_listening(self.port, self.proc)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
+        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisProc]:
     if shutil.which("redis-server") is None:
         service_unavailable("redis-server (to start a Redis this test may kill)")
-    server = RedisProc(free_port()).start()
+    server = RedisProc().start()
     yield server
     server.kill()
 
