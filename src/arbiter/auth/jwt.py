@@ -93,7 +93,11 @@ class JwtVerifier:
             claims: object = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
         except ValueError:
             return False
-        return isinstance(claims, dict) and cast(dict[str, object], claims).get("iss") in self._issuers
+        if not isinstance(claims, dict):
+            return False
+        # Untrusted input: `iss` may be any JSON value, and a list or object is not even hashable.
+        iss = cast(dict[str, object], claims).get("iss")
+        return isinstance(iss, str) and iss in self._issuers
 
     async def verify(self, token: str) -> Principal:
         """Verify signature and claims; raise :class:`InvalidToken` with a short reason on any failure."""
