@@ -3,6 +3,8 @@
 ``admit`` never awaits, so on one event loop it is atomic. It does no I/O; the clock is injected (wall
 clock by default) so tests can move it. Memory stays bounded: entries that no longer hold anything (a
 full bucket, an empty loop window, a past period, an expired request key) are swept as it grows.
+What remains is state that still limits someone, which must not be dropped (that would hand a caller
+back its tokens or budget): with very many distinct callers, the Redis backend keeps it instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 from arbiter.limits.backend import Plan, Verdict, counter_ttl_s, period_bounds, period_id
 
 Clock = Callable[[], float]
+# A sweep walks every entry, so sweeps are spaced by work done since the last one, never by a fixed
+# count alone: at least _SWEEP_EVERY admits and as many as entries were left, or the table doubled.
+# Either way a sweep's cost is paid for by the admits before it, however many callers there are.
 _SWEEP_EVERY = 10_000
 
 
@@ -30,7 +35,8 @@ class MemoryBackend:
         self._requests: dict[str, float] = {}  # request key -> expiry
         self._track_spend = track_spend
         self._spend_deltas: dict[str, int] = {}
-        self._admits = 0
+        self._admits = 0  # since the last sweep
+        self._kept = 0  # entries the last sweep left
 
     async def admit(self, plan: Plan) -> Verdict:
         return self.admit_now(plan)
@@ -38,7 +44,7 @@ class MemoryBackend:
     def admit_now(self, plan: Plan) -> Verdict:
         now = self.clock()
         self._admits += 1
-        if self._admits % _SWEEP_EVERY == 0:
+        if self._admits >= max(_SWEEP_EVERY, self._kept) or self._size() >= max(_SWEEP_EVERY, 2 * self._kept):
             self.sweep(now)
         if plan.request_key is not None and self._requests.get(plan.request_key, 0.0) > now:
             return Verdict("duplicate", now)  # in flight or committed: refused, takes nothing
@@ -136,6 +142,10 @@ class MemoryBackend:
         for key, expiry in list(self._requests.items()):
             if expiry <= now:
                 del self._requests[key]
+        self._admits, self._kept = 0, self._size()
+
+    def _size(self) -> int:
+        return len(self._buckets) + len(self._loops) + len(self._spent) + len(self._requests)
 
     def sizes(self) -> dict[str, int]:
         return {

@@ -2,6 +2,12 @@
 
 An engine never changes: a new policy version is a new engine, swapped in whole, so a request is
 decided by exactly one version and every cache below dies with the version it was computed from.
+
+Nothing here grows with the number of distinct callers. Role links are followed in Arbiter's own map
+of the ``g`` rules (pycasbin's role manager would make every caller a node of its role graph and scan
+them all on each decision), and decisions are cached per *policy identity*: callers the policy cannot
+tell apart (the same named subjects reached, the same tenant where a rule names it, the same subject
+fields read by a condition that could apply) share one entry.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -24,13 +30,15 @@ from casbin.persist.adapter import Adapter  # pyright: ignore[reportMissingTypeS
 from simpleeval import EvalWithCompoundTypes  # pyright: ignore[reportMissingTypeStubs]
 
 from arbiter.auth.principal import Principal
-from arbiter.policies.rules import Rule, compile_condition
+from arbiter.policies.rules import SUBJECT_FIELDS, Rule, compile_condition
 
 log = logging.getLogger(__name__)
 
 MODEL_TEXT = (files("arbiter.policies") / "model.conf").read_text(encoding="utf-8")
 _VISIBILITY = EnforceContext(rtype="r", ptype="p", etype="e", mtype="m2")
 _CACHE_MAX = 50_000
+_REACH_CACHE_MAX = 4096  # distinct (roles, tenant scope) combinations, not callers
+_ALL_FIELDS = frozenset(SUBJECT_FIELDS)
 
 Reason = Literal["allowed", "denied_by_rule", "no_matching_rule"]
 
@@ -104,9 +112,15 @@ class PolicyEngine:
             enforcer.set_adapter(_RulesAdapter(self.rules))
             enforcer.load_policy()
         self._enforcer = enforcer
+        # Casbin's role manager looks through max_hierarchy_level levels, the member itself the first.
+        levels: int = getattr(enforcer.get_role_manager(), "max_hierarchy_level", 10)
+        self._roles = _RoleGraph(self.rules, hops=levels - 1)
+        self._tenants = frozenset(r.values[1] for r in self.rules if r.ptype == "p" and r.values[1] != "*")
+        # Registered here rather than in _configure: it answers from this engine's role map.
+        enforcer.add_function("subjectMatch", self._subject_match)
         self._decisions: dict[tuple[object, ...], Decision] = {}
         self._visible: dict[tuple[object, ...], bool] = {}
-        self._conditional_targets: dict[tuple[object, ...], bool] = {}
+        self._targets: dict[tuple[str, str], tuple[bool, frozenset[str]]] = {}
 
     @classmethod
     async def load_into(cls, enforcer: Any, adapter: Any) -> PolicyEngine:
@@ -121,11 +135,20 @@ class PolicyEngine:
         """Allow or deny ``act`` on ``obj`` with ``args``; deny overrides allow, no match denies."""
         sub = principal if isinstance(principal, Subject) else Subject.of(principal)
         args = args or {}
-        key = (sub, obj, act, _fingerprint(args) if self._needs_args(obj, act) else None)
+        needs_args, fields = self._target(obj, act)
+        reach = self._roles.named_reach(sub, sub.tenant)
+        key = (
+            reach,
+            sub.tenant if sub.tenant in self._tenants else None,
+            sub if fields is _ALL_FIELDS else tuple(getattr(sub, f) for f in sorted(fields)),
+            obj,
+            act,
+            _fingerprint(args) if needs_args else None,
+        )
         hit = self._decisions.get(key)
         if hit is not None:
             return hit
-        allowed, explain = self._enforcer.enforce_ex(sub, sub.tenant, obj, act, args)
+        allowed, explain = self._enforcer.enforce_ex(_Caller(sub, reach), sub.tenant, obj, act, args)
         rule = Rule("p", tuple(explain)) if explain else None
         if allowed:
             decision = Decision(True, "allowed", rule, self.version)
@@ -136,16 +159,19 @@ class PolicyEngine:
         self._remember(self._decisions, key, decision)
         return decision
 
-    def _needs_args(self, obj: str, act: str) -> bool:
-        # Only a conditional rule that could apply to (obj, act) makes the arguments part of the
-        # decision; everything else is decided once per caller, object and action.
-        hit = self._conditional_targets.get((obj, act))
+    def _target(self, obj: str, act: str) -> tuple[bool, frozenset[str]]:
+        # Only a conditional rule that could apply to (obj, act) makes the arguments, or the subject
+        # fields it reads, part of the decision; everything else is decided once per policy identity.
+        hit = self._targets.get((obj, act))
         if hit is None:
-            hit = any(
-                r.ptype == "p" and r.values[5] and r.values[3] == act and object_matches(obj, r.values[2])
+            conds = [
+                r.values[5]
                 for r in self.rules
-            )
-            self._remember(self._conditional_targets, (obj, act), hit)
+                if r.ptype == "p" and r.values[5] and r.values[3] == act and object_matches(obj, r.values[2])
+            ]
+            fields = frozenset[str]().union(*(_subject_fields(c) for c in conds))
+            hit = (bool(conds), _ALL_FIELDS if fields >= _ALL_FIELDS else fields)
+            self._remember(self._targets, (obj, act), hit)
         return hit
 
     def visible(self, principal: Principal | Subject, obj: str, use_action: str) -> bool:
@@ -154,21 +180,40 @@ class PolicyEngine:
         A conditional allow counts (some arguments may pass); a conditional deny does not hide.
         """
         sub = principal if isinstance(principal, Subject) else Subject.of(principal)
-        key = (sub, obj, use_action)
+        reach = self._roles.named_reach(sub, sub.tenant)
+        # m2 evaluates no condition, so the subject's fields never matter here.
+        key = (reach, sub.tenant if sub.tenant in self._tenants else None, obj, use_action)
         hit = self._visible.get(key)
         if hit is not None:
             return hit
+        caller = _Caller(sub, reach)
         seen = any(
-            self._enforcer.enforce(_VISIBILITY, sub, sub.tenant, obj, act, {}) for act in (use_action, "list")
+            self._enforcer.enforce(_VISIBILITY, caller, sub.tenant, obj, act, {})
+            for act in (use_action, "list")
         )
         self._remember(self._visible, key, seen)
         return seen
 
     def roles_of(self, member: str, tenant: str = "*") -> list[str]:
-        """The roles ``member`` inherits directly or transitively (for explain output)."""
-        rm: Any = self._enforcer.get_role_manager()
-        roles: list[str] = rm.get_roles(member, tenant)
-        return roles
+        """The roles ``member`` is linked to directly by ``g`` rules that apply in ``tenant``."""
+        return self._roles.direct(member, tenant)
+
+    def cache_sizes(self) -> dict[str, int]:
+        """How many entries each cache holds (all are bounded; for tests and diagnostics)."""
+        return {
+            "decisions": len(self._decisions),
+            "visible": len(self._visible),
+            "targets": len(self._targets),
+            **self._roles.cache_sizes(),
+        }
+
+    def _subject_match(self, sub: _Caller | Subject, pattern: str, tenant: str) -> bool:
+        if pattern == "*":
+            return True
+        if isinstance(sub, _Caller) and tenant == sub.subject.tenant:
+            return pattern in sub.reach  # computed once per decision, for the same tenant
+        subject = sub.subject if isinstance(sub, _Caller) else sub
+        return pattern in self._roles.named_reach(subject, tenant)
 
     @staticmethod
     def _remember(cache: dict[Any, Any], key: tuple[object, ...], value: object) -> None:
@@ -177,10 +222,96 @@ class PolicyEngine:
         cache[key] = value
 
 
+class _Caller:
+    """What the matchers see as ``r.sub``: the subject, and the named policy subjects it reaches."""
+
+    __slots__ = ("reach", "subject")
+
+    def __init__(self, subject: Subject, reach: frozenset[str]) -> None:
+        self.subject = subject
+        self.reach = reach
+
+    def __repr__(self) -> str:  # Casbin logs requests with str()
+        return repr(self.subject)
+
+
+class _RoleGraph:
+    """The ``g`` links of one policy, followed the way Casbin follows them, with no state per caller.
+
+    A link applies in its own tenant, and a ``*`` link in every tenant. A member reaches itself and
+    every role within ``hops`` links of it. Closures are memoised per (member, tenant scope);
+    both come from the policy, so that memo is as small as the policy. Callers' role sets (from their
+    credentials) are memoised in a capped map.
+    """
+
+    def __init__(self, rules: Sequence[Rule], hops: int) -> None:
+        self._hops = hops
+        self._links: dict[str, dict[str, list[str]]] = {}  # tenant -> member -> roles, in rule order
+        for rule in rules:
+            if rule.ptype == "g":
+                member, role, dom = rule.values[:3]
+                roles = self._links.setdefault(dom, {}).setdefault(member, [])
+                if role not in roles:
+                    roles.append(role)
+        self._members = frozenset(m for by_member in self._links.values() for m in by_member)
+        # The subjects `p` rules name: the only identities a decision can turn on.
+        self.named = frozenset(r.values[0] for r in rules if r.ptype == "p" and r.values[0] != "*")
+        self._closures: dict[tuple[str, str], frozenset[str]] = {}
+        self._by_roles: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
+
+    def direct(self, member: str, tenant: str) -> list[str]:
+        """The roles ``member`` is linked to by links of ``tenant`` or of ``*``."""
+        roles = list(self._links.get(tenant, {}).get(member, ()))
+        if tenant != "*":
+            roles += (r for r in self._links.get("*", {}).get(member, ()) if r not in roles)
+        return roles
+
+    def reach(self, member: str, tenant: str) -> frozenset[str]:
+        """``member`` and every role it inherits in ``tenant``."""
+        if member not in self._members:
+            return frozenset((member,))
+        scope = self._scope(tenant)
+        found = self._closures.get((member, scope))
+        if found is None:
+            seen, frontier = {member}, [member]
+            for _ in range(self._hops):
+                frontier = [r for m in frontier for r in self.direct(m, scope) if r not in seen]
+                seen.update(frontier)
+                if not frontier:
+                    break
+            found = self._closures[(member, scope)] = frozenset(seen)
+        return found
+
+    def named_reach(self, sub: Subject, tenant: str) -> frozenset[str]:
+        """Which of the subjects the policy names the caller is in ``tenant``, itself or by its roles."""
+        named = self.named
+        scope = self._scope(tenant)
+        key = (sub.roles, scope)
+        by_roles = self._by_roles.get(key)
+        if by_roles is None:
+            reached: set[str] = set()
+            for role in sub.roles:
+                reached |= self.reach(f"role:{role}", scope)
+            by_roles = frozenset(reached & named)
+            if len(self._by_roles) >= _REACH_CACHE_MAX:
+                self._by_roles.clear()
+            self._by_roles[key] = by_roles
+        user = f"user:{sub.subject}"
+        if user in named or user in self._members:  # a caller the policy names by itself
+            return by_roles | (self.reach(user, scope) & named)
+        return by_roles
+
+    def cache_sizes(self) -> dict[str, int]:
+        return {"role_closures": len(self._closures), "role_sets": len(self._by_roles)}
+
+    def _scope(self, tenant: str) -> str:
+        # A tenant no link names sees only the `*` links: all such tenants share one scope.
+        return tenant if tenant in self._links else "*"
+
+
 def _configure(enforcer: Any) -> None:
     # Before the policy loads, so role links are built with tenant wildcards in place.
     enforcer.add_named_domain_matching_func("g", _tenant_matches)
-    enforcer.add_function("subjectMatch", _subject_match(enforcer))
     enforcer.add_function("domainMatch", _tenant_matches)
     enforcer.add_function("objectMatch", object_matches)
     enforcer.add_function("condition", _condition)
@@ -200,14 +331,28 @@ def _tenant_matches(tenant: str, pattern: str) -> bool:
     return pattern == "*" or tenant == pattern
 
 
-def _subject_match(enforcer: Any) -> Callable[[Subject, str, str], bool]:
-    def match(sub: Subject, pattern: str, tenant: str) -> bool:
-        if pattern == "*":
-            return True
-        rm = enforcer.get_role_manager()  # looked up per call: loading a policy may replace it
-        return any(rm.has_link(identity, pattern, tenant) for identity in sub.identities)
-
-    return match
+@lru_cache(maxsize=4096)
+def _subject_fields(cond: str) -> frozenset[str]:
+    """The ``r.sub`` fields a condition reads; all of them if it uses ``r.sub`` any other way."""
+    try:
+        tree = compile_condition(cond)
+    except ValueError:
+        return _ALL_FIELDS  # cannot tell: treat it as reading everything
+    parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    fields: set[str] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Name):
+            continue
+        parent = parents.get(id(node))
+        if node.id == "r" and isinstance(parent, ast.Attribute):
+            if parent.attr == "args":
+                continue
+            grand = parents.get(id(parent))
+            if parent.attr == "sub" and isinstance(grand, ast.Attribute) and grand.attr in SUBJECT_FIELDS:
+                fields.add(grand.attr)
+                continue
+        return _ALL_FIELDS
+    return frozenset(fields)
 
 
 @lru_cache(maxsize=8192)
@@ -301,12 +446,13 @@ class _RequestView:
         self.args = _View(args)
 
 
-def _condition(cond: str, eft: str, sub: Subject, args: Mapping[str, Any]) -> bool:
+def _condition(cond: str, eft: str, sub: _Caller | Subject, args: Mapping[str, Any]) -> bool:
     if not cond:
         return True
+    subject = sub.subject if isinstance(sub, _Caller) else sub
     try:
         tree: ast.Expression = compile_condition(cond)
-        evaluator = EvalWithCompoundTypes(names={"r": _RequestView(sub, args)})
+        evaluator = EvalWithCompoundTypes(names={"r": _RequestView(subject, args)})
         outcome: object = evaluator.eval(cond, previously_parsed=tree.body)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         return bool(outcome)  # pyright: ignore[reportUnknownArgumentType]
     except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated must fail closed
