@@ -391,3 +391,33 @@ def _ping(http: httpx.Client, server: ArbiterServer, session: str) -> int:
     return http.post(
         server.mcp_url, json={"jsonrpc": "2.0", "id": 9, "method": "ping"}, headers=headers
     ).status_code
+
+
+@pytest.mark.parametrize(
+    "iss",
+    [[], {}, [ISSUER], {"iss": ISSUER}, 1, True, 1.5, [[[]]]],
+    ids=["empty-list", "empty-object", "list", "object", "int", "bool", "float", "nested"],
+)
+def test_a_token_whose_issuer_is_not_a_string_is_refused_and_audited(
+    secured: tuple[ArbiterServer, Recorder], idp: tuple[JwksServer, SigningKey], iss: object
+) -> None:
+    from tests.audit.helpers import of_kind, wait_for
+
+    server, recorder = secured
+    _, key = idp
+    tokens = [
+        "e30.eyJpc3MiOltdfQ.x",  # {} . {"iss": []} . junk, exactly as probed
+        mint(good(iss=iss), key),  # validly signed, the claim of the wrong type
+        mint(good(iss=iss), None, alg="none"),
+    ]
+    for token in tokens:
+        mcp = _post(server, token)
+        with server.admin(token) as admin:
+            listing = admin.get("/upstreams")
+        for resp in (mcp, listing):
+            assert resp.status_code == 401, resp.text
+            assert 'error="invalid_token"' in resp.headers["www-authenticate"]
+    assert recorder.calls == []
+    refused = of_kind(wait_for(server, lambda r: len(of_kind(r, "auth")) >= 2 * len(tokens)), "auth")
+    assert {r["reason"] for r in refused} == {"invalid_token"}
+    assert {r["method"] for r in refused} == {"tools/list", "GET /admin/v1/upstreams"}
