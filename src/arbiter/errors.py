@@ -184,3 +184,13 @@ class UnknownTarget(ArbiterError):
     def to_mcp_error(self) -> MCPError:
         # Exactly what an MCP server says, with no Arbiter-specific data that would reveal a hidden tool.
         return MCPError(self._jsonrpc_code, self.message)
+
+
+class AmbiguousResourceUri(RequestRejected):
+    """A resource URI with no single normal form (an encoded or backslash-separated dot segment, a
+    ``..`` above its start): refused before policy or upstream see it. It depends on the URI alone, so
+    answering it as invalid params reveals nothing about what exists."""
+
+    code = "ambiguous_resource_uri"
+    http_status = 400
+    jsonrpc_code = INVALID_PARAMS

@@ -10,6 +10,7 @@ from arbiter.errors import UnknownTarget
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.naming import split_name, split_uri
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, CallNext, Result
+from arbiter.proxy.resource_uri import normalise
 
 # What the SDK's own MCP server answers for an unknown target, so a hidden target looks unknown too.
 RESOURCE_NOT_FOUND = -32002
@@ -55,12 +56,21 @@ class Resolve:
 
     def _resource(self, ctx: CallContext, exposed: str) -> None:
         parts = split_uri(exposed)
-        snap = self._catalog.get(parts[0]) if parts else None
-        if parts is None or snap is None:
+        if parts is None:
             raise not_found(ctx.method, exposed)
+        # Before the catalog is consulted, so a refusal depends on the URI alone and reveals nothing.
+        target = normalise(parts[1])
+        snap = self._catalog.get(parts[0])
+        if snap is None:
+            raise not_found(ctx.method, exposed)
+        if parts[1] in snap.resources:
+            # The upstream's own spelling of a resource it lists: the list filter judged this exact
+            # string, and an upstream may look its resources up by exact match.
+            target = parts[1]
         # A URI outside the static list may still match one of the upstream's templates; the upstream
         # decides, since template matching is its business.
-        if parts[1] not in snap.resources and not snap.resource_templates:
+        if target not in snap.resources and not snap.resource_templates:
             raise not_found(ctx.method, exposed)
-        ctx.upstream, ctx.target = parts[0], parts[1]
-        ctx.definition = snap.resources.get(parts[1])
+        # Authorize matches, and forward sends, the normal form: what was allowed is what is read.
+        ctx.upstream, ctx.target = parts[0], target
+        ctx.definition = snap.resources.get(target)
