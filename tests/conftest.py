@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import httpcore2
 import httpx
 import httpx2
 import pytest
@@ -287,6 +289,28 @@ class ArbiterServer:
         assert resp.status_code == 201, resp.text
         body: dict[str, Any] = resp.json()
         return body
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every host httpcore's socket backend is asked to connect to, in this process (Arbiter's thread too).
+
+    Anything but loopback is refused before a socket exists: tests never send a packet off this machine,
+    even when what they test (an upstream on another network) would.
+    """
+    hosts: list[str] = []
+    connect = httpcore2.AnyIOBackend.connect_tcp
+
+    async def guarded(
+        self: httpcore2.AsyncNetworkBackend, host: str, port: int, *args: Any, **kwargs: Any
+    ) -> httpcore2.AsyncNetworkStream:
+        hosts.append(host)
+        if not ipaddress.ip_address(host).is_loopback:
+            raise httpcore2.ConnectError(f"test: {host} is not loopback; not connecting")
+        return await connect(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(httpcore2.AnyIOBackend, "connect_tcp", guarded)
+    return hosts
 
 
 class Recorder:

@@ -42,6 +42,7 @@ from arbiter.limits.store import LimitStore
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
 from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.egress import Egress
 from arbiter.proxy.endpoint import McpEndpoint
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
@@ -99,13 +100,15 @@ def create_app(
     _quiet_sdk_logging()
     catalog = Catalog()
     secret_box = SecretBox(settings.secret_key)  # upstream secrets given through the admin API
+    egress = Egress(settings.upstream)  # the address check of every outbound connection
     pool = UpstreamPool(
         max_connections=settings.upstream.max_connections,
         reconnect_backoff_s=settings.upstream.reconnect_backoff_s,
         on_health=lambda name, healthy: catalog.set_hidden(name, not healthy),
-        outbound=Outbound(secret_box, token_timeout_s=settings.upstream.token_timeout_s),
+        outbound=Outbound(secret_box, token_timeout_s=settings.upstream.token_timeout_s, egress=egress),
         caller_sessions_max=settings.upstream.caller_sessions_max,
         caller_session_idle_s=settings.upstream.caller_session_idle_s,
+        egress=egress,
     )
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)

@@ -206,6 +206,34 @@ class UpstreamPolicy(BaseModel):
     caller_session_idle_s: float = Field(default=300.0, gt=0)
     # Timeout of each request to an OAuth token endpoint.
     token_timeout_s: float = Field(default=10.0, gt=0)
+    # Where upstreams and their token endpoints may live (CIDRs, IPv4 and IPv6): every address a host
+    # resolves to, at registration and on every new connection. Empty: any address (but link-local and
+    # metadata, above). A denied network wins over an allowed one.
+    allowed_networks: list[str] = Field(default_factory=list[str])
+    denied_networks: list[str] = Field(default_factory=list[str])
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        return cls._cidrs(v, "upstream.allowed_networks")
+
+    @field_validator("denied_networks")
+    @classmethod
+    def _denied(cls, v: list[str]) -> list[str]:
+        return cls._cidrs(v, "upstream.denied_networks")
+
+    @staticmethod
+    def _cidrs(v: list[str], setting: str) -> list[str]:
+        import ipaddress
+
+        out: list[str] = []
+        for cidr in v:
+            try:
+                out.append(str(ipaddress.ip_network(cidr.strip())))
+            except ValueError as exc:
+                # The value is a network, not a secret: naming it is what makes the error useful.
+                raise ValueError(f"{setting}: {cidr!r} is not a CIDR network ({exc})") from None
+        return out
 
 
 class IssuerConfig(BaseModel):

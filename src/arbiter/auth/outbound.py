@@ -24,6 +24,7 @@ from pydantic import SecretStr
 
 from arbiter.auth.secrets import CredentialUnavailable, SecretBox, SecretRef
 from arbiter.errors import ArbiterError, RequestRejected, UpstreamUnavailable
+from arbiter.proxy.egress import Egress, EgressRefused
 from arbiter.settings import TOKEN_TYPE_ACCESS, CredentialConfig
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class TokenSource:
     timeout_s: float
     clock: Callable[[], float] = time.monotonic
     subject: SecretStr | None = None  # token exchange: the caller's token
+    egress: Egress | None = None  # checks the token endpoint's addresses on every connection
     _token: _Token | None = field(default=None, init=False, repr=False)
     _lock: anyio.Lock = field(default_factory=anyio.Lock, init=False, repr=False)
 
@@ -247,6 +249,7 @@ class TokenSource:
                 token_endpoint_auth_method=spec.auth_method,
                 timeout=self.timeout_s,
                 follow_redirects=False,
+                transport=self._transport(),
             )
             try:
                 with anyio.fail_after(self.timeout_s):
@@ -269,8 +272,15 @@ class TokenSource:
         except TimeoutError:
             raise self._failed(f"the token endpoint did not answer within {self.timeout_s:g}s") from None
         except (httpx2.HTTPError, OSError, ValueError) as exc:
+            if isinstance(exc.__cause__, EgressRefused):  # httpx2 keeps the connect hook's error as cause
+                raise self._failed(f"the token endpoint's address is refused: {exc.__cause__}") from None
             raise self._failed(f"the token endpoint could not be reached ({type(exc).__name__})") from None
         return self._parse(fetched, started)
+
+    def _transport(self) -> httpx2.AsyncBaseTransport | None:
+        if self.egress is None:
+            return None
+        return self.egress.backend(f"upstream {self.upstream} token endpoint").transport()
 
     def _parse(self, fetched: Any, started: float) -> _Token:
         token: Mapping[str, Any] = cast(Mapping[str, Any], fetched) if isinstance(fetched, Mapping) else {}
@@ -374,11 +384,17 @@ class Outbound:
     """Builds the credential of each upstream client from its spec."""
 
     def __init__(
-        self, box: SecretBox, *, token_timeout_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        box: SecretBox,
+        *,
+        token_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        egress: Egress | None = None,
     ) -> None:
         self.box = box
         self._timeout = token_timeout_s
         self._clock = clock
+        self.egress = egress  # the connect hook of token endpoint requests (None: httpx2's own)
 
     def shared(self, upstream: str, spec: CredentialSpec) -> OutboundAuth | None:
         """The credential of the pooled client. A token-exchange upstream's pooled client serves only
@@ -394,4 +410,4 @@ class Outbound:
         return OutboundAuth(upstream, spec, self.box, self._source(upstream, spec, subject))
 
     def _source(self, upstream: str, spec: CredentialSpec, subject: SecretStr | None) -> TokenSource:
-        return TokenSource(upstream, spec, self.box, self._timeout, self._clock, subject)
+        return TokenSource(upstream, spec, self.box, self._timeout, self._clock, subject, self.egress)

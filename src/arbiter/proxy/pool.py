@@ -13,6 +13,7 @@ from arbiter.auth.outbound import Outbound, OutboundAuth
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import UpstreamUnavailable
 from arbiter.proxy.callers import CallerSessions
+from arbiter.proxy.egress import Egress
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 
 
@@ -26,6 +27,7 @@ class UpstreamPool:
         outbound: Outbound | None = None,
         caller_sessions_max: int = 256,
         caller_session_idle_s: float = 300.0,
+        egress: Egress | None = None,
     ) -> None:
         self._on_health = on_health
         self._clients: dict[str, UpstreamClient] = {}
@@ -34,6 +36,7 @@ class UpstreamPool:
         self._outbound = outbound or Outbound(SecretBox(None))
         self._callers_max = caller_sessions_max
         self._caller_idle = caller_session_idle_s
+        self.egress = egress  # checks every new upstream connection's address (upstream.allowed_networks)
         self._tg: TaskGroup | None = None
         self._stack = AsyncExitStack()
 
@@ -91,6 +94,7 @@ class UpstreamPool:
             reconnect_backoff_s=self._backoff,
             auth=auth,
             callers=callers,
+            egress=self.egress,
         )
 
     def _callers(self, spec: UpstreamSpec) -> CallerSessions | None:

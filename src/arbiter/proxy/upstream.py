@@ -32,6 +32,7 @@ from arbiter.auth.outbound import CallerTokenRequired, CredentialSpec, OutboundA
 from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
+from arbiter.proxy.egress import Egress, GuardedTransport
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class UpstreamClient:
         reconnect_backoff_s: float,
         auth: OutboundAuth | None = None,
         callers: CallerSessions | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.spec = spec
         self._tg = task_group
@@ -88,6 +90,8 @@ class UpstreamClient:
         self._auth = auth  # Arbiter's own credential for this upstream (never the caller's)
         # Token exchange: calls run on per-caller sessions; this client's own session serves discovery.
         self.callers = callers
+        # Every new HTTP connection resolves and checks the host again (upstream.allowed_networks, ...).
+        self._egress = egress.backend(f"upstream {spec.name}") if egress is not None else None
         self._conn: _Connection | None = None
         self._lock = anyio.Lock()
         self._last_failure = 0.0
@@ -215,6 +219,9 @@ class UpstreamClient:
             self._conn = None
             self._last_failure = time.monotonic()
             self._report(False)
+        refused = self._refused() if conn is not None else None
+        if refused is not None:  # a new connection to a forbidden address, not a network failure
+            why = f"connection refused by Arbiter: {refused}"
         self.last_error = why
         log.warning("upstream %s unavailable: %s", self.spec.name, why)
         return UpstreamUnavailable.of(self.spec.name)
@@ -228,6 +235,8 @@ class UpstreamClient:
                 return self._conn
             if self._closed or (self._last_failure and time.monotonic() - self._last_failure < self._backoff):
                 raise UpstreamUnavailable.of(self.spec.name)
+            if self._egress is not None:
+                self._egress.refused = None
             try:
                 with anyio.fail_after(self.spec.connect_timeout_s):
                     conn = await self._tg.start(self._run_connection)
@@ -235,7 +244,12 @@ class UpstreamClient:
                 self._last_failure = time.monotonic()
                 self.last_error = f"connect failed: {type(exc).__name__}"
                 self._report(False)
-                log.warning("upstream %s: connect failed: %s", self.spec.name, _describe(exc))
+                refused = self._refused()
+                if refused is not None:  # the SDK may hide the cause; say it plainly
+                    self.last_error = f"connect refused by Arbiter: {refused}"
+                    log.warning("upstream %s: connect refused: %s", self.spec.name, refused)
+                else:
+                    log.warning("upstream %s: connect failed: %s", self.spec.name, _describe(exc))
                 status = self._auth.last_status if self._auth is not None else None
                 if status in (401, 403):  # say so: "unavailable" would send the operator the wrong way
                     self.last_error = f"connect failed: the upstream refused Arbiter's credential ({status})"
@@ -252,6 +266,18 @@ class UpstreamClient:
             self.connects += 1
             self._report(True)
             return conn
+
+    def _refused(self) -> str | None:
+        return self._egress.refused if self._egress is not None else None
+
+    def _transport(self) -> GuardedTransport | None:
+        """A transport checking every new connection's address, or None for httpx2's own."""
+        if self._egress is None:
+            return None
+        limits = httpx2.Limits(
+            max_connections=self._max_connections, max_keepalive_connections=self._max_connections
+        )
+        return self._egress.transport(limits=limits)
 
     def _report(self, healthy: bool) -> None:
         self.healthy = healthy
@@ -286,7 +312,7 @@ class UpstreamClient:
             transport = sse_client(
                 spec.url,
                 timeout=spec.connect_timeout_s,
-                httpx_client_factory=_no_redirect_client,
+                httpx_client_factory=self._sse_http_client,
                 auth=self._auth,
             )
             return Client(transport, mode="legacy", cache=None)
@@ -305,8 +331,20 @@ class UpstreamClient:
             ),
             event_hooks={"response": [watch_session]},
             auth=self._auth,
+            transport=self._transport(),  # when given, it holds the limits above
         )
         return Client(_http_transport(spec.url, http), mode="auto", cache=None)
+
+    def _sse_http_client(
+        self,
+        headers: dict[str, str] | None = None,
+        timeout: httpx2.Timeout | None = None,
+        auth: httpx2.Auth | None = None,
+    ) -> httpx2.AsyncClient:
+        # A new transport per client: closing the client closes its transport.
+        return httpx2.AsyncClient(
+            headers=headers, timeout=timeout, auth=auth, follow_redirects=False, transport=self._transport()
+        )
 
 
 @asynccontextmanager
@@ -314,14 +352,6 @@ async def _http_transport(url: str, http: httpx2.AsyncClient) -> AsyncGenerator[
     """Streamable HTTP over Arbiter's own pooled HTTP client, closed with the transport."""
     async with http, streamable_http_client(url, http_client=http) as streams:
         yield streams
-
-
-def _no_redirect_client(
-    headers: dict[str, str] | None = None,
-    timeout: httpx2.Timeout | None = None,
-    auth: httpx2.Auth | None = None,
-) -> httpx2.AsyncClient:
-    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, follow_redirects=False)
 
 
 def _describe(exc: BaseException) -> str:
