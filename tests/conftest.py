@@ -35,6 +35,7 @@ from starlette.types import ASGIApp
 from arbiter.app import create_app
 from arbiter.demo.runner import free_port
 from arbiter.proxy.pipeline import CallContext, CallNext, Interceptor, Result
+from arbiter.serving import uvicorn_config
 from arbiter.settings import Settings
 from arbiter.store import schema
 
@@ -198,14 +199,10 @@ class ArbiterServer:
         self.port = free_port()
         self.settings = settings.model_copy(update={"port": self.port})
         self.app = create_app(self.settings, interceptors=interceptors, clock=clock)
+        # The product's own server configuration (keep-alive and all), as `arbiter serve` runs it.
         self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                host="127.0.0.1",
-                port=self.port,
-                log_level="warning",
-                lifespan="on",
-                timeout_graceful_shutdown=self.settings.shutdown_grace_s,
+            uvicorn_config(
+                self.app, self.settings, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
             )
         )
         self.loop: asyncio.AbstractEventLoop | None = None

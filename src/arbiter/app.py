@@ -9,22 +9,22 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from arbiter import probes
 from arbiter.admin import api_keys as admin_keys
 from arbiter.admin import audit as admin_audit
+from arbiter.admin import errors as admin_errors
 from arbiter.admin import limits as admin_limits
 from arbiter.admin import openapi as admin_openapi
 from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
-from arbiter.audit.events import auth_event, record_policy_change
+from arbiter.audit.events import record_policy_change
 from arbiter.audit.record import renderer_for
 from arbiter.audit.retention import run_retention
 from arbiter.audit.signing import Signer, hmac_key
@@ -32,11 +32,11 @@ from arbiter.audit.store import AuditStore
 from arbiter.audit.writer import AuditWriter
 from arbiter.auth import wellknown
 from arbiter.auth.apikeys import ApiKeys
-from arbiter.auth.authenticator import Authenticator, CredentialInQuery, resource_url
+from arbiter.auth.authenticator import Authenticator, resource_url
 from arbiter.auth.jwt import JwtVerifier
 from arbiter.auth.outbound import Outbound
 from arbiter.auth.secrets import SecretBox
-from arbiter.errors import ArbiterError, InsufficientScope, Unauthorized
+from arbiter.errors import ArbiterError
 from arbiter.limits.limiter import Limiter
 from arbiter.limits.store import LimitStore
 from arbiter.policies.live import LivePolicy
@@ -80,10 +80,28 @@ class ArbiterApp(FastAPI):
     mcp_endpoint: McpEndpoint | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/mcp" and self.mcp_endpoint is not None:
-            await self.mcp_endpoint(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
+        if scope["path"] == "/mcp" and self.mcp_endpoint is not None:
+            await self.mcp_endpoint(scope, receive, send)  # answers its own errors
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, tracked)
+        except Exception:
+            # Starlette answers an unhandled error (through admin/errors.py) and then re-raises it
+            # for the server, which would close the connection: the client's next request on it would
+            # fail. The error is answered and logged; the connection stays usable.
+            if not started:
+                log.exception("internal error while serving %s %s", scope["method"], scope["path"])
+                await admin_errors.internal_error_response()(scope, receive, send)
 
 
 def create_app(
@@ -230,14 +248,7 @@ def create_app(
         audit=audit,
     )
 
-    @app.exception_handler(ArbiterError)
-    async def _arbiter_error(request: Request, exc: ArbiterError) -> JSONResponse:  # pyright: ignore[reportUnusedFunction]
-        headers = None
-        if isinstance(exc, Unauthorized | InsufficientScope | CredentialInQuery):
-            headers = {"www-authenticate": authenticator.challenge(exc)}
-            audit.offer(auth_event(exc, request.scope, f"{request.method} {request.url.path}"))
-        return JSONResponse(exc.to_http_body(), status_code=exc.http_status, headers=headers)
-
+    admin_errors.install(app, authenticator, audit)
     return app
 
 

@@ -27,19 +27,19 @@ def serve(
 ) -> None:
     """Run Arbiter (the database must be migrated: `arbiter migrate`)."""
     from arbiter.app import create_app
+    from arbiter.serving import uvicorn_config
 
     settings = load_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    uvicorn.run(
+    config = uvicorn_config(
         create_app(settings),
+        settings,
         host=host or settings.host,
         port=port if port is not None else settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
+    uvicorn.Server(config).run()
 
 
 @cli.command()

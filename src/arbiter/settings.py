@@ -471,6 +471,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # How long a stopping Arbiter waits for open connections (e.g. agents' SSE streams) before closing them.
     shutdown_grace_s: int = Field(default=10, ge=1)
+    # How long an idle keep-alive connection stays open. Well above clients' own expiry (httpx: 5 s) so
+    # a client reusing a connection never races the server closing it; clients are told a shorter time.
+    keep_alive_s: int = Field(default=75, ge=2)
     config_file: Path | None = None
     mcp: McpSettings = Field(default_factory=McpSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

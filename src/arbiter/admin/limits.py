@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from arbiter.admin.deps import change, require, runtime
+from arbiter.admin.params import RowId
 from arbiter.audit.events import Change
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
@@ -245,13 +246,13 @@ async def explain(body: ExplainIn, rt: Rt, _: LimitsReader) -> dict[str, Any]:
 
 
 @router.get("/limits/{rule_id}")
-async def get_rule(rule_id: int, rt: Rt, _: LimitsReader) -> dict[str, Any]:
+async def get_rule(rule_id: RowId, rt: Rt, _: LimitsReader) -> dict[str, Any]:
     return rule_out(await rt.limits.store.get(LimitRuleRow, rule_id))
 
 
 @router.put("/limits/{rule_id}")
 async def replace_rule(
-    rule_id: int, body: RuleIn, rt: Rt, caller: LimitsWriter, request: Request
+    rule_id: RowId, body: RuleIn, rt: Rt, caller: LimitsWriter, request: Request
 ) -> dict[str, Any]:
     async with change(request, caller, "limit.replace", str(rule_id)) as audit:
         _, old, row = await rt.limits.store.replace(LimitRuleRow, rule_id, body.values(), caller.key)
@@ -261,7 +262,7 @@ async def replace_rule(
 
 
 @router.delete("/limits/{rule_id}", status_code=204)
-async def delete_rule(rule_id: int, rt: Rt, caller: LimitsWriter, request: Request) -> Response:
+async def delete_rule(rule_id: RowId, rt: Rt, caller: LimitsWriter, request: Request) -> Response:
     async with change(request, caller, "limit.delete", str(rule_id)) as audit:
         _, old = await rt.limits.store.delete(LimitRuleRow, rule_id, caller.key)
         await _changed(rt, caller, "rate limit rule", rule_out(old), None, audit)
@@ -288,13 +289,13 @@ async def create_budget(body: BudgetIn, rt: Rt, caller: BudgetsWriter, request: 
 
 
 @router.get("/budgets/{budget_id}")
-async def get_budget(budget_id: int, rt: Rt, _: BudgetsReader) -> dict[str, Any]:
+async def get_budget(budget_id: RowId, rt: Rt, _: BudgetsReader) -> dict[str, Any]:
     return budget_out(await rt.limits.store.get(BudgetRow, budget_id))
 
 
 @router.put("/budgets/{budget_id}")
 async def replace_budget(
-    budget_id: int, body: BudgetIn, rt: Rt, caller: BudgetsWriter, request: Request
+    budget_id: RowId, body: BudgetIn, rt: Rt, caller: BudgetsWriter, request: Request
 ) -> dict[str, Any]:
     async with change(request, caller, "budget.replace", str(budget_id)) as audit:
         _, old, row = await rt.limits.store.replace(BudgetRow, budget_id, body.values(), caller.key)
@@ -304,7 +305,7 @@ async def replace_budget(
 
 
 @router.delete("/budgets/{budget_id}", status_code=204)
-async def delete_budget(budget_id: int, rt: Rt, caller: BudgetsWriter, request: Request) -> Response:
+async def delete_budget(budget_id: RowId, rt: Rt, caller: BudgetsWriter, request: Request) -> Response:
     async with change(request, caller, "budget.delete", str(budget_id)) as audit:
         _, old = await rt.limits.store.delete(BudgetRow, budget_id, caller.key)
         await _changed(rt, caller, "budget", budget_out(old), None, audit)
@@ -332,7 +333,7 @@ async def create_cost(body: ToolCostIn, rt: Rt, caller: BudgetsWriter, request: 
 
 @router.put("/tool-costs/{cost_id}")
 async def replace_cost(
-    cost_id: int, body: ToolCostIn, rt: Rt, caller: BudgetsWriter, request: Request
+    cost_id: RowId, body: ToolCostIn, rt: Rt, caller: BudgetsWriter, request: Request
 ) -> dict[str, Any]:
     async with change(request, caller, "tool_cost.replace", str(cost_id)) as audit:
         _, old, row = await rt.limits.store.replace(ToolCostRow, cost_id, body.values(), caller.key)
@@ -342,7 +343,7 @@ async def replace_cost(
 
 
 @router.delete("/tool-costs/{cost_id}", status_code=204)
-async def delete_cost(cost_id: int, rt: Rt, caller: BudgetsWriter, request: Request) -> Response:
+async def delete_cost(cost_id: RowId, rt: Rt, caller: BudgetsWriter, request: Request) -> Response:
     async with change(request, caller, "tool_cost.delete", str(cost_id)) as audit:
         _, old = await rt.limits.store.delete(ToolCostRow, cost_id, caller.key)
         await _changed(rt, caller, "tool cost entry", cost_out(old), None, audit)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbiter.admin.deps import change, require, runtime
+from arbiter.admin.params import RowId, Version
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
 from arbiter.policies.engine import PolicyEngine, Subject
@@ -114,7 +115,7 @@ async def add_rules(body: RulesIn | RuleIn, rt: Rt, caller: Writer, request: Req
 
 
 @router.delete("/policies/{rule_id}")
-async def remove_rule(rule_id: int, rt: Rt, caller: Writer, request: Request) -> dict[str, object]:
+async def remove_rule(rule_id: RowId, rt: Rt, caller: Writer, request: Request) -> dict[str, object]:
     async with change(request, caller, "policy.remove", str(rule_id)):
         version = await rt.policy.store.remove(rule_id, caller.key)
     await rt.policy.changed(version)
@@ -127,7 +128,7 @@ async def replace_rules(
     rt: Rt,
     caller: Writer,
     request: Request,
-    expected_version: int | None = Query(default=None),
+    expected_version: Version = None,
 ) -> dict[str, object]:
     """Replace the whole policy atomically; ``expected_version`` guards against a concurrent change."""
     rules = _validated(body.rules, allow_empty=True)
@@ -158,7 +159,7 @@ async def export_csv(rt: Rt, _: Reader) -> Response:
     },
 )
 async def import_csv(
-    request: Request, rt: Rt, caller: Writer, expected_version: int | None = Query(default=None)
+    request: Request, rt: Rt, caller: Writer, expected_version: Version = None
 ) -> dict[str, object]:
     """Replace the whole policy with a Casbin CSV file; one bad line rejects the file, changing nothing."""
     rules = parse_csv(await _text(request))

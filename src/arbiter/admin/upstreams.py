@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from arbiter.admin.deps import Registry, change, require
+from arbiter.admin.params import RowId
 from arbiter.admin.schemas import (
     CatalogCounts,
     CatalogEntryOut,
@@ -107,13 +108,13 @@ async def create_upstream(
 
 
 @router.get("/upstreams/{upstream_id}", response_model=UpstreamOut)
-async def get_upstream(upstream_id: int, reg: Registry, _: Reader) -> UpstreamOut:
+async def get_upstream(upstream_id: RowId, reg: Registry, _: Reader) -> UpstreamOut:
     return await _one(reg, await reg.get(upstream_id))
 
 
 @router.patch("/upstreams/{upstream_id}", response_model=UpstreamOut)
 async def update_upstream(
-    upstream_id: int, body: UpstreamUpdate, reg: Registry, caller: Admin, request: Request
+    upstream_id: RowId, body: UpstreamUpdate, reg: Registry, caller: Admin, request: Request
 ) -> UpstreamOut:
     async with change(request, caller, "upstream.update", str(upstream_id)) as audit:
         audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
@@ -123,7 +124,7 @@ async def update_upstream(
 
 
 @router.delete("/upstreams/{upstream_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_upstream(upstream_id: int, reg: Registry, caller: Admin, request: Request) -> Response:
+async def delete_upstream(upstream_id: RowId, reg: Registry, caller: Admin, request: Request) -> Response:
     async with change(request, caller, "upstream.delete", str(upstream_id)) as audit:
         audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
         await reg.delete(upstream_id)
@@ -131,7 +132,7 @@ async def delete_upstream(upstream_id: int, reg: Registry, caller: Admin, reques
 
 
 @router.post("/upstreams/{upstream_id}/refresh", response_model=UpstreamOut)
-async def refresh_upstream(upstream_id: int, reg: Registry, caller: Admin, request: Request) -> UpstreamOut:
+async def refresh_upstream(upstream_id: RowId, reg: Registry, caller: Admin, request: Request) -> UpstreamOut:
     """Re-discover an upstream's catalog now."""
     async with change(request, caller, "upstream.refresh", str(upstream_id)) as audit:
         out = await _one(reg, await reg.refresh(upstream_id))
@@ -140,7 +141,7 @@ async def refresh_upstream(upstream_id: int, reg: Registry, caller: Admin, reque
 
 
 @router.get("/upstreams/{upstream_id}/catalog", response_model=list[CatalogEntryOut])
-async def upstream_catalog(upstream_id: int, reg: Registry, _: Reader) -> list[CatalogEntryOut]:
+async def upstream_catalog(upstream_id: RowId, reg: Registry, _: Reader) -> list[CatalogEntryOut]:
     return [_entry(name, item) for name, item in await reg.catalog_items(upstream_id)]
 
 

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from arbiter.app import create_app
 from arbiter.audit.signing import generate_key
 from arbiter.runtime import Runtime
+from arbiter.serving import uvicorn_config
 from arbiter.settings import Settings, load_settings
 from arbiter.store import schema
 
@@ -81,13 +82,7 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
         settings = configured.model_copy(update={"port": port})
         app = create_app(settings)
         server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                timeout_graceful_shutdown=settings.shutdown_grace_s,
-            )
+            uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
         )
         serving = asyncio.create_task(server.serve())
         while not server.started:
