@@ -139,17 +139,18 @@ def create_app(
     policy = LivePolicy(PolicyStore(sessions, record_policy_change), settings.policy, settings.redis_url)
     audit = _audit_writer(settings, engine)
     limiter = Limiter(settings.limits, LimitStore(sessions), settings.redis_url, clock)
+    authorize = Authorize(policy)
     pipeline = Pipeline(
         [
             Audit(audit),
             Resolve(catalog),
-            Authorize(policy),
+            authorize,
             Limits(limiter),
             *interceptors,
             Forward(catalog, pool),
         ]
     )
-    mcp_server = build_mcp_server(pipeline, catalog, arbiter_version())
+    mcp_server = build_mcp_server(pipeline, catalog, arbiter_version(), authorize.tool_visible)
     mcp_cfg = settings.mcp
     manager = StreamableHTTPSessionManager(
         app=mcp_server,
@@ -239,6 +240,7 @@ def create_app(
     app.mcp_endpoint = McpEndpoint(
         manager,
         max_body_bytes=mcp_cfg.max_body_bytes,
+        body_timeout_s=mcp_cfg.body_timeout_s,
         authenticator=authenticator,
         security=TransportSecuritySettings(
             enable_dns_rebinding_protection=mcp_cfg.dns_rebinding_protection,

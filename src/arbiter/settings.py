@@ -174,6 +174,8 @@ class McpSettings(BaseModel):
     """The agent-facing ``/mcp`` endpoint."""
 
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    # A body must arrive whole within this long; a client trickling bytes holds nothing open for longer.
+    body_timeout_s: float = Field(default=30.0, gt=0)
     json_response: bool = True
     # Handshake-era sessions are cheaper per call; stateless mode suits replicas without sticky routing.
     stateless_legacy: bool = False

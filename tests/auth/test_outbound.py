@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from arbiter.auth.outbound import GRANT_TOKEN_EXCHANGE
-from arbiter.proxy.endpoint import replay_body
+from arbiter.proxy.body import replay_body
 from tests.auth.jwks import ISSUER, MINTED, RESOURCE, JwksServer, SigningKey, claims, mint, rsa_key
 from tests.conftest import ArbiterFactory, ArbiterServer, serve_in_thread
 

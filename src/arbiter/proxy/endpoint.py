@@ -1,20 +1,24 @@
-"""The ``/mcp`` ASGI endpoint: Host/Origin check, authentication, bounded body, JSON-RPC shape and header
-checks, then the SDK transport.
+"""The ``/mcp`` ASGI endpoint: Host/Origin check, authentication, media type and a body bounded in size and
+time, JSON-RPC shape and header checks, then the SDK transport.
 
 Authentication happens here, before any body is read: a request without a valid credential costs no
 parsing. The principal rides in the ASGI scope to the MCP handlers; ``scope["user"]`` binds
-handshake-era sessions to it (the SDK answers 404 to anyone else presenting that session id).
+handshake-era sessions to it (the SDK answers 404 to anyone else presenting that session id), and
+``CALLER`` carries it to SDK callbacks that see no scope (the Mcp-Param header check).
 
 The SDK validates 2026-07-28 requests' ``Mcp-*`` headers against the body itself; for handshake-era
 requests it does not, so this layer applies the same rule to any ``Mcp-Method``/``Mcp-Name`` a client
 sends. Routing reads only the body; a header that disagrees with it is rejected before anything runs.
+An authenticated request refused here or by the SDK, before the pipeline, is audited all the same.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, cast
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -22,11 +26,12 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.inbound import MCP_METHOD_HEADER, MCP_NAME_HEADER, NAME_BEARING_METHODS, decode_header_value
-from mcp_types import HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR
+from mcp_types import HEADER_MISMATCH, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import SecretStr
+from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from arbiter.audit.events import auth_event
 from arbiter.audit.writer import AuditWriter
@@ -34,9 +39,18 @@ from arbiter.auth.authenticator import Authenticator, CredentialInQuery
 from arbiter.auth.outbound import CALLER_TOKEN_KEY
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError, AuditUnavailable, InsufficientScope, Unauthorized
+from arbiter.proxy.body import ClientGone, Refusal, check_headers, read_body, replay_body
+from arbiter.proxy.refusal import AUDITED_KEY, ResponseWatch, refusal_event
+
+log = logging.getLogger(__name__)
 
 _PROTOCOL_HEADER = "mcp-protocol-version"
 PRINCIPAL_KEY = "arbiter.principal"
+BODY_KEY = "arbiter.body"  # the request body, for the record of a refusal
+REASON_KEY = "arbiter.refusal_reason"
+GONE_KEY = "arbiter.client_gone"
+# The caller of the request being handled, for SDK callbacks that get no scope (set around the SDK call).
+CALLER: ContextVar[Principal | None] = ContextVar("arbiter_caller", default=None)
 
 
 class McpEndpoint:
@@ -45,6 +59,7 @@ class McpEndpoint:
         manager: StreamableHTTPSessionManager,
         *,
         max_body_bytes: int,
+        body_timeout_s: float,
         authenticator: Authenticator,
         security: TransportSecuritySettings,
         audit: AuditWriter,
@@ -52,6 +67,7 @@ class McpEndpoint:
         self._manager = manager
         self._audit = audit
         self._max_body = max_body_bytes
+        self._body_timeout = body_timeout_s
         self._auth = authenticator
         self._security = TransportSecurityMiddleware(security)
 
@@ -59,6 +75,19 @@ class McpEndpoint:
         if scope["type"] != "http":
             await self._manager.handle_request(scope, receive, send)
             return
+        watch = ResponseWatch(scope, send)
+        try:
+            await self._serve(scope, receive, watch)
+        except Exception:
+            # The top-level handler of /mcp: log, answer if nothing was sent yet, keep the connection.
+            log.exception("internal error while serving %s /mcp", scope["method"])
+            if not watch.status:
+                await _error(watch, 500, INTERNAL_ERROR, "Internal error")
+        principal: Principal | None = scope.get(PRINCIPAL_KEY)
+        if principal is not None and AUDITED_KEY not in scope:
+            self._record_refusal(principal, scope, watch)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         # DNS-rebinding protection first: a browser page must not even learn whether a credential works.
         request = Request(scope)
         refused = await self._security.validate_request(request)
@@ -83,35 +112,79 @@ class McpEndpoint:
             # For token-exchange upstreams only (auth/outbound.py): the caller's JWT, masked (SecretStr),
             # is the RFC 8693 subject token. Nothing else reads it, and it is never logged or forwarded.
             scope[CALLER_TOKEN_KEY] = SecretStr((authorization or "").partition(" ")[2].strip())
-        if scope["method"] != "POST" or headers.get(_PROTOCOL_HEADER) in MODERN_PROTOCOL_VERSIONS:
-            # The SDK checks 2026-07-28 requests itself (body size, JSON, batches, the Mcp-* header ladder).
-            await self._manager.handle_request(scope, receive, send)
-            return
-        body = await _read_body(receive, self._max_body)
-        if body is None:
-            await _error(send, 413, INVALID_REQUEST, f"Request body exceeds {self._max_body} bytes")
-            return
-        problem = _check(body, headers)
+        token = CALLER.set(principal)
+        try:
+            if scope["method"] != "POST":
+                await self._manager.handle_request(scope, receive, send)
+                return
+            problem = await self._post(scope, receive, send, headers)
+            if problem is not None:
+                await _error(send, problem.status, problem.code, problem.message, close=problem.close)
+                scope[REASON_KEY] = problem.reason
+        finally:
+            CALLER.reset(token)
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> Refusal | None:
+        """Hand a well-formed POST to the SDK, or say why it is refused."""
+        problem = check_headers(headers, self._max_body)
         if problem is not None:
-            await _error(send, *problem)
-            return
+            return problem
+        try:
+            body = await read_body(receive, self._max_body, self._body_timeout)
+        except ClientGone:
+            scope[GONE_KEY] = True
+            return None
+        if isinstance(body, Refusal):
+            return body
+        scope[BODY_KEY] = body  # what a refusal's record names (a reference, not a copy)
+        if headers.get(_PROTOCOL_HEADER) not in MODERN_PROTOCOL_VERSIONS:
+            # The SDK checks 2026-07-28 bodies itself (JSON, batches, ids, the Mcp-* header ladder).
+            problem = _check(body, headers)
+            if problem is not None:
+                return problem
         await self._manager.handle_request(scope, replay_body(body, receive), send)
+        return None
+
+    def _record_refusal(self, principal: Principal, scope: Scope, watch: ResponseWatch) -> None:
+        if scope.get(GONE_KEY):
+            event = refusal_event(principal, scope, 0, None, "the client disconnected", None, "cancelled")
+            self._audit.offer(event)
+            return
+        found = watch.error()
+        if found is None:
+            return  # protocol bookkeeping that succeeded (initialize, ping, notifications): nothing decided
+        code, message = found
+        body: Any = scope.get(BODY_KEY)
+        reason: Any = scope.get(REASON_KEY)
+        self._audit.offer(refusal_event(principal, scope, watch.status, code, message, body, reason))
 
 
-def _check(body: bytes, headers: Mapping[str, str]) -> tuple[int, int, str] | None:
+def _check(body: bytes, headers: Mapping[str, str]) -> Refusal | None:
     try:
         decoded: Any = json.loads(body)
     except (ValueError, RecursionError):
-        return 400, PARSE_ERROR, "Parse error: the body is not valid JSON"
+        return Refusal(400, PARSE_ERROR, "Parse error: the body is not valid JSON", "parse_error")
     if isinstance(decoded, list):
-        return 400, INVALID_REQUEST, "Invalid request: JSON-RPC batches are not supported"
+        return Refusal(
+            400, INVALID_REQUEST, "Invalid request: JSON-RPC batches are not supported", "invalid_request"
+        )
     if not isinstance(decoded, dict):
-        return 400, INVALID_REQUEST, "Invalid request: the body must be a JSON-RPC object"
+        return Refusal(
+            400, INVALID_REQUEST, "Invalid request: the body must be a JSON-RPC object", "invalid_request"
+        )
     message = cast(dict[str, Any], decoded)
     method: Any = message.get("method")
+    invalid = _envelope_problem(message)
+    if invalid is not None:
+        return Refusal(400, INVALID_REQUEST, f"Invalid request: {invalid}", "invalid_request")
     header_method = headers.get(MCP_METHOD_HEADER)
     if header_method is not None and header_method != method:
-        return 400, HEADER_MISMATCH, "Mcp-Method header does not match the request body's method"
+        return Refusal(
+            400,
+            HEADER_MISMATCH,
+            "Mcp-Method header does not match the request body's method",
+            "header_mismatch",
+        )
     header_name = headers.get(MCP_NAME_HEADER)
     if header_name is not None:
         key = NAME_BEARING_METHODS.get(method) if isinstance(method, str) else None
@@ -120,7 +193,26 @@ def _check(body: bytes, headers: Mapping[str, str]) -> tuple[int, int, str] | No
             cast(dict[str, Any], params).get(key) if key is not None and isinstance(params, dict) else None
         )
         if body_name is None or decode_header_value(header_name) != body_name:
-            return 400, HEADER_MISMATCH, "Mcp-Name header does not match the request body"
+            return Refusal(
+                400, HEADER_MISMATCH, "Mcp-Name header does not match the request body", "header_mismatch"
+            )
+    return None
+
+
+def _envelope_problem(message: Mapping[str, Any]) -> str | None:
+    """What makes a JSON-RPC object no valid MCP message, in the SDK's blind spots (it would otherwise
+    take a request with a bad id for a notification, and one with a result for a response)."""
+    if message.get("jsonrpc") != "2.0":
+        return 'jsonrpc must be "2.0"'
+    if "method" not in message:
+        return None  # a response to a request of ours: the SDK judges it
+    if "result" in message or "error" in message:
+        return "a request carries no result or error"
+    if "id" in message:
+        rid = message["id"]
+        # JSON-RPC allows null and fractions; MCP does not.
+        if not (isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool))):
+            return "id must be a string or an integer"
     return None
 
 
@@ -154,37 +246,6 @@ async def _refuse(send: Send, exc: ArbiterError, challenge: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def replay_body(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands out an already-read body once, then defers to the real one."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later reads see the client's disconnect, as the transport expects
-
-    return replay
-
-
 async def _audit_unavailable(send: Send) -> None:
     exc = AuditUnavailable("the audit log cannot store records right now; try again shortly")
     error = exc.to_mcp_error().error
@@ -200,11 +261,14 @@ async def _error(
     *,
     body: dict[str, Any] | None = None,
     retry_after: str | None = None,
+    close: bool = False,
 ) -> None:
     error = body if body is not None else {"code": code, "message": message}
     payload = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", retry_after.encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -1,10 +1,18 @@
-"""The agent-facing MCP server: the SDK's low-level ``Server`` whose handlers all run the pipeline."""
+"""The agent-facing MCP server: the SDK's low-level ``Server`` whose handlers all run the pipeline.
+
+A request that goes upstream runs while its HTTP client is still there: a disconnect cancels it (and so
+the upstream request), in every era and response mode. The SDK does not do this for JSON responses,
+nor for handshake-era requests, which it handles in the session's task rather than the HTTP request's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
+import anyio
 import mcp_types as types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
@@ -13,11 +21,13 @@ from mcp_types.methods import CACHEABLE_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.types import Receive
 
+from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
 from arbiter.proxy.catalog import Catalog
-from arbiter.proxy.endpoint import PRINCIPAL_KEY
-from arbiter.proxy.pipeline import CallContext, Pipeline, Result
+from arbiter.proxy.endpoint import CALLER, PRINCIPAL_KEY
+from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, Pipeline, Result
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +43,37 @@ def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
     return {"name": info.name, "version": info.version, "title": info.title}
 
 
-def build_mcp_server(pipeline: Pipeline, catalog: Catalog, version: str) -> Server[Any]:
-    """A server that answers every proxied method through ``pipeline``."""
+async def _unless_disconnected(pipeline: Pipeline, call: CallContext, http: Request) -> Result:
+    """Run ``call`` through the pipeline, cancelled if the HTTP client goes away first."""
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.create_task(_watch(http.receive, scope))
+        try:
+            return await pipeline(call)
+        finally:
+            watcher.cancel()
+    # Only the watcher cancels this scope; the audit step has recorded the request as cancelled.
+    raise MCPError(types.CONNECTION_CLOSED, "Request cancelled: the client disconnected")
+
+
+async def _watch(receive: Receive, scope: anyio.CancelScope) -> None:
+    # The body has been read: what the connection delivers next is its end. (Once the answer is complete
+    # the server reports a disconnect too, but by then this task has been cancelled.)
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def build_mcp_server(
+    pipeline: Pipeline,
+    catalog: Catalog,
+    version: str,
+    tool_visible: Callable[[Principal, str], bool] = lambda principal, name: True,
+) -> Server[Any]:
+    """A server that answers every proxied method through ``pipeline``.
+
+    ``tool_visible(principal, exposed_name)`` says whether the caller may see a tool: only then does the
+    SDK check the call's ``Mcp-Param-*`` headers, so a hidden tool answers exactly like a missing one.
+    """
 
     async def handle(ctx: ServerRequestContext[Any, Any], params: BaseModel | None) -> Result:
         request: object = ctx.request
@@ -49,7 +88,10 @@ def build_mcp_server(pipeline: Pipeline, catalog: Catalog, version: str) -> Serv
             client_info=_client_info(ctx),
         )
         try:
-            result = await pipeline(call)
+            if http is not None and ctx.method in TARGET_KEYS:
+                result = await _unless_disconnected(pipeline, call, http)
+            else:
+                result = await pipeline(call)
         except ArbiterError as exc:
             raise exc.to_mcp_error() from None
         except MCPError:
@@ -73,9 +115,14 @@ def build_mcp_server(pipeline: Pipeline, catalog: Catalog, version: str) -> Serv
         return types.EmptyResult()
 
     def input_schema(name: str) -> dict[str, Any] | None:
-        # Consulted by the SDK for 2026-07-28 Mcp-Param header checks; without it the SDK would run the
-        # whole tools/list handler before every call.
-        return catalog.views.input_schemas.get(name)
+        # Consulted by the SDK for 2026-07-28 Mcp-Param header checks (without it the SDK would run the
+        # whole tools/list handler before every call). It runs before the pipeline, so it must not tell a
+        # caller anything about a tool they may not see: for those, no schema and so no header check.
+        schema = catalog.views.input_schemas.get(name)
+        principal = CALLER.get()
+        if schema is None or principal is None or not tool_visible(principal, name):
+            return None
+        return schema
 
     any_handler: Any = handle  # one handler serves every method; the SDK types each slot separately
     server: Server[Any] = Server(

@@ -21,6 +21,8 @@ from arbiter.proxy.interceptors.authorize import DECISION_KEY, VERSION_KEY
 from arbiter.proxy.interceptors.limits import COST_KEY
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 
+AUDITED_KEY = "arbiter.audited"  # in the ASGI scope: this HTTP request's record is the pipeline's
+
 
 class Audit:
     def __init__(self, writer: AuditWriter) -> None:
@@ -28,6 +30,8 @@ class Audit:
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         self._writer.reserve()
+        if ctx.http_request is not None:
+            ctx.http_request.scope[AUDITED_KEY] = True
         result: Result | None = None
         error: BaseException | None = None
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from arbiter.auth.principal import Principal
 from arbiter.errors import PolicyDenied
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.live import LivePolicy
@@ -28,6 +29,12 @@ VERSION_KEY = "policy.version"
 class Authorize:
     def __init__(self, live: LivePolicy) -> None:
         self._live = live
+
+    def tool_visible(self, principal: Principal, exposed: str) -> bool:
+        """Whether ``principal`` may see the tool named ``exposed`` (``<upstream>__<tool>``)."""
+        parts = split_name(exposed)
+        obj = f"{parts[0]}/{parts[1]}" if parts is not None else None
+        return obj is not None and self._live.engine.visible(Subject.of(principal), obj, "call")
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         engine = self._live.engine  # one version decides the whole request
