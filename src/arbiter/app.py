@@ -227,6 +227,9 @@ def create_app(
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # No redirect from `/x/` to `/x`: it would answer before authentication, and clients that follow
+        # it drop the Authorization header on the way.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     app.include_router(admin_upstreams.router, prefix="/admin/v1", tags=["upstreams"])

@@ -424,3 +424,12 @@ def test_an_admin_body_that_is_not_valid_json_is_judged_only_after_authenticatio
     assert all("input" not in problem for problem in not_a_number.json()["detail"])
     refused = wait_for(server, lambda r: any(x["kind"] == "auth" for x in r))
     assert [x["method"] for x in refused if x["kind"] == "auth"] == ["POST /admin/v1/upstreams"]
+
+
+def test_a_trailing_slash_is_not_redirected_before_authentication(
+    make_gateway: Callable[..., ArbiterServer],
+) -> None:
+    server = make_gateway()
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        resp = http.get("/admin/v1/upstreams/")
+    assert resp.status_code == 404  # found by hypothesis: a 307 answered an unauthenticated request
