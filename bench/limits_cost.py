@@ -15,7 +15,10 @@ import time
 import uuid
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from arbiter.auth.principal import Principal
+from arbiter.limits.factory import build_limiter, build_redis
 from arbiter.limits.limiter import Limiter
 from arbiter.limits.store import LimitStore
 from arbiter.limits.tables import BudgetRow, LimitRuleRow, ToolCostRow
@@ -41,10 +44,10 @@ async def measure(limiter: Limiter, n: int, concurrency: int) -> tuple[float, fl
     return (time.process_time() - cpu) / n * 1e6, (time.perf_counter() - wall) / n * 1e6
 
 
-async def limiter_on(db: str, redis_url: str | None, configured: bool) -> Limiter:
+async def limiter_on(db: str, redis: Redis | None, configured: bool) -> Limiter:
     prefix = f"arbiter:bench:{uuid.uuid4().hex}:"
-    limiter = Limiter(
-        LimitSettings(redis_prefix=prefix), LimitStore(session_factory(create_engine(db))), redis_url
+    limiter = build_limiter(
+        LimitSettings(redis_prefix=prefix), LimitStore(session_factory(create_engine(db))), redis
     )
     if configured:
         store = limiter.store
@@ -70,7 +73,8 @@ async def main() -> None:
         ):
             db = f"sqlite+aiosqlite:///{Path(tmp) / f'{uuid.uuid4().hex}.db'}"
             await asyncio.to_thread(schema.upgrade, db)  # Alembic runs its own event loop
-            limiter = await limiter_on(db, redis_url, configured)
+            redis = build_redis(redis_url, 0.5) if redis_url else None
+            limiter = await limiter_on(db, redis, configured)
             try:
                 await measure(limiter, 500, 32)  # warm up: imports, caches, the script cached in Redis
                 for concurrency in (1, 32):
@@ -78,6 +82,8 @@ async def main() -> None:
                     print(f"{label:45s} x{concurrency:2d}: {cpu:7.1f} CPU µs/call {wall:8.1f} wall µs/call")
             finally:
                 await limiter.aclose()
+                if redis is not None:
+                    await redis.aclose()
 
 
 if __name__ == "__main__":

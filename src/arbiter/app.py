@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
 
-from arbiter import probes
+from arbiter import probes, wellknown
 from arbiter.admin import api_keys as admin_keys
 from arbiter.admin import audit as admin_audit
 from arbiter.admin import errors as admin_errors
@@ -30,19 +30,18 @@ from arbiter.audit.retention import run_retention
 from arbiter.audit.signing import Signer, hmac_key
 from arbiter.audit.store import AuditStore
 from arbiter.audit.writer import AuditWriter
-from arbiter.auth import wellknown
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.authenticator import Authenticator, resource_url
 from arbiter.auth.jwt import JwtVerifier
 from arbiter.auth.outbound import Outbound
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import ArbiterError
-from arbiter.limits.limiter import Limiter
+from arbiter.limits.factory import build_limiter, build_redis
 from arbiter.limits.store import LimitStore
+from arbiter.net.egress import Egress
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
 from arbiter.proxy.catalog import Catalog
-from arbiter.proxy.egress import Egress
 from arbiter.proxy.endpoint import McpEndpoint
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
@@ -136,9 +135,12 @@ def create_app(
     keys = ApiKeys(sessions)
     jwt = _jwt_verifier(settings)
     authenticator = Authenticator(settings, keys, jwt)
-    policy = LivePolicy(PolicyStore(sessions, record_policy_change), settings.policy, settings.redis_url)
+    # One Redis client (one connection pool) for the limits and the policy change feed; the lifespan
+    # closes it. Built only with a URL: without Redis everything runs in process.
+    redis = build_redis(settings.redis_url, settings.limits.redis_timeout_s) if settings.redis_url else None
+    policy = LivePolicy(PolicyStore(sessions, record_policy_change), settings.policy, redis)
     audit = _audit_writer(settings, engine)
-    limiter = Limiter(settings.limits, LimitStore(sessions), settings.redis_url, clock)
+    limiter = build_limiter(settings.limits, LimitStore(sessions), redis, clock)
     authorize = Authorize(policy)
     pipeline = Pipeline(
         [
@@ -217,6 +219,8 @@ def create_app(
             if jwt is not None:
                 await jwt.aclose()
             await limiter.aclose()
+            if redis is not None:
+                await redis.aclose()
             await engine.dispose()
 
     app = ArbiterApp(

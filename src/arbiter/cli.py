@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -188,7 +190,6 @@ audit_cli = typer.Typer(
     help="Verify, export and purge the audit log; make a checkpoint signing key.", no_args_is_help=True
 )
 cli.add_typer(audit_cli, name="audit")
-Filter = Annotated[str | None, typer.Option(help="Filter: exact match")]
 
 
 @audit_cli.command("verify")
@@ -228,45 +229,44 @@ def audit_verify(
     raise typer.Exit(0 if report.ok else 1)
 
 
+def _with_filters(command: Callable[..., None]) -> Callable[..., None]:
+    """``command``'s ``**filters`` as one ``--<filter>`` option each (``audit.query.FILTERS``)."""
+    from arbiter.audit.query import FILTERS
+
+    params = list(inspect.signature(command, eval_str=True).parameters.values())
+    options = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[str | None, typer.Option(help=help)],
+        )
+        for name, help in FILTERS.items()
+    ]
+    fixed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if p.kind is not p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature(fixed[:2] + options + fixed[2:], return_annotation=None)  # type: ignore[attr-defined]
+    return command
+
+
 @audit_cli.command("export")
+@_with_filters
 def audit_export(
     fmt: Annotated[str, typer.Option("--format", help="jsonl, csv, or bundle (verifiable offline)")],
     out: Annotated[Path | None, typer.Option(help="Write to this file (owner-only); default stdout")] = None,
-    since: Annotated[str | None, typer.Option(help="From (inclusive): ISO 8601 or epoch ms")] = None,
-    until: Annotated[str | None, typer.Option(help="Until (exclusive): ISO 8601 or epoch ms")] = None,
-    subject: Filter = None,
-    tenant: Filter = None,
-    tool: Filter = None,
-    upstream: Filter = None,
-    decision: Annotated[str | None, typer.Option(help="allow, deny or error")] = None,
-    reason: Filter = None,
-    trace_id: Filter = None,
-    kind: Annotated[str | None, typer.Option(help="mcp, auth, admin or audit")] = None,
-    method: Filter = None,
     order: Annotated[str, typer.Option(help="asc or desc (jsonl, csv)")] = "asc",
     from_seq: Annotated[int | None, typer.Option(help="Bundle: first record (default: oldest kept)")] = None,
     to_seq: Annotated[int | None, typer.Option(help="Bundle: last record (default: newest)")] = None,
+    **filters: str | None,
 ) -> None:
     """Export records from the database: filtered JSONL or CSV, or a bundle (a contiguous range of
     the chain with its checkpoints and public keys) for `arbiter audit verify --file`."""
     from arbiter.audit import commands
     from arbiter.audit.query import Filters, parse_order
 
-    filters = Filters.parse(
-        since=since,
-        until=until,
-        subject=subject,
-        tenant=tenant,
-        tool=tool,
-        upstream=upstream,
-        decision=decision,
-        reason=reason,
-        trace_id=trace_id,
-        kind=kind,
-        method=method,
-    )
     done = asyncio.run(
-        commands.export(load_settings(), fmt, out, filters, parse_order(order), from_seq, to_seq)
+        commands.export(
+            load_settings(), fmt, out, Filters.parse(**filters), parse_order(order), from_seq, to_seq
+        )
     )
     if out is not None:
         count = f"{done.records} records, " if done.records is not None else ""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
-import yaml
 from cryptography.fernet import Fernet
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 UPSTREAM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./arbiter.db"
@@ -520,26 +525,38 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+        return (init_settings, env_settings, *_config_file(settings_cls))
 
 
-class _ConfigFileSource(PydanticBaseSettingsSource):
-    """Reads the file named by ``ARBITER_CONFIG_FILE``; the environment wins over it."""
+def _config_file(settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
+    """The file named by ``ARBITER_CONFIG_FILE`` (JSON if its name ends in ``.json``, else YAML); the
+    environment wins over it."""
+    path = os.environ.get("ARBITER_CONFIG_FILE")
+    if not path:
+        return ()
+    # pydantic-settings skips a file that is not there; a config file named but missing is an error.
+    Path(path).open("rb").close()
+    if path.endswith(".json"):
+        return (_JsonFile(settings_cls, json_file=path),)
+    return (_YamlFile(settings_cls, yaml_file=path, yaml_file_encoding="utf-8"),)
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
 
-    def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("ARBITER_CONFIG_FILE")
-        if not path:
-            return {}
-        text = Path(path).read_text(encoding="utf-8")
-        data: Any = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level")
-        return dict(data)  # pyright: ignore[reportUnknownArgumentType]
+def _mapping(data: object, path: object) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return dict(cast(dict[str, Any], data))
+
+
+class _YamlFile(YamlConfigSettingsSource):
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        return _mapping(super()._read_file(file_path), file_path)
+
+
+class _JsonFile(JsonConfigSettingsSource):
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        return _mapping(super()._read_file(file_path), file_path)
 
 
 def load_settings(**overrides: Any) -> Settings:

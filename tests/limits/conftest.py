@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from redis.asyncio import Redis
 
 from arbiter.limits.backend import period_bounds
+from arbiter.limits.factory import build_redis
 from arbiter.limits.rules import BudgetPeriod
 from tests.conftest import ADMIN_TOKEN, ArbiterServer, ServerProc, service_unavailable
 from tests.policies.conftest import MODERN, MODERN_META, redis_url
@@ -37,6 +39,17 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    """A Redis client as ``create_app`` builds one (here with 2 s timeouts). Backends borrow it: the
+    test owns it and closes it."""
+    client = build_redis(redis_url, 2.0)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def clear_of_period_end(period: BudgetPeriod, margin_s: float = 60.0) -> None:

@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
+from redis.asyncio import Redis
 
 from arbiter.auth.principal import Principal
 from arbiter.errors import BudgetExceeded, DuplicateRequest, RateLimited
@@ -21,6 +23,7 @@ from arbiter.limits.backend import (
     period_bounds,
     period_id,
 )
+from arbiter.limits.factory import build_limiter, build_redis
 from arbiter.limits.limiter import Limiter
 from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
@@ -81,9 +84,9 @@ def test_budget_periods_are_utc_hours_days_and_calendar_months() -> None:
 
 
 async def test_redis_counts_budget_periods_like_the_in_process_backend(
-    redis_url: str, redis_prefix: str
+    redis_client: Redis, redis_prefix: str
 ) -> None:
-    backend = RedisBackend(redis_url, redis_prefix, 2.0)
+    backend = RedisBackend(redis_client, redis_prefix)
     try:
         counters = tuple(CounterSpec(f"c-{p}", p, 10_000_000) for p in ("hour", "day", "month"))
         verdict = await backend.admit(Plan(counters=counters, cost_micros=1_000_000))
@@ -96,10 +99,10 @@ async def test_redis_counts_budget_periods_like_the_in_process_backend(
 
 
 async def _limiter(
-    db: str, settings: LimitSettings, redis_url: str | None, clock: FakeClock | None = None
+    db: str, settings: LimitSettings, redis: Redis | None, clock: FakeClock | None = None
 ) -> Limiter:
     engine = create_engine(db)
-    limiter = Limiter(settings, LimitStore(session_factory(engine)), redis_url, clock or FakeClock())
+    limiter = build_limiter(settings, LimitStore(session_factory(engine)), redis, clock or FakeClock())
     await limiter.start()
     return limiter
 
@@ -112,11 +115,14 @@ def limits_db(sqlite_url: str) -> str:
 async def _seed(db: str, *rows: LimitRuleRow | BudgetRow) -> None:
     store = LimitStore(session_factory(create_engine(db)))
     for row in rows:
-        await store.create(row, "test")
+        if isinstance(row, LimitRuleRow):
+            await store.create(row, "test")
+        else:
+            await store.create(row, "test")
 
 
 async def test_replicas_with_clocks_five_minutes_apart_share_exact_limits_on_redis(
-    limits_db: str, redis_url: str, redis_prefix: str, tmp_path: Path
+    limits_db: str, redis_client: Redis, redis_prefix: str, tmp_path: Path
 ) -> None:
     import time
 
@@ -129,8 +135,8 @@ async def test_replicas_with_clocks_five_minutes_apart_share_exact_limits_on_red
     )
     await clear_of_period_end("day")  # the budget's counter must be one day's for the whole test
     settings = LimitSettings(redis_prefix=redis_prefix)
-    ahead = await _limiter(limits_db, settings, redis_url, FakeClock(time.time() + 300))
-    behind = await _limiter(limits_db, settings, redis_url, FakeClock(time.time() - 300))
+    ahead = await _limiter(limits_db, settings, redis_client, FakeClock(time.time() + 300))
+    behind = await _limiter(limits_db, settings, redis_client, FakeClock(time.time() - 300))
     try:
         admitted = 0
         for i in range(16):
@@ -139,7 +145,9 @@ async def test_replicas_with_clocks_five_minutes_apart_share_exact_limits_on_red
                 await replica.admit(ALICE, "kb", "search_docs")
                 admitted += 1
             except RateLimited as exc:
-                assert 0 < float(exc.details["retry_after_s"]) <= 6.001  # about one refill, by Redis's clock
+                assert (
+                    0 < float(cast(float, exc.details["retry_after_s"])) <= 6.001
+                )  # about one refill, by Redis's clock
         assert admitted == 10
         tickets = [await (ahead if i % 2 else behind).admit(ALICE, "kb2", "get_doc") for i in range(10)]
         # Both replicas charged the same counter of the same (Redis-clock) day.
@@ -167,11 +175,13 @@ async def any_backend(request: pytest.FixtureRequest) -> AsyncIterator[LimitBack
     if request.param == "memory":
         yield MemoryBackend(FakeClock())
         return
-    backend = RedisBackend(request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix"), 2.0)
+    client = build_redis(request.getfixturevalue("redis_url"), 2.0)
+    backend = RedisBackend(client, request.getfixturevalue("redis_prefix"))
     try:
         yield backend
     finally:
         await backend.aclose()
+        await client.aclose()
 
 
 async def test_concurrent_copies_of_one_request_admit_one_and_the_rest_take_nothing(
@@ -209,9 +219,9 @@ async def test_a_request_is_refused_while_in_flight_and_after_commit_but_not_aft
     limits_db: str, on_redis: bool, request: pytest.FixtureRequest
 ) -> None:
     await _seed(limits_db, BudgetRow(period="day", limit=3.0))
-    url = request.getfixturevalue("redis_url") if on_redis else None
+    client = build_redis(request.getfixturevalue("redis_url"), 2.0) if on_redis else None
     prefix = request.getfixturevalue("redis_prefix") if on_redis else "arbiter:limits:"
-    limiter = await _limiter(limits_db, LimitSettings(redis_prefix=prefix), url)
+    limiter = await _limiter(limits_db, LimitSettings(redis_prefix=prefix), client)
     try:
         args = {"query": "vat"}
         first = await limiter.admit(ALICE, "kb", "search_docs", args, "k:req-1")
@@ -240,6 +250,8 @@ async def test_a_request_is_refused_while_in_flight_and_after_commit_but_not_aft
         assert over.value.details["spent"] == 3
     finally:
         await limiter.aclose()
+        if client is not None:
+            await client.aclose()
 
 
 async def test_per_tool_counts_each_upstreams_tool_on_its_own(limits_db: str) -> None:
@@ -251,3 +263,23 @@ async def test_per_tool_counts_each_upstreams_tool_on_its_own(limits_db: str) ->
         await limiter.admit(ALICE, "kb", "search")
     with pytest.raises(RateLimited):
         await limiter.admit(ALICE, "crm", "search")
+
+
+async def test_more_calls_in_flight_than_redis_connections_wait_for_one_instead_of_failing(
+    limits_db: str, redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from arbiter.limits import factory
+
+    # Past the pool's cap redis-py used to raise at once; the limits took that for Redis being down and
+    # (failing closed) refused every limited call. A small cap makes the crowd easy to reach here.
+    monkeypatch.setattr(factory, "MAX_CONNECTIONS", 4)
+    await _seed(limits_db, LimitRuleRow(limit=1000, period="minute"))
+    client = build_redis(redis_url, 2.0)
+    limiter = await _limiter(limits_db, LimitSettings(redis_prefix=redis_prefix), client)
+    try:
+        tickets = await asyncio.gather(*(limiter.admit(ALICE, "kb", "search_docs") for _ in range(60)))
+        assert len(tickets) == 60  # none refused with limits_unavailable
+        assert limiter.health()[0] == "ok"
+    finally:
+        await limiter.aclose()
+        await client.aclose()

@@ -29,9 +29,9 @@ from pydantic import ValidationError
 from arbiter.auth.outbound import CredentialSpec, TokenSource, UpstreamAuthFailed
 from arbiter.auth.secrets import SecretBox, SecretRef
 from arbiter.errors import InvalidInput, UpstreamUnavailable
-from arbiter.proxy.egress import Egress, GuardedBackend
+from arbiter.net.egress import Egress, GuardedBackend
+from arbiter.net.urlcheck import check_upstream_url, parse_address, refusal, resolve_host
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
-from arbiter.proxy.urlcheck import check_upstream_url, parse_address, refusal, resolve_host
 from arbiter.settings import Settings, UpstreamPolicy
 from tests.conftest import ArbiterFactory, UpstreamProc
 
@@ -241,7 +241,7 @@ async def test_a_name_that_moves_is_refused_on_the_next_connection(
         names.table["upstream.test"] = ["127.0.0.1", ELSEWHERE]  # one bad answer spoils the lot
         async with httpx2.AsyncClient(transport=backend.transport()) as http:
             with (
-                caplog.at_level(logging.WARNING, "arbiter.proxy.egress"),
+                caplog.at_level(logging.WARNING, "arbiter.net.egress"),
                 pytest.raises(httpx2.ConnectError, match=r"upstream\.allowed_networks"),
             ):
                 await http.get(f"http://upstream.test:{port}/")

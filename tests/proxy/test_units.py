@@ -7,9 +7,9 @@ import hashlib
 import pytest
 
 from arbiter.errors import InvalidInput
+from arbiter.naming import exposed_name, exposed_uri, split_name, split_uri
+from arbiter.net.urlcheck import check_upstream_url
 from arbiter.proxy.catalog import Catalog, UpstreamCatalog
-from arbiter.proxy.naming import exposed_name, exposed_uri, split_name, split_uri
-from arbiter.proxy.urlcheck import check_upstream_url
 from arbiter.settings import UpstreamPolicy
 from arbiter.store.upstreams import canonical_sha256
 

@@ -8,6 +8,7 @@ parameter (a misspelt filter) is refused rather than silently widening the resul
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 from arbiter.admin.deps import require, runtime
 from arbiter.audit.export import bundle_chunks, csv_chunks, jsonl_chunks, plan_bundle
 from arbiter.audit.query import (
+    FILTERS,
     MAX_LIMIT,
     Filters,
     Order,
@@ -36,10 +38,7 @@ Rt = Annotated[Runtime, Depends(runtime)]
 
 router = APIRouter()
 
-_FILTERS = (
-    *("since", "until", "subject", "tenant", "tool", "upstream", "decision", "reason"),
-    *("trace_id", "kind", "method"),
-)
+_FILTERS = tuple(FILTERS)
 _NDJSON = "application/x-ndjson"
 
 
@@ -50,32 +49,20 @@ def _param(description: str) -> object:
 Text = str | None
 
 
-def filters(
-    since: Annotated[Text, _param("From this time, inclusive: ISO 8601 (no zone: UTC) or epoch ms")] = None,
-    until: Annotated[Text, _param("Before this time, exclusive: ISO 8601 or epoch ms")] = None,
-    subject: Annotated[Text, _param("The caller's subject, exactly")] = None,
-    tenant: Annotated[Text, _param("The caller's tenant")] = None,
-    tool: Annotated[Text, _param("The exposed tool name (<upstream>__<tool>) or resource URI")] = None,
-    upstream: Annotated[Text, _param("The upstream's name")] = None,
-    decision: Annotated[Text, _param("allow, deny or error")] = None,
-    reason: Annotated[Text, _param("e.g. policy_denied, rate_limited, upstream_unavailable")] = None,
-    trace_id: Annotated[Text, _param("W3C trace id (32 hex characters)")] = None,
-    kind: Annotated[Text, _param("mcp, auth, admin or audit")] = None,
-    method: Annotated[Text, _param("MCP method (tools/call) or admin action")] = None,
-) -> Filters:
-    return Filters.parse(
-        since=since,
-        until=until,
-        subject=subject,
-        tenant=tenant,
-        tool=tool,
-        upstream=upstream,
-        decision=decision,
-        reason=reason,
-        trace_id=trace_id,
-        kind=kind,
-        method=method,
-    )
+def filters(**raw: str | None) -> Filters:
+    return Filters.parse(**raw)
+
+
+# One optional text query parameter per filter, as FastAPI should see them.
+filters.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Text, _param(help)]
+        )
+        for name, help in FILTERS.items()
+    ],
+    return_annotation=Filters,
+)
 
 
 FilterQuery = Annotated[Filters, Depends(filters)]

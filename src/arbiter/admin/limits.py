@@ -8,9 +8,11 @@ computes the ``before``/``after`` of its change and hands both to ``_changed``.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol, cast
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -35,9 +37,9 @@ from arbiter.limits.rules import (
     select,
     tool_settings,
 )
-from arbiter.limits.store import GROUPS
+from arbiter.limits.store import GROUPS, Row
 from arbiter.limits.tables import BudgetRow, LimitRuleRow, ToolCostRow
-from arbiter.proxy.naming import split_name
+from arbiter.naming import split_name
 from arbiter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -205,23 +207,130 @@ async def _changed(
     await rt.limits.reload()
 
 
-# --- rate limit rules --------------------------------------------------------------------------------
+# --- the three kinds of row: one set of routes each ------------------------------------------------
 
 
-@router.get("/limits")
-async def list_rules(rt: Rt, _: LimitsReader) -> dict[str, Any]:
-    version, rows = await rt.limits.store.list(LimitRuleRow)
-    return {"version": version, "rules": [rule_out(r) for r in rows]}
+class _Values(Protocol):
+    def values(self) -> dict[str, Any]: ...
 
 
-@router.post("/limits", status_code=201)
-async def create_rule(body: RuleIn, rt: Rt, caller: LimitsWriter, request: Request) -> dict[str, Any]:
-    async with change(request, caller, "limit.create", "new") as audit:
-        _, row = await rt.limits.store.create(LimitRuleRow(**body.values()), caller.key)
-        after = rule_out(row)
-        audit.target = str(after.get("id"))
-        await _changed(rt, caller, "rate limit rule", None, after, audit)
-    return after
+def _sign(handler: Callable[..., Any], returns: object = dict[str, Any], **params: object) -> None:
+    """Give ``handler`` the parameters FastAPI should see: names and types differ per kind of row."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    handler.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, kw, annotation=kind) for name, kind in params.items()],
+        return_annotation=returns,
+    )
+
+
+def _routes(
+    path: str,
+    *,
+    model: type[Row],
+    body: type[BaseModel],
+    out: Callable[[Row], dict[str, Any]],
+    noun: str,
+    action: str,
+    id_name: str,
+    names: tuple[str, str, str, str, str],
+    reader: object,
+    writer: object,
+    listed: Callable[[Runtime], dict[str, Any]] = lambda rt: {},
+    with_get: bool = True,
+) -> None:
+    """List, create, (get,) replace and delete for one kind of limits row: ``GET``/``POST path``,
+    ``GET``/``PUT``/``DELETE path/{id_name}``; each change audited as ``<action>.create|replace|delete``."""
+    list_name, create_name, get_name, replace_name, delete_name = names
+    key = list_name.removeprefix("list_")
+    item = f"{path}/{{{id_name}}}"
+
+    async def list_rows(**kw: Any) -> dict[str, Any]:
+        rt: Runtime = kw["rt"]
+        version, rows = await rt.limits.store.list(model)
+        return {"version": version, **listed(rt), key: [out(r) for r in rows]}
+
+    async def create(**kw: Any) -> dict[str, Any]:
+        rt, caller, values = kw["rt"], kw["caller"], cast(_Values, kw["body"]).values()
+        async with change(kw["request"], caller, f"{action}.create", "new") as audit:
+            _, row = await rt.limits.store.create(model(**values), caller.key)
+            after = out(row)
+            audit.target = str(after.get("id"))
+            await _changed(rt, caller, noun, None, after, audit)
+        return after
+
+    async def get(**kw: Any) -> dict[str, Any]:
+        return out(await kw["rt"].limits.store.get(model, kw[id_name]))
+
+    async def replace(**kw: Any) -> dict[str, Any]:
+        rt, caller, row_id = kw["rt"], kw["caller"], kw[id_name]
+        values = cast(_Values, kw["body"]).values()
+        async with change(kw["request"], caller, f"{action}.replace", str(row_id)) as audit:
+            _, old, row = await rt.limits.store.replace(model, row_id, values, caller.key)
+            before, after = out(old), out(row)
+            await _changed(rt, caller, noun, before, after, audit)
+        return after
+
+    async def delete(**kw: Any) -> Response:
+        rt, caller, row_id = kw["rt"], kw["caller"], kw[id_name]
+        async with change(kw["request"], caller, f"{action}.delete", str(row_id)) as audit:
+            _, old = await rt.limits.store.delete(model, row_id, caller.key)
+            await _changed(rt, caller, noun, out(old), None, audit)
+        return Response(status_code=204)
+
+    row_id: dict[str, object] = {id_name: RowId}
+    _sign(list_rows, rt=Rt, _=reader)
+    _sign(create, body=body, rt=Rt, caller=writer, request=Request)
+    _sign(get, **row_id, rt=Rt, _=reader)
+    _sign(replace, **row_id, body=body, rt=Rt, caller=writer, request=Request)
+    _sign(delete, Response, **row_id, rt=Rt, caller=writer, request=Request)
+
+    router.add_api_route(path, list_rows, methods=["GET"], name=list_name)
+    router.add_api_route(path, create, methods=["POST"], status_code=201, name=create_name)
+    if with_get:
+        router.add_api_route(item, get, methods=["GET"], name=get_name)
+    router.add_api_route(item, replace, methods=["PUT"], name=replace_name)
+    router.add_api_route(item, delete, methods=["DELETE"], status_code=204, name=delete_name)
+
+
+_routes(
+    "/limits",
+    model=LimitRuleRow,
+    body=RuleIn,
+    out=rule_out,
+    noun="rate limit rule",
+    action="limit",
+    id_name="rule_id",
+    names=("list_rules", "create_rule", "get_rule", "replace_rule", "delete_rule"),
+    reader=LimitsReader,
+    writer=LimitsWriter,
+)
+_routes(
+    "/budgets",
+    model=BudgetRow,
+    body=BudgetIn,
+    out=budget_out,
+    noun="budget",
+    action="budget",
+    id_name="budget_id",
+    names=("list_budgets", "create_budget", "get_budget", "replace_budget", "delete_budget"),
+    reader=BudgetsReader,
+    writer=BudgetsWriter,
+)
+# Tool costs (and the loop breaker per tool): the budgets' permissions, no GET of one entry.
+_routes(
+    "/tool-costs",
+    model=ToolCostRow,
+    body=ToolCostIn,
+    out=cost_out,
+    noun="tool cost entry",
+    action="tool_cost",
+    id_name="cost_id",
+    names=("list_costs", "create_cost", "get_cost", "replace_cost", "delete_cost"),
+    reader=BudgetsReader,
+    writer=BudgetsWriter,
+    listed=lambda rt: {"default_cost": rt.limits.defaults.cost},
+    with_get=False,
+)
 
 
 @router.post("/limits/explain")
@@ -243,111 +352,6 @@ async def explain(body: ExplainIn, rt: Rt, _: LimitsReader) -> dict[str, Any]:
         "cost": settings.cost,
         "loop": {"max_repeats": settings.loop_max_repeats, "window_s": settings.loop_window_s},
     }
-
-
-@router.get("/limits/{rule_id}")
-async def get_rule(rule_id: RowId, rt: Rt, _: LimitsReader) -> dict[str, Any]:
-    return rule_out(await rt.limits.store.get(LimitRuleRow, rule_id))
-
-
-@router.put("/limits/{rule_id}")
-async def replace_rule(
-    rule_id: RowId, body: RuleIn, rt: Rt, caller: LimitsWriter, request: Request
-) -> dict[str, Any]:
-    async with change(request, caller, "limit.replace", str(rule_id)) as audit:
-        _, old, row = await rt.limits.store.replace(LimitRuleRow, rule_id, body.values(), caller.key)
-        before, after = rule_out(old), rule_out(row)
-        await _changed(rt, caller, "rate limit rule", before, after, audit)
-    return after
-
-
-@router.delete("/limits/{rule_id}", status_code=204)
-async def delete_rule(rule_id: RowId, rt: Rt, caller: LimitsWriter, request: Request) -> Response:
-    async with change(request, caller, "limit.delete", str(rule_id)) as audit:
-        _, old = await rt.limits.store.delete(LimitRuleRow, rule_id, caller.key)
-        await _changed(rt, caller, "rate limit rule", rule_out(old), None, audit)
-    return Response(status_code=204)
-
-
-# --- budgets ------------------------------------------------------------------------------------------
-
-
-@router.get("/budgets")
-async def list_budgets(rt: Rt, _: BudgetsReader) -> dict[str, Any]:
-    version, rows = await rt.limits.store.list(BudgetRow)
-    return {"version": version, "budgets": [budget_out(r) for r in rows]}
-
-
-@router.post("/budgets", status_code=201)
-async def create_budget(body: BudgetIn, rt: Rt, caller: BudgetsWriter, request: Request) -> dict[str, Any]:
-    async with change(request, caller, "budget.create", "new") as audit:
-        _, row = await rt.limits.store.create(BudgetRow(**body.values()), caller.key)
-        after = budget_out(row)
-        audit.target = str(after.get("id"))
-        await _changed(rt, caller, "budget", None, after, audit)
-    return after
-
-
-@router.get("/budgets/{budget_id}")
-async def get_budget(budget_id: RowId, rt: Rt, _: BudgetsReader) -> dict[str, Any]:
-    return budget_out(await rt.limits.store.get(BudgetRow, budget_id))
-
-
-@router.put("/budgets/{budget_id}")
-async def replace_budget(
-    budget_id: RowId, body: BudgetIn, rt: Rt, caller: BudgetsWriter, request: Request
-) -> dict[str, Any]:
-    async with change(request, caller, "budget.replace", str(budget_id)) as audit:
-        _, old, row = await rt.limits.store.replace(BudgetRow, budget_id, body.values(), caller.key)
-        before, after = budget_out(old), budget_out(row)
-        await _changed(rt, caller, "budget", before, after, audit)
-    return after
-
-
-@router.delete("/budgets/{budget_id}", status_code=204)
-async def delete_budget(budget_id: RowId, rt: Rt, caller: BudgetsWriter, request: Request) -> Response:
-    async with change(request, caller, "budget.delete", str(budget_id)) as audit:
-        _, old = await rt.limits.store.delete(BudgetRow, budget_id, caller.key)
-        await _changed(rt, caller, "budget", budget_out(old), None, audit)
-    return Response(status_code=204)
-
-
-# --- tool costs (and the loop breaker per tool) -------------------------------------------------------
-
-
-@router.get("/tool-costs")
-async def list_costs(rt: Rt, _: BudgetsReader) -> dict[str, Any]:
-    version, rows = await rt.limits.store.list(ToolCostRow)
-    return {"version": version, "default_cost": rt.limits.defaults.cost, "costs": [cost_out(r) for r in rows]}
-
-
-@router.post("/tool-costs", status_code=201)
-async def create_cost(body: ToolCostIn, rt: Rt, caller: BudgetsWriter, request: Request) -> dict[str, Any]:
-    async with change(request, caller, "tool_cost.create", "new") as audit:
-        _, row = await rt.limits.store.create(ToolCostRow(**body.values()), caller.key)
-        after = cost_out(row)
-        audit.target = str(after.get("id"))
-        await _changed(rt, caller, "tool cost entry", None, after, audit)
-    return after
-
-
-@router.put("/tool-costs/{cost_id}")
-async def replace_cost(
-    cost_id: RowId, body: ToolCostIn, rt: Rt, caller: BudgetsWriter, request: Request
-) -> dict[str, Any]:
-    async with change(request, caller, "tool_cost.replace", str(cost_id)) as audit:
-        _, old, row = await rt.limits.store.replace(ToolCostRow, cost_id, body.values(), caller.key)
-        before, after = cost_out(old), cost_out(row)
-        await _changed(rt, caller, "tool cost entry", before, after, audit)
-    return after
-
-
-@router.delete("/tool-costs/{cost_id}", status_code=204)
-async def delete_cost(cost_id: RowId, rt: Rt, caller: BudgetsWriter, request: Request) -> Response:
-    async with change(request, caller, "tool_cost.delete", str(cost_id)) as audit:
-        _, old = await rt.limits.store.delete(ToolCostRow, cost_id, caller.key)
-        await _changed(rt, caller, "tool cost entry", cost_out(old), None, audit)
-    return Response(status_code=204)
 
 
 # --- usage --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from arbiter.admin.credentials import credential_input
 from arbiter.admin.deps import Registry, change, require
 from arbiter.admin.params import RowId
 from arbiter.admin.schemas import (
@@ -22,8 +23,9 @@ from arbiter.admin.schemas import (
 )
 from arbiter.auth.outbound import CredentialSpec
 from arbiter.auth.principal import Principal
+from arbiter.naming import exposed_target
 from arbiter.proxy.catalog import KIND_FIELDS
-from arbiter.proxy.naming import exposed_target
+from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition
 from arbiter.proxy.registry import UpstreamRegistry
 from arbiter.store.models import CatalogItem, Upstream
 
@@ -77,6 +79,29 @@ async def _one(reg: UpstreamRegistry, row: Upstream) -> UpstreamOut:
     return _out(reg, row, await reg.counts())
 
 
+def _definition(body: UpstreamCreate) -> UpstreamDefinition:
+    return UpstreamDefinition(
+        name=body.name,
+        url=body.url,
+        transport=body.transport,
+        connect_timeout_s=body.connect_timeout_s,
+        call_timeout_s=body.call_timeout_s,
+        enabled=body.enabled,
+        credential=credential_input(body.credential),
+    )
+
+
+def _changes(body: UpstreamUpdate) -> UpstreamChanges:
+    return UpstreamChanges(
+        transport=body.transport,
+        url=body.url,
+        connect_timeout_s=body.connect_timeout_s,
+        call_timeout_s=body.call_timeout_s,
+        enabled=body.enabled,
+        credential=credential_input(body.credential) if body.credential is not None else None,
+    )
+
+
 def _entry(upstream: str, item: CatalogItem) -> CatalogEntryOut:
     return CatalogEntryOut(
         upstream=upstream,
@@ -102,7 +127,7 @@ async def create_upstream(
 ) -> UpstreamOut:
     """Register an upstream: Arbiter connects, discovers its tools/resources/prompts and stores them."""
     async with change(request, caller, "upstream.create", body.name) as audit:
-        out = await _one(reg, await reg.create(body))
+        out = await _one(reg, await reg.create(_definition(body)))
         audit.after = out.model_dump(mode="json")
     return out
 
@@ -118,7 +143,7 @@ async def update_upstream(
 ) -> UpstreamOut:
     async with change(request, caller, "upstream.update", str(upstream_id)) as audit:
         audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
-        out = await _one(reg, await reg.update(upstream_id, body))
+        out = await _one(reg, await reg.update(upstream_id, _changes(body)))
         audit.after = out.model_dump(mode="json")
     return out
 

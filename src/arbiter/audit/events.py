@@ -14,8 +14,8 @@ from arbiter.audit.record import Event, Kind, actor_of
 from arbiter.audit.writer import AuditWriter
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
+from arbiter.http_scope import client_ip, trace_id
 from arbiter.policies.store import PolicyChange, log_change
-from arbiter.proxy.interceptors.audit import client_ip, trace_id
 
 
 def auth_event(exc: ArbiterError, scope: Mapping[str, Any], what: str) -> Event:

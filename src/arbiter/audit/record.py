@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
+
+import uuid_utils
 
 from arbiter.audit.redact import Redactor
 from arbiter.auth.principal import Principal
@@ -55,12 +55,10 @@ def record_hash(body_text: str) -> str:
 
 
 def uuid7(ms: int | None = None) -> str:
-    """An RFC 9562 version 7 UUID: 48-bit Unix milliseconds, then random bits (time-ordered ids)."""
-    ms = time.time_ns() // 1_000_000 if ms is None else ms
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64 | 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    """An RFC 9562 version 7 UUID: 48-bit Unix milliseconds (exactly ``ms``, the record's ``ts_ms``),
+    then random bits (time-ordered ids). Python 3.11 has no ``uuid.uuid7``; uuid-utils makes them."""
+    ms = time.time_ns() // 1_000_000 if ms is None else ms & 0xFFFF_FFFF_FFFF
+    return str(uuid_utils.uuid7(ms // 1000, ms % 1000 * 1_000_000))
 
 
 def now_ms() -> int:

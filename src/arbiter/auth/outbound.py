@@ -24,15 +24,13 @@ from pydantic import SecretStr
 
 from arbiter.auth.secrets import CredentialUnavailable, SecretBox, SecretRef
 from arbiter.errors import ArbiterError, RequestRejected, UpstreamUnavailable
-from arbiter.proxy.egress import Egress, EgressRefused
+from arbiter.net.egress import Egress, EgressRefused
 from arbiter.settings import TOKEN_TYPE_ACCESS, CredentialConfig
 
 log = logging.getLogger(__name__)
 
 CredentialKind = Literal["none", "header", "client_credentials", "token_exchange"]
 GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-# The ASGI scope key under which /mcp keeps a JWT caller's raw token, masked, for token exchange only.
-CALLER_TOKEN_KEY = "arbiter.caller_token"
 # A token without expires_in is used until the upstream refuses it, but never longer than this.
 _MAX_TOKEN_LIFETIME_S = 3600.0
 _INVALID_HEADER_CHARS = frozenset(chr(c) for c in (*range(0x20), 0x7F))
@@ -65,12 +63,6 @@ def header_safe(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return not _INVALID_HEADER_CHARS.intersection(value)
-
-
-def caller_token(scope: Mapping[str, Any]) -> SecretStr | None:
-    """The caller's own access token, if /mcp kept it (JWT callers only)."""
-    token = scope.get(CALLER_TOKEN_KEY)
-    return token if isinstance(token, SecretStr) else None
 
 
 @dataclass(frozen=True)

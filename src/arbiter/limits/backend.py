@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
+
+import anyio
 
 from arbiter.limits.rules import BudgetPeriod
 
@@ -71,6 +73,9 @@ class Verdict:
     retry_after_s: float = 0.0
     spent_micros: int = 0  # for "budget": what the counter held
     charged: tuple[str, ...] = ()  # counter keys (with period) charged by this call
+    # Where the charge was made, when a backend passed the plan on to another (the failover backend's
+    # in-process fallback): a refund goes there. None: the backend that answered holds it.
+    holder: LimitBackend | None = field(default=None, compare=False, repr=False)
 
 
 class LimitBackend(Protocol):
@@ -83,6 +88,26 @@ class LimitBackend(Protocol):
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class ManagedBackend(LimitBackend, Protocol):
+    """A backend as the limiter runs it: with its own start-up, background work and health."""
+
+    async def start(self) -> None:
+        """Load what the backend keeps across restarts; called once, after the config is loaded."""
+        ...
+
+    async def run(self, stopping: anyio.Event) -> None:
+        """Background work (syncing, sweeping, watching a server) until ``stopping`` is set."""
+        ...
+
+    async def check(self) -> None:
+        """Bring the health state up to date now (a ping), without raising."""
+        ...
+
+    def health(self) -> tuple[str, dict[str, object]]:
+        """``"ok"`` while calls can be limited as configured, else an error; and the state to show."""
+        ...
 
 
 def period_id(period: BudgetPeriod, now: float) -> str:

@@ -1,9 +1,13 @@
-"""The limiter: turns one call into a plan, has a backend admit it, and handles Redis being down.
+"""The limiter: turns one call into a plan, has its backend admit it, and refuses, refunds and counts.
 
 The hot path touches no database: rules, budgets and costs live in memory (``LimitConfig``) and are
 reloaded when their version in the database moves (polled every ``limits.reload_interval_s``, and at
 once on this replica after an admin change). What applies to a (caller, tool) pair is computed once
-per config version and cached. A call that nothing applies to costs no backend round trip at all.
+per config version and kept in a small LRU cache, so memory does not grow with the number of callers
+seen. A call that nothing applies to costs no backend round trip at all.
+
+The backend (``limits.factory`` picks it from settings) owns everything about where counts live: the
+in-process one (``limits.local``), or Redis with its failover (``limits.failover``).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from cachetools import LRUCache
 from sqlalchemy.exc import SQLAlchemyError
 
 from arbiter.auth.principal import Principal
 from arbiter.errors import (
     BudgetExceeded,
-    ConfigError,
     DuplicateRequest,
     LimitsUnavailable,
     RateLimited,
@@ -34,12 +38,12 @@ from arbiter.limits.backend import (
     CounterSpec,
     LimitBackend,
     LoopSpec,
+    ManagedBackend,
     Plan,
     Verdict,
     period_bounds,
 )
-from arbiter.limits.memory import Clock, MemoryBackend, ceil_s
-from arbiter.limits.redis_backend import RedisBackend
+from arbiter.limits.memory import Clock, ceil_s
 from arbiter.limits.rules import MICROS, Budget, LimitConfig, RateRule, ToolSettings, select, tool_settings
 from arbiter.limits.store import LimitStore, db_error_message
 from arbiter.limits.usage import UsageCounter
@@ -47,8 +51,12 @@ from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import LimitSettings
 
 log = logging.getLogger(__name__)
-_CACHE_MAX = 20_000
-_SWEEP_INTERVAL_S = 60.0
+# Entries are per (caller, tool): enough for the callers active at once; a flood of new callers only
+# costs recomputing what applies to them, never memory.
+_CACHE_MAX = 4096
+# What selection (subject, roles, tenant) and bucket keys (issuer|subject, tenant) depend on, and the
+# tool: not the whole Principal, whose scopes and client id vary per token of the same caller.
+_CacheKey = tuple[str, str, str | None, frozenset[str], str, str]
 
 
 @dataclass(frozen=True)
@@ -111,33 +119,26 @@ def _dims(per: tuple[str, ...], principal: Principal, upstream: str, tool: str) 
 
 
 class Limiter:
+    """Admission, refusals, refunds and usage for every tool call, on ``backend`` (see
+    ``limits.factory.build_limiter``); ``clock`` dates calls that no backend sees."""
+
     def __init__(
         self,
         settings: LimitSettings,
         store: LimitStore,
-        redis_url: str | None = None,
+        backend: ManagedBackend,
         clock: Clock = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.backend = backend
         self.clock = clock
         self.defaults = ToolSettings(settings.default_cost, settings.loop_max_repeats, settings.loop_window_s)
         self.config = LimitConfig(defaults=self.defaults)
-        use_redis = settings.backend == "redis" or (settings.backend == "auto" and bool(redis_url))
-        if use_redis and not redis_url:
-            raise ConfigError("limits.backend is 'redis' but ARBITER_REDIS_URL is not set")
-        self.memory = MemoryBackend(clock, track_spend=not use_redis)
-        self.redis = (
-            RedisBackend(redis_url, settings.redis_prefix, settings.redis_timeout_s)
-            if use_redis and redis_url
-            else None
-        )
         self.usage = UsageCounter(store)
-        self._cache: dict[tuple[Principal, str, str], _Applicable] = {}
+        self._cache: LRUCache[_CacheKey, _Applicable] = LRUCache(_CACHE_MAX)
         self._lock = anyio.Lock()
         self._loaded = False
-        self._redis_error: str | None = None  # set while Redis is unreachable
-        self._retry_at = 0.0
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -188,14 +189,15 @@ class Limiter:
             call_id=uuid.uuid4().hex,
         )
         try:
-            verdict, backend = await self._admit(plan)
+            verdict = await self.backend.admit(plan)
         except LimitsUnavailable:
             self._count(ticket, self.clock(), limited=1)
             raise
         if verdict.outcome != "ok":
             self._count(ticket, verdict.now, limited=1)
             raise self._refusal(verdict, app, plan, upstream, tool)
-        ticket.now, ticket.backend, ticket.request_key = verdict.now, backend, req
+        ticket.now, ticket.request_key = verdict.now, req
+        ticket.backend = verdict.holder or self.backend
         ticket.charged = verdict.charged
         return ticket
 
@@ -221,29 +223,6 @@ class Limiter:
             # The charge stays: over-counting a failed call is the safe side of a budget.
             log.warning("limits: could not refund %s units (%s); the charge stands", ticket.cost, exc)
         ticket.charged = ()
-
-    async def _admit(self, plan: Plan) -> tuple[Verdict, LimitBackend]:
-        if self.redis is None:
-            return await self.memory.admit(plan), self.memory
-        if self._redis_error is not None and time.monotonic() < self._retry_at:
-            return await self._degraded(plan)
-        try:
-            with anyio.fail_after(self.settings.redis_timeout_s * 2):
-                verdict = await self.redis.admit(plan)
-        except REDIS_ERRORS as exc:
-            self._redis_down(exc)
-            return await self._degraded(plan)
-        self._redis_up()
-        return verdict, self.redis
-
-    async def _degraded(self, plan: Plan) -> tuple[Verdict, LimitBackend]:
-        if self.settings.on_redis_down == "fallback":
-            return await self.memory.admit(plan), self.memory
-        raise LimitsUnavailable(
-            "limits cannot be checked because the limits store (Redis) is unreachable; the call was "
-            "not forwarded",
-            retry_after_s=self.settings.redis_retry_s,
-        )
 
     def _refusal(
         self, verdict: Verdict, app: _Applicable, plan: Plan, upstream: str, tool: str
@@ -289,7 +268,7 @@ class Limiter:
         )
 
     def _applicable(self, principal: Principal, upstream: str, tool: str) -> _Applicable:
-        key = (principal, upstream, tool)
+        key = (principal.issuer, principal.subject, principal.tenant, principal.roles, upstream, tool)
         found = self._cache.get(key)
         if found is not None:
             return found
@@ -311,8 +290,6 @@ class Limiter:
             settings=settings,
             cost_micros=round(settings.cost * MICROS),
         )
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
         self._cache[key] = found
         return found
 
@@ -322,56 +299,22 @@ class Limiter:
             (int(now) // 3600, ticket.principal.key, tenant, ticket.upstream, ticket.tool), **counts
         )
 
-    # --- Redis health ------------------------------------------------------------------------------
-
-    def _redis_down(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.settings.redis_retry_s
-        if self._redis_error is None:
-            what = (
-                "falling back to per-replica in-process limits"
-                if self.settings.on_redis_down == "fallback"
-                else "refusing calls that limits apply to (fail_closed)"
-            )
-            log.error("limits: Redis is unreachable (%s); %s", type(exc).__name__, what)
-        self._redis_error = type(exc).__name__ or "error"
-
-    def _redis_up(self) -> None:
-        if self._redis_error is not None:
-            log.warning("limits: Redis is reachable again; shared limits are back in force")
-            self._redis_error = None
+    # --- health ------------------------------------------------------------------------------------
 
     async def check(self) -> None:
-        """Ping Redis (if used) so the health state is current even without traffic."""
-        if self.redis is None:
-            return
-        try:
-            with anyio.fail_after(self.settings.redis_timeout_s * 2):
-                await self.redis.ping()
-        except REDIS_ERRORS as exc:
-            self._redis_down(exc)
-        else:
-            self._redis_up()
+        """Bring the backend's health up to date (a Redis ping) even without traffic."""
+        await self.backend.check()
 
     def health(self) -> tuple[str, dict[str, object]]:
         """For /readyz, as information (not a readiness condition): "ok" while calls can be limited as
         configured, else an error, and the state to show."""
+        check, state = self.backend.health()
         info: dict[str, object] = {
-            "backend": "redis" if self.redis is not None else "memory",
+            "backend": self.backend.name,
             "config_version": self.config.version,
             "enabled": self.settings.enabled,
         }
-        if self.redis is None:
-            return "ok", {**info, "state": "ok"}
-        info["on_redis_down"] = self.settings.on_redis_down
-        if self._redis_error is None:
-            return "ok", {**info, "state": "ok"}
-        info["redis_error"] = self._redis_error
-        if self.settings.on_redis_down == "fallback":
-            return "ok", {**info, "state": "fallback"}
-        return (
-            f"error: Redis unreachable ({self._redis_error}); calls with limits are refused",
-            {**info, "state": "unavailable"},
-        )
+        return check, {**info, **state}
 
     # --- configuration and background work --------------------------------------------------------
 
@@ -380,7 +323,7 @@ class Limiter:
             version = await self.store.version()
             if not self._loaded or version != self.config.version:
                 self.config = await self.store.load(self.defaults)
-                self._cache = {}
+                self._cache = LRUCache(_CACHE_MAX)
                 self._loaded = True
                 log.info(
                     "limits version %d in force (%d rules, %d budgets, %d cost entries)",
@@ -393,28 +336,19 @@ class Limiter:
 
     async def start(self) -> None:
         await self.reload()
-        if self.redis is None:  # the in-process backend picks up this period's spend from before a restart
-            self.memory.seed_spend(await self.store.load_spend(self.clock()))
-
-    async def flush(self) -> None:
-        await self.usage.flush()
-        if self.redis is None:
-            deltas = self.memory.take_spend_deltas()
-            try:
-                await self.store.add_spend(deltas, self.memory.expiries(deltas))
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning(
-                    "limits: could not store spend of %d budget counters (%s); retrying with the next flush",
-                    len(deltas),
-                    db_error_message(exc),
-                )
-                self.memory.restore_spend_deltas(deltas)
+        await self.backend.start()
 
     async def run(self, stopping: anyio.Event) -> None:
-        """Follow config changes, write usage, watch Redis; returns after a last flush once stopping."""
+        """Follow config changes, write usage, and run the backend's own background work; returns after
+        a last flush once stopping."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.backend.run, stopping)
+            await self._follow(stopping)
+
+    async def _follow(self, stopping: anyio.Event) -> None:
         s = self.settings
-        tick = min(s.reload_interval_s, s.usage_flush_interval_s, s.redis_retry_s)
-        since_reload = since_flush = since_sweep = 0.0
+        tick = min(s.reload_interval_s, s.usage_flush_interval_s)
+        since_reload = since_flush = 0.0
         while not stopping.is_set():
             with anyio.move_on_after(tick):
                 await stopping.wait()
@@ -422,7 +356,6 @@ class Limiter:
                 break
             since_reload += tick
             since_flush += tick
-            since_sweep += tick
             if since_reload >= s.reload_interval_s:
                 since_reload = 0.0
                 try:
@@ -435,14 +368,8 @@ class Limiter:
                     )
             if since_flush >= s.usage_flush_interval_s:
                 since_flush = 0.0
-                await self.flush()
-            if self._redis_error is not None:
-                await self.check()
-            if since_sweep >= _SWEEP_INTERVAL_S:
-                since_sweep = 0.0
-                self.memory.sweep()
-        await self.flush()
+                await self.usage.flush()
+        await self.usage.flush()
 
     async def aclose(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
+        await self.backend.aclose()

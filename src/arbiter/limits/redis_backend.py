@@ -5,6 +5,10 @@ periods turn by Redis's clock alone: a replica whose clock is off changes nothin
 atomically, so concurrent calls from any number of replicas cannot both take the last token or the last
 unit of a budget. Keys are computed in the script (budget counters get the period suffix there), so
 this needs a standalone Redis (or Sentinel), not Redis Cluster.
+
+The client is the process's one Redis client (see ``limits.factory.build_redis``), shared with the
+policy change feed: its owner closes it, not this backend. Whether Redis is up, and what to do when it
+is not, is the failover backend's business (``limits.failover``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from redis import asyncio as aioredis
+from redis.asyncio import Redis
 
 from arbiter.limits.backend import PERIOD_CODES, Plan, Verdict, counter_ttl_s
 
@@ -123,13 +127,11 @@ return 1
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
+    def __init__(self, client: Redis, prefix: str) -> None:
         self._prefix = prefix
-        self._redis: Any = aioredis.from_url(  # pyright: ignore[reportUnknownMemberType]
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
-        )
-        self._admit: Any = self._redis.register_script(ADMIT_LUA)
-        self._refund: Any = self._redis.register_script(REFUND_LUA)
+        self._redis = client
+        self._admit = client.register_script(ADMIT_LUA)
+        self._refund = client.register_script(REFUND_LUA)
 
     async def admit(self, plan: Plan) -> Verdict:
         pre = self._prefix
@@ -168,7 +170,7 @@ class RedisBackend:
         await self._refund(keys=[], args=[json.dumps(payload, separators=(",", ":"))])
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        await self._redis.ping()  # pyright: ignore[reportUnknownMemberType]
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        return None  # the client is shared: closed by its owner

@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Literal, TypeVar
 
 from arbiter.auth.principal import Principal
+from arbiter.globs import glob_match
 
 Dimension = Literal["principal", "tenant", "upstream", "tool"]
 DIMENSIONS: tuple[Dimension, ...] = ("principal", "tenant", "upstream", "tool")
@@ -30,20 +30,6 @@ MAX_BUDGET = 1_000_000_000.0  # units; counters hold micro-units, exact in a dou
 MICROS = 1_000_000
 
 _UPSTREAM_GLOB_RE = re.compile(r"^[a-z0-9*?-]{1,64}$")
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile("".join(parts), re.DOTALL)
-
-
-@lru_cache(maxsize=4096)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return glob_regex(pattern)
-
-
-def glob_match(pattern: str, value: str) -> bool:
-    return pattern == "*" or _compiled(pattern).fullmatch(value) is not None
 
 
 def _literal(pattern: str) -> bool:

@@ -3,16 +3,17 @@
 ``LivePolicy.engine`` is swapped whole when the version in the database moves, so requests in flight
 finish on the engine they started with and nothing waits for a reload. Changes are noticed by
 polling the version (one tiny query per interval) and, with Redis configured, at once through a
-pub/sub message that the writing replica publishes; the poll stays on as a safety net.
+pub/sub message that the writing replica publishes; the poll stays on as a safety net. The Redis
+client is the process's one (built by ``create_app``, which closes it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import cast
 
 import anyio
-from redis import asyncio as aioredis
+from redis.asyncio import Redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from arbiter.policies.engine import PolicyEngine, empty_engine
@@ -22,16 +23,18 @@ from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import PolicySettings
 
 log = logging.getLogger(__name__)
+# How long one wait for a feed message lasts before waiting again: a bounded read, whatever the
+# client's socket timeout and the redis-py version make of an unbounded one.
+_FEED_READ_S = 30.0
 
 
 class LivePolicy:
-    def __init__(self, store: PolicyStore, settings: PolicySettings, redis_url: str | None = None) -> None:
+    def __init__(self, store: PolicyStore, settings: PolicySettings, redis: Redis | None = None) -> None:
         self.store = store
         self.settings = settings
         self.engine: PolicyEngine = empty_engine()  # deny everything until the first load
         self.rule_ids: list[tuple[int, Rule]] = []
-        self._redis_url = redis_url
-        self._redis: Any = None
+        self._redis = redis  # shared with the limits; its owner closes it
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._loaded = False
@@ -53,7 +56,7 @@ class LivePolicy:
         if self._redis is not None:
             try:
                 with anyio.fail_after(2):
-                    await self._redis.publish(self.settings.redis_channel, str(version))
+                    await self._redis.publish(self.settings.redis_channel, str(version))  # pyright: ignore[reportUnknownMemberType]
             except REDIS_ERRORS as exc:
                 log.warning(
                     "could not publish policy version %d to Redis (%s); replicas will poll", version, exc
@@ -63,9 +66,8 @@ class LivePolicy:
         """Follow changes until ``stopping`` is set."""
         interval = self.settings.poll_interval_s
         async with anyio.create_task_group() as tg:
-            if self._redis_url:
-                self._redis = aioredis.from_url(self._redis_url, socket_connect_timeout=2)  # pyright: ignore[reportUnknownMemberType]
-                tg.start_soon(self._listen)
+            if self._redis is not None:
+                tg.start_soon(self._listen, self._redis)
 
             async def wake_on_stop() -> None:
                 await stopping.wait()
@@ -90,21 +92,22 @@ class LivePolicy:
                         self.engine.version,
                     )
             tg.cancel_scope.cancel()
-        if self._redis is not None:
-            await self._redis.aclose()
 
-    async def _listen(self) -> None:
+    async def _listen(self, redis: Redis) -> None:
         backoff = 0.5
         while True:
             try:
-                pubsub = self._redis.pubsub()
+                pubsub = redis.pubsub()  # pyright: ignore[reportUnknownMemberType]
                 async with pubsub:
                     await pubsub.subscribe(self.settings.redis_channel)
                     backoff = 0.5
                     self._feed_up = True
                     self._wake.set()  # changes made while the feed was down: check once now
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    while True:
+                        message = cast(
+                            "dict[str, object] | None", await pubsub.get_message(timeout=_FEED_READ_S)
+                        )
+                        if message is not None and message.get("type") == "message":
                             self._wake.set()
             except REDIS_ERRORS as exc:
                 log.warning("policy change feed from Redis lost (%s); polling meanwhile", exc)

@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from arbiter.errors import InvalidInput
+from arbiter.naming import SEP
 from arbiter.policies.engine import Decision, PolicyEngine, Subject
 from arbiter.policies.rules import ACTIONS
-from arbiter.proxy.naming import SEP
 
 
 @dataclass(frozen=True)

@@ -15,27 +15,43 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import mcp_types as types
 from pydantic import SecretStr
 
-if TYPE_CHECKING:
-    from arbiter.proxy.upstream import UpstreamClient
+
+class Session(Protocol):
+    """What this module needs of a per-caller session. ``UpstreamClient`` is one; it also owns a
+    ``CallerSessions``, so naming it here would make the two modules import each other."""
+
+    async def request(
+        self,
+        method: str,
+        request: types.ClientRequest,
+        *,
+        deadline_s: float | None = ...,
+        on_send: Callable[[], None] | None = ...,
+    ) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+S = TypeVar("S", bound=Session)
 
 
 @dataclass
-class _Entry:
-    client: UpstreamClient
+class _Entry(Generic[S]):
+    client: S
     used: float
     active: int = 0
     retired: bool = False
 
 
-class CallerSessions:
+class CallerSessions(Generic[S]):
     def __init__(
         self,
-        make: Callable[[SecretStr], UpstreamClient],
+        make: Callable[[SecretStr], S],
         *,
         max_sessions: int,
         idle_s: float,
@@ -45,12 +61,12 @@ class CallerSessions:
         self._max = max_sessions
         self._idle = idle_s
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry[S]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def clients(self) -> list[UpstreamClient]:
+    def clients(self) -> list[S]:
         """The open per-caller clients, least recently used first."""
         return [e.client for e in self._entries.values()]
 

@@ -15,7 +15,7 @@ import mcp_types as types
 from mcp.client.session import ClientSession
 from pydantic import BaseModel
 
-from arbiter.proxy.naming import exposed_name, exposed_uri
+from arbiter.naming import exposed_name, exposed_uri
 
 # Each kind of entry and the UpstreamCatalog field that holds it.
 KIND_FIELDS = {

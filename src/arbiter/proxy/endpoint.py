@@ -2,8 +2,9 @@
 time, JSON-RPC shape and header checks, then the SDK transport.
 
 Authentication happens here, before any body is read: a request without a valid credential costs no
-parsing. The principal rides in the ASGI scope to the MCP handlers; ``scope["user"]`` binds
-handshake-era sessions to it (the SDK answers 404 to anyone else presenting that session id), and
+parsing. What this layer learns (the principal, a JWT caller's token, the body, why it refused) rides in
+one ``Exchange`` in the ASGI scope to the MCP handlers and back; ``scope["user"]`` binds handshake-era
+sessions to the principal (the SDK answers 404 to anyone else presenting that session id), and
 ``CALLER`` carries it to SDK callbacks that see no scope (the Mcp-Param header check).
 
 The SDK validates 2026-07-28 requests' ``Mcp-*`` headers against the body itself; for handshake-era
@@ -18,7 +19,6 @@ import functools
 import json
 import logging
 from collections.abc import Mapping
-from contextvars import ContextVar
 from typing import Any, cast
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -36,21 +36,15 @@ from starlette.types import Receive, Scope, Send
 from arbiter.audit.events import auth_event
 from arbiter.audit.writer import AuditWriter
 from arbiter.auth.authenticator import Authenticator, CredentialInQuery
-from arbiter.auth.outbound import CALLER_TOKEN_KEY
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError, AuditUnavailable, InsufficientScope, Unauthorized
 from arbiter.proxy.body import ClientGone, Refusal, check_headers, read_body, replay_body
-from arbiter.proxy.refusal import AUDITED_KEY, ResponseWatch, refusal_event
+from arbiter.proxy.exchange import CALLER, EXCHANGE_KEY, Exchange
+from arbiter.proxy.refusal import ResponseWatch, refusal_event
 
 log = logging.getLogger(__name__)
 
 _PROTOCOL_HEADER = "mcp-protocol-version"
-PRINCIPAL_KEY = "arbiter.principal"
-BODY_KEY = "arbiter.body"  # the request body, for the record of a refusal
-REASON_KEY = "arbiter.refusal_reason"
-GONE_KEY = "arbiter.client_gone"
-# The caller of the request being handled, for SDK callbacks that get no scope (set around the SDK call).
-CALLER: ContextVar[Principal | None] = ContextVar("arbiter_caller", default=None)
 
 
 class McpEndpoint:
@@ -83,16 +77,16 @@ class McpEndpoint:
             log.exception("internal error while serving %s /mcp", scope["method"])
             if not watch.status:
                 await _error(watch, 500, INTERNAL_ERROR, "Internal error")
-        principal: Principal | None = scope.get(PRINCIPAL_KEY)
-        if principal is not None and AUDITED_KEY not in scope:
-            self._record_refusal(principal, scope, watch)
+        exchange = watch.exchange
+        if exchange is not None and not exchange.audited:
+            self._record_refusal(exchange, scope, watch)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, watch: ResponseWatch) -> None:
         # DNS-rebinding protection first: a browser page must not even learn whether a credential works.
         request = Request(scope)
         refused = await self._security.validate_request(request)
         if refused is not None:
-            await refused(scope, receive, send)
+            await refused(scope, receive, watch)
             return
         headers = request.headers  # parsed once, for every check below
         authorization = headers.get("authorization")
@@ -100,31 +94,34 @@ class McpEndpoint:
             principal = await self._auth.authenticate(authorization, scope.get("query_string", b""))
         except (Unauthorized, InsufficientScope, CredentialInQuery) as exc:
             self._audit.offer(auth_event(exc, scope, headers.get(MCP_METHOD_HEADER) or scope["method"]))
-            await _refuse(send, exc, self._auth.challenge(exc))
+            await _refuse(watch, exc, self._auth.challenge(exc))
             return
         if self._audit.refusing:
             # Fail closed: nothing runs while its record could not be stored.
-            await _audit_unavailable(send)
+            await _audit_unavailable(watch)
             return
-        scope[PRINCIPAL_KEY] = principal
-        scope["user"] = _session_owner(principal)
+        exchange = Exchange(principal)
         if principal.auth_method == "jwt":
             # For token-exchange upstreams only (auth/outbound.py): the caller's JWT, masked (SecretStr),
             # is the RFC 8693 subject token. Nothing else reads it, and it is never logged or forwarded.
-            scope[CALLER_TOKEN_KEY] = SecretStr((authorization or "").partition(" ")[2].strip())
+            exchange.caller_token = SecretStr((authorization or "").partition(" ")[2].strip())
+        scope[EXCHANGE_KEY] = watch.exchange = exchange
+        scope["user"] = _session_owner(principal)
         token = CALLER.set(principal)
         try:
             if scope["method"] != "POST":
-                await self._manager.handle_request(scope, receive, send)
+                await self._manager.handle_request(scope, receive, watch)
                 return
-            problem = await self._post(scope, receive, send, headers)
+            problem = await self._post(scope, receive, watch, headers, exchange)
             if problem is not None:
-                await _error(send, problem.status, problem.code, problem.message, close=problem.close)
-                scope[REASON_KEY] = problem.reason
+                await _error(watch, problem.status, problem.code, problem.message, close=problem.close)
+                exchange.refusal_reason = problem.reason
         finally:
             CALLER.reset(token)
 
-    async def _post(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> Refusal | None:
+    async def _post(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, exchange: Exchange
+    ) -> Refusal | None:
         """Hand a well-formed POST to the SDK, or say why it is refused."""
         problem = check_headers(headers, self._max_body)
         if problem is not None:
@@ -132,11 +129,11 @@ class McpEndpoint:
         try:
             body = await read_body(receive, self._max_body, self._body_timeout)
         except ClientGone:
-            scope[GONE_KEY] = True
+            exchange.client_gone = True
             return None
         if isinstance(body, Refusal):
             return body
-        scope[BODY_KEY] = body  # what a refusal's record names (a reference, not a copy)
+        exchange.body = body  # what a refusal's record names (a reference, not a copy)
         if headers.get(_PROTOCOL_HEADER) not in MODERN_PROTOCOL_VERSIONS:
             # The SDK checks 2026-07-28 bodies itself (JSON, batches, ids, the Mcp-* header ladder).
             problem = _check(body, headers)
@@ -145,8 +142,9 @@ class McpEndpoint:
         await self._manager.handle_request(scope, replay_body(body, receive), send)
         return None
 
-    def _record_refusal(self, principal: Principal, scope: Scope, watch: ResponseWatch) -> None:
-        if scope.get(GONE_KEY):
+    def _record_refusal(self, exchange: Exchange, scope: Scope, watch: ResponseWatch) -> None:
+        principal = exchange.principal
+        if exchange.client_gone:
             event = refusal_event(principal, scope, 0, None, "the client disconnected", None, "cancelled")
             self._audit.offer(event)
             return
@@ -154,9 +152,11 @@ class McpEndpoint:
         if found is None:
             return  # protocol bookkeeping that succeeded (initialize, ping, notifications): nothing decided
         code, message = found
-        body: Any = scope.get(BODY_KEY)
-        reason: Any = scope.get(REASON_KEY)
-        self._audit.offer(refusal_event(principal, scope, watch.status, code, message, body, reason))
+        self._audit.offer(
+            refusal_event(
+                principal, scope, watch.status, code, message, exchange.body, exchange.refusal_reason
+            )
+        )
 
 
 def _check(body: bytes, headers: Mapping[str, str]) -> Refusal | None:

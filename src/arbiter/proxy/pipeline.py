@@ -15,6 +15,8 @@ from typing import Any
 from starlette.requests import Request
 
 from arbiter.auth.principal import Principal
+from arbiter.policies.engine import Decision
+from arbiter.proxy.exchange import Exchange
 
 Result = dict[str, Any]
 CallNext = Callable[["CallContext"], Awaitable[Result]]
@@ -25,9 +27,13 @@ TARGET_KEYS: dict[str, str] = {"tools/call": "name", "prompts/get": "name", "res
 LIST_METHODS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
 
 
-@dataclass
+@dataclass(slots=True)
 class CallContext:
-    """Everything the interceptors know about one request; ``resolve`` fills the target fields."""
+    """Everything the interceptors know about one request.
+
+    Each fact a later step reads is a typed field, set by the step that learns it, so steps share this
+    class and nothing else: no interceptor imports another.
+    """
 
     method: str
     params: Mapping[str, Any]
@@ -43,8 +49,16 @@ class CallContext:
     target: str | None = None  # the upstream's own tool/prompt name or resource URI
     arguments: dict[str, Any] | None = None
     definition: Mapping[str, Any] | None = None  # catalog definition (None for a templated resource)
+    # What /mcp learnt about the HTTP request (None off /mcp): the caller's token, "audited".
+    exchange: Exchange | None = None
+    # Filled by authorize: the policy version deciding the request, and its decision on a single target.
+    policy_version: int | None = None
+    decision: Decision | None = None
+    cost: float | None = None  # limits: the units charged to a tool call (0.0 when refunded)
+    sent: bool = False  # forward: handed to the upstream, so the tool may run from then on
     started: float = field(default_factory=time.perf_counter)
-    # Scratch space for interceptors to hand facts to later ones (e.g. a decision for the audit step).
+    # The open slot for third-party interceptors to hand facts to one another; Arbiter's own steps use
+    # the typed fields above.
     state: dict[str, object] = field(default_factory=dict[str, object])
 
 

@@ -12,8 +12,8 @@ from pydantic import SecretStr
 from arbiter.auth.outbound import Outbound, OutboundAuth
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import UpstreamUnavailable
+from arbiter.net.egress import Egress
 from arbiter.proxy.callers import CallerSessions
-from arbiter.proxy.egress import Egress
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 
 
@@ -84,7 +84,10 @@ class UpstreamPool:
             await client.aclose()
 
     def _client(
-        self, spec: UpstreamSpec, auth: OutboundAuth | None, callers: CallerSessions | None = None
+        self,
+        spec: UpstreamSpec,
+        auth: OutboundAuth | None,
+        callers: CallerSessions[UpstreamClient] | None = None,
     ) -> UpstreamClient:
         assert self._tg is not None, "the pool is used inside its context"
         return UpstreamClient(
@@ -97,7 +100,7 @@ class UpstreamPool:
             egress=self.egress,
         )
 
-    def _callers(self, spec: UpstreamSpec) -> CallerSessions | None:
+    def _callers(self, spec: UpstreamSpec) -> CallerSessions[UpstreamClient] | None:
         if not spec.credential.per_caller:
             return None
 

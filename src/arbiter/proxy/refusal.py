@@ -5,7 +5,7 @@ endpoint's own checks or by the SDK's transport: a malformed body, a wrong media
 disagrees with the body, an unknown session, a method the server does not have) must leave a record
 too, or probing would go unseen. ``ResponseWatch`` observes the answer of a request the pipeline did not
 record, and ``refusal_event`` turns an error answer into a record. Requests that did reach the
-pipeline pay one dictionary lookup here.
+pipeline pay one attribute read here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from starlette.types import Message, Send
 
 from arbiter.audit.record import Event, actor_of
 from arbiter.auth.principal import Principal
-from arbiter.proxy.interceptors.audit import AUDITED_KEY, client_ip, trace_id
+from arbiter.http_scope import client_ip, trace_id
+from arbiter.proxy.exchange import Exchange
 
 _CAPTURE_MAX = 64 * 1024
 _REASONS_BY_CODE = {
@@ -42,7 +43,7 @@ _REASONS_BY_STATUS = {
 class ResponseWatch:
     """Wraps ``send`` to see the status and (for requests the pipeline did not record) the body."""
 
-    __slots__ = ("_scope", "_send", "body", "capturing", "content_type", "status")
+    __slots__ = ("_scope", "_send", "body", "capturing", "content_type", "exchange", "status")
 
     def __init__(self, scope: Mapping[str, Any], send: Send) -> None:
         self._scope = scope
@@ -51,6 +52,7 @@ class ResponseWatch:
         self.content_type = b""
         self.capturing = False
         self.body = bytearray()
+        self.exchange: Exchange | None = None  # set by /mcp once the request is authenticated
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -58,7 +60,8 @@ class ResponseWatch:
             self.status = message["status"]
             # The pipeline records its own requests (and has finished before a JSON answer starts). A
             # successful GET is an event stream that no request of this one is refused on.
-            self.capturing = AUDITED_KEY not in self._scope and (
+            exchange = self.exchange
+            self.capturing = (exchange is None or not exchange.audited) and (
                 self.status >= 400 or self._scope.get("method") == "POST"
             )
             if self.capturing:

@@ -17,15 +17,15 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from arbiter.admin.credentials import credential_from_api
-from arbiter.admin.schemas import UpstreamCreate, UpstreamUpdate
 from arbiter.auth.outbound import CredentialSpec
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import ArbiterError, Conflict, NotFound
+from arbiter.net.urlcheck import check_upstream_url
 from arbiter.proxy.catalog import Catalog, UpstreamCatalog
+from arbiter.proxy.credentials import credential_to_store
+from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
-from arbiter.proxy.urlcheck import check_upstream_url
 from arbiter.settings import UpstreamConfig, UpstreamPolicy
 from arbiter.store import upstreams as repo
 from arbiter.store.models import CatalogItem, Upstream, utcnow
@@ -86,7 +86,7 @@ class UpstreamRegistry:
                 row = rows.get(cfg.name) or Upstream(name=cfg.name, transport=cfg.transport, source="config")
                 if row.source != "config":
                     log.warning("configured upstream %s replaces the API-defined one of that name", cfg.name)
-                repo.apply_config(row, cfg)
+                repo.apply_config(row, cfg, CredentialSpec.from_config(cfg.credential).to_json())
                 db.add(row)
                 rows[cfg.name] = row
             for name, row in list(rows.items()):
@@ -164,27 +164,35 @@ class UpstreamRegistry:
         async with self._db() as db:
             return await repo.counts(db)
 
-    async def create(self, data: UpstreamCreate) -> Upstream:
+    async def create(self, data: UpstreamDefinition) -> Upstream:
         """Validate, connect, discover, then store the upstream and its catalog in one transaction."""
         await check_upstream_url(data.url, self._policy)
-        credential = await credential_from_api(
+        credential = await credential_to_store(
             data.credential, CredentialSpec(), moved=False, box=self._box, policy=self._policy
         )
         async with self._lock:
             async with self._db() as db:
                 if await repo.by_name(db, data.name) is not None:
                     raise Conflict(f"an upstream named {data.name!r} already exists", field="name")
-            row = Upstream(**data.model_dump(exclude={"credential"}), credential=credential.to_json())
+            row = Upstream(
+                name=data.name,
+                transport=data.transport,
+                url=data.url,
+                connect_timeout_s=data.connect_timeout_s,
+                call_timeout_s=data.call_timeout_s,
+                enabled=data.enabled,
+                credential=credential.to_json(),
+            )
             snap = await self._try_spec(row, previous=None) if row.enabled else None
             row = await self._save(row, snap, new=True)
             log.info("registered upstream %s (%s)", row.name, row.transport)
             return row
 
-    async def update(self, upstream_id: int, patch: UpstreamUpdate) -> Upstream:
+    async def update(self, upstream_id: int, patch: UpstreamChanges) -> Upstream:
         """Change an upstream; the new definition must connect and discover before anything is saved."""
-        changes = patch.model_dump(exclude_unset=True, exclude_none=True, exclude={"credential"})
-        if "url" in changes:
-            await check_upstream_url(changes["url"], self._policy)
+        changes = patch.fields()
+        if patch.url is not None:
+            await check_upstream_url(patch.url, self._policy)
         async with self._lock:
             async with self._db() as db:
                 row = await repo.editable(db, upstream_id)
@@ -192,7 +200,7 @@ class UpstreamRegistry:
             moved = changes.get("url", row.url) != row.url
             if patch.credential is not None or moved:
                 stored = CredentialSpec.from_json(row.credential)
-                credential = await credential_from_api(
+                credential = await credential_to_store(
                     patch.credential, stored, moved=moved, box=self._box, policy=self._policy
                 )
                 row.credential = credential.to_json()

@@ -26,7 +26,7 @@ from starlette.types import Receive
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
 from arbiter.proxy.catalog import Catalog
-from arbiter.proxy.endpoint import CALLER, PRINCIPAL_KEY
+from arbiter.proxy.exchange import CALLER, exchange_of
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, Pipeline, Result
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,16 @@ def build_mcp_server(
     async def handle(ctx: ServerRequestContext[Any, Any], params: BaseModel | None) -> Result:
         request: object = ctx.request
         http = cast(Request, request) if isinstance(request, Request) else None
+        exchange = exchange_of(http.scope) if http is not None else None
         call = CallContext(
             method=ctx.method,
             params=ctx.params or {},
             request_id=ctx.request_id,
             protocol_version=ctx.protocol_version,
             http_request=http,
-            principal=http.scope.get(PRINCIPAL_KEY) if http is not None else None,
+            principal=exchange.principal if exchange is not None else None,
             client_info=_client_info(ctx),
+            exchange=exchange,
         )
         try:
             if http is not None and ctx.method in TARGET_KEYS:

@@ -30,9 +30,9 @@ from pydantic import SecretStr, TypeAdapter
 
 from arbiter.auth.outbound import CallerTokenRequired, CredentialSpec, OutboundAuth, UpstreamAuthFailed
 from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
+from arbiter.net.egress import Egress, GuardedTransport
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
-from arbiter.proxy.egress import Egress, GuardedTransport
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class UpstreamClient:
         max_connections: int,
         reconnect_backoff_s: float,
         auth: OutboundAuth | None = None,
-        callers: CallerSessions | None = None,
+        callers: CallerSessions[UpstreamClient] | None = None,
         egress: Egress | None = None,
     ) -> None:
         self.spec = spec

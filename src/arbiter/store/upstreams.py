@@ -11,7 +11,6 @@ from typing import Any
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from arbiter.auth.outbound import CredentialSpec
 from arbiter.errors import Conflict, NotFound
 from arbiter.settings import UpstreamConfig
 from arbiter.store.models import CatalogItem, Upstream, utcnow
@@ -95,13 +94,14 @@ async def store_catalog(
             item.present = False
 
 
-def apply_config(row: Upstream, cfg: UpstreamConfig) -> None:
+def apply_config(row: Upstream, cfg: UpstreamConfig, credential: dict[str, Any] | None) -> None:
+    """Make ``row`` the operator's definition; ``credential`` is its stored form (the column's JSON)."""
     row.transport = cfg.transport
     row.url = cfg.url
     row.command = list(cfg.command) if cfg.command else None
     row.connect_timeout_s = cfg.connect_timeout_s
     row.call_timeout_s = cfg.call_timeout_s
     row.enabled = cfg.enabled
-    row.credential = CredentialSpec.from_config(cfg.credential).to_json()
+    row.credential = credential
     row.source = "config"
     row.updated_at = utcnow()

@@ -17,11 +17,8 @@ from mcp_types import INTERNAL_ERROR
 from arbiter.audit.record import Decision, Event, actor_of
 from arbiter.audit.writer import AuditWriter
 from arbiter.errors import ArbiterError, RequestRejected, UnknownTarget
-from arbiter.proxy.interceptors.authorize import DECISION_KEY, VERSION_KEY
-from arbiter.proxy.interceptors.limits import COST_KEY
+from arbiter.http_scope import client_ip, trace_id
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
-
-AUDITED_KEY = "arbiter.audited"  # in the ASGI scope: this HTTP request's record is the pipeline's
 
 
 class Audit:
@@ -30,8 +27,8 @@ class Audit:
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         self._writer.reserve()
-        if ctx.http_request is not None:
-            ctx.http_request.scope[AUDITED_KEY] = True
+        if ctx.exchange is not None:
+            ctx.exchange.audited = True  # this HTTP request's record is the pipeline's, not the endpoint's
         result: Result | None = None
         error: BaseException | None = None
         try:
@@ -69,8 +66,7 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
     else:
         decision, reason = "error", "internal_error"
         outcome = {"status": "error", "error_code": INTERNAL_ERROR}
-    policy: Any = ctx.state.get(DECISION_KEY)
-    version: Any = ctx.state.get(VERSION_KEY)
+    policy = ctx.decision
     http = ctx.http_request
     scope = http.scope if http is not None else None
     return Event(
@@ -84,40 +80,13 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
         target=ctx.target,
         definition=ctx.definition,
         policy=policy.to_json() if policy is not None else None,
-        policy_version=version if isinstance(version, int) else None,
+        policy_version=ctx.policy_version,
         outcome=outcome,
         latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
-        cost=_cost(ctx.state.get(COST_KEY)),
+        cost=ctx.cost,
         trace_id=trace_id(scope),
         request_id=ctx.request_id,
         protocol_version=ctx.protocol_version,
         client_info=ctx.client_info,
         arguments=ctx.arguments,
     )
-
-
-def _cost(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
-
-
-def client_ip(scope: Any) -> str | None:
-    """The peer address of the HTTP connection (what uvicorn puts in the scope)."""
-    client: Any = scope.get("client") if scope is not None else None
-    return str(client[0]) if client else None
-
-
-def trace_id(scope: Any) -> str | None:
-    """The W3C trace id the caller sent (``traceparent``), if well formed."""
-    if scope is None:
-        return None
-    for name, value in scope.get("headers", ()):
-        if name == b"traceparent":
-            parts = value.split(b"-")
-            if len(parts) >= 4 and len(parts[1]) == 32 and parts[1] != b"0" * 32:
-                try:
-                    int(parts[1], 16)
-                except ValueError:
-                    return None
-                return parts[1].decode("ascii")
-            return None
-    return None

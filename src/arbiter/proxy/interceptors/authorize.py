@@ -8,12 +8,12 @@ from typing import Any
 
 from arbiter.auth.principal import Principal
 from arbiter.errors import PolicyDenied
+from arbiter.naming import split_name, split_uri
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.rules import USE_ACTION
-from arbiter.proxy.interceptors.resolve import not_found
-from arbiter.proxy.naming import split_name, split_uri
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
+from arbiter.proxy.targets import not_found
 
 # list method -> (result key, the field naming each item, whether it is a URI, the action that uses it)
 _LISTS: dict[str, tuple[str, str, bool, str]] = {
@@ -22,8 +22,6 @@ _LISTS: dict[str, tuple[str, str, bool, str]] = {
     "resources/list": ("resources", "uri", True, "read"),
     "resources/templates/list": ("resourceTemplates", "uriTemplate", True, "read"),
 }
-DECISION_KEY = "policy.decision"
-VERSION_KEY = "policy.version"
 
 
 class Authorize:
@@ -38,7 +36,7 @@ class Authorize:
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         engine = self._live.engine  # one version decides the whole request
-        ctx.state[VERSION_KEY] = engine.version
+        ctx.policy_version = engine.version
         if ctx.principal is None:  # every /mcp request is authenticated first; anything else fails closed
             raise PolicyDenied("no authenticated caller", policy_version=engine.version)
         sub = Subject.of(ctx.principal)
@@ -47,7 +45,7 @@ class Authorize:
             assert ctx.upstream is not None and ctx.target is not None and ctx.exposed is not None
             obj = f"{ctx.upstream}/{ctx.target}"
             decision = engine.decide(sub, obj, use, ctx.arguments)
-            ctx.state[DECISION_KEY] = decision  # the audit record tells auditors the truth
+            ctx.decision = decision  # the audit record tells auditors the truth
             if not engine.visible(sub, obj, use):
                 raise not_found(ctx.method, ctx.exposed)
             if not decision.allowed:

@@ -6,18 +6,16 @@ from typing import Any, cast
 
 import mcp_types as types
 
-from arbiter.auth.outbound import caller_token
+from arbiter.naming import exposed_uri
 from arbiter.proxy.catalog import Catalog
-from arbiter.proxy.naming import exposed_uri
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.pool import UpstreamPool
 
 _SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
-SENT_KEY = "forward.sent"  # set once the request is handed to the upstream: it may run from then on
 
 
 def _sent(ctx: CallContext) -> None:
-    ctx.state[SENT_KEY] = True
+    ctx.sent = True  # handed to the upstream: the tool may run from now on
 
 
 class Forward:
@@ -65,7 +63,7 @@ class Forward:
             request = types.ReadResourceRequest(params=types.ReadResourceRequestParams(uri=ctx.target))
         # The caller's own token is read only for an upstream that exchanges it (RFC 8693); every other
         # upstream gets Arbiter's credential alone.
-        caller = caller_token(ctx.http_request.scope) if client.per_caller and ctx.http_request else None
+        caller = ctx.exchange.caller_token if client.per_caller and ctx.exchange is not None else None
         result = await client.request(ctx.method, request, caller=caller, on_send=lambda: _sent(ctx))
         _strip_upstream_identity(result)
         if ctx.method == "resources/read":

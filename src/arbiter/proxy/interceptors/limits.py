@@ -16,11 +16,9 @@ from mcp_types import REQUEST_TIMEOUT
 
 from arbiter.errors import ArbiterError, UpstreamUnavailable
 from arbiter.limits.limiter import Limiter
-from arbiter.proxy.interceptors.forward import SENT_KEY
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 
 IDEMPOTENCY_META = "arbiter/idempotency-key"
-COST_KEY = "limits.cost"  # the units charged to this call (0.0 when refunded)
 _MAX_KEY_LENGTH = 200
 
 
@@ -71,13 +69,13 @@ class Limits:
         ticket = await self._limiter.admit(
             ctx.principal, ctx.upstream, ctx.target, ctx.arguments, request_key(ctx)
         )
-        ctx.state[COST_KEY] = ticket.cost
+        ctx.cost = ticket.cost
         try:
             return await call_next(ctx)
         except (ArbiterError, MCPError) as exc:
-            if not ran_before_failing(exc, ctx.state.get(SENT_KEY) is True):
+            if not ran_before_failing(exc, ctx.sent):
                 await self._limiter.refund(ticket)
-                ctx.state[COST_KEY] = 0.0
+                ctx.cost = 0.0
             raise
         finally:
             self._limiter.commit(ticket)  # no-op after a refund; a cancelled call stays charged

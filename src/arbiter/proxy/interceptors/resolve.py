@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from mcp_types import INVALID_PARAMS
-
 from arbiter.errors import UnknownTarget
+from arbiter.naming import split_name, split_uri
 from arbiter.proxy.catalog import Catalog
-from arbiter.proxy.naming import split_name, split_uri
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, CallNext, Result
 from arbiter.proxy.resource_uri import normalise
-
-# What the SDK's own MCP server answers for an unknown target, so a hidden target looks unknown too.
-RESOURCE_NOT_FOUND = -32002
-
-
-def not_found(method: str, exposed: str) -> UnknownTarget:
-    """Exactly what is answered for a target that does not exist (and so for one the caller may not see)."""
-    if method == "resources/read":
-        return UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
-    kind = "tool" if method == "tools/call" else "prompt"
-    return UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
+from arbiter.proxy.targets import not_found
 
 
 class Resolve:

@@ -4,7 +4,7 @@ link-local or cloud-metadata addresses unless the operator allows them (settings
 ``upstream.allowed_networks`` (when set) and outside ``upstream.denied_networks``.
 
 ``check_upstream_url`` resolves the host at registration. A name may re-resolve elsewhere later, so
-``proxy/egress.py`` applies the same rule (``refusal``) again on every new connection, to every address
+``net/egress.py`` applies the same rule (``refusal``) again on every new connection, to every address
 the host then resolves to, and connects only to an address it checked.
 """
 

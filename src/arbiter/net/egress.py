@@ -23,7 +23,7 @@ import anyio
 import httpcore2
 import httpx2
 
-from arbiter.proxy.urlcheck import Resolver, is_literal, parse_address, refusal, resolve_host
+from arbiter.net.urlcheck import Resolver, is_literal, parse_address, refusal, resolve_host
 from arbiter.settings import UpstreamPolicy
 
 log = logging.getLogger(__name__)

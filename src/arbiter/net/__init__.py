@@ -1,0 +1,1 @@
+"""Where Arbiter may connect: URL and address rules for upstreams, and the connect hook that applies them."""

@@ -1,0 +1,62 @@
+"""Upstream definitions as the registry takes them, whoever gives them (the admin API converts to these).
+
+The registry validates them (URL, network policy, credential rules) and turns them into stored rows; these
+carry only what a caller asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import SecretStr
+
+from arbiter.auth.outbound import CredentialSpec
+
+
+@dataclass(frozen=True)
+class CredentialInput:
+    """A credential as given: where it goes (``spec``, without a secret) and its secret, if given.
+
+    The secret is either the value itself (stored sealed) or the name of an environment variable of the
+    Arbiter process; neither means "keep the stored secret" (see ``proxy/credentials.py``).
+    """
+
+    spec: CredentialSpec = field(default_factory=CredentialSpec)
+    secret: SecretStr | None = None
+    secret_env: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamDefinition:
+    """A new upstream to register."""
+
+    name: str
+    url: str
+    transport: str = "streamable_http"
+    connect_timeout_s: float = 10.0
+    call_timeout_s: float = 30.0
+    enabled: bool = True
+    credential: CredentialInput | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamChanges:
+    """A change to a registered upstream; ``None`` leaves a field as it is."""
+
+    transport: str | None = None
+    url: str | None = None
+    connect_timeout_s: float | None = None
+    call_timeout_s: float | None = None
+    enabled: bool | None = None
+    credential: CredentialInput | None = None
+
+    def fields(self) -> dict[str, str | float | bool]:
+        """The changed columns of the upstream's row (the credential aside)."""
+        values = {
+            "transport": self.transport,
+            "url": self.url,
+            "connect_timeout_s": self.connect_timeout_s,
+            "call_timeout_s": self.call_timeout_s,
+            "enabled": self.enabled,
+        }
+        return {k: v for k, v in values.items() if v is not None}

@@ -1,0 +1,18 @@
+"""How a target that is not there is answered, shared by every step that may hide one."""
+
+from __future__ import annotations
+
+from mcp_types import INVALID_PARAMS
+
+from arbiter.errors import UnknownTarget
+
+# What the SDK's own MCP server answers for an unknown target, so a hidden target looks unknown too.
+RESOURCE_NOT_FOUND = -32002
+
+
+def not_found(method: str, exposed: str) -> UnknownTarget:
+    """Exactly what is answered for a target that does not exist (and so for one the caller may not see)."""
+    if method == "resources/read":
+        return UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+    kind = "tool" if method == "tools/call" else "prompt"
+    return UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
