@@ -1,4 +1,5 @@
 # Two set-up commands: `make demo` and `make test`. Both build .venv from nothing when needed.
+# `make check` (format check, lint, type check, tests) is what CI runs, through .ci/run.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,8 +25,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/ruff check src tests examples bench
 
+# pyproject.toml [tool.pyright]: src/ strict, tests/ standard, in one run.
 typecheck: $(STAMP)
-	$(VENV)/bin/pyright src
+	$(VENV)/bin/pyright
 
 check: lint typecheck test
 

@@ -296,7 +296,8 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     even when what they test (an upstream on another network) would.
     """
     hosts: list[str] = []
-    connect = httpcore2.AnyIOBackend.connect_tcp
+    # httpcore2 also declares a stub AnyIOBackend (for when anyio is missing), which pyright picks.
+    connect = httpcore2.AnyIOBackend.connect_tcp  # pyright: ignore[reportAttributeAccessIssue]
 
     async def guarded(
         self: httpcore2.AsyncNetworkBackend, host: str, port: int, *args: Any, **kwargs: Any

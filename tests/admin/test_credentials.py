@@ -117,36 +117,48 @@ async def test_values_and_destinations_are_checked() -> None:
 
 
 def test_operator_configuration_references_secrets_and_never_holds_them() -> None:
-    cfg = UpstreamConfig(
-        name="crm",
-        url="http://crm/mcp",
-        credential={"kind": "header", "header": "X-Api-Key", "value_env": "CRM_KEY"},
+    cfg = UpstreamConfig.model_validate(
+        {
+            "name": "crm",
+            "url": "http://crm/mcp",
+            "credential": {"kind": "header", "header": "X-Api-Key", "value_env": "CRM_KEY"},
+        }
     )
     spec = CredentialSpec.from_config(cfg.credential)
     assert spec == CredentialSpec(kind="header", header="X-Api-Key", secret=SecretRef(env="CRM_KEY"))
-    te = UpstreamConfig(
-        name="hr",
-        url="http://hr/mcp",
-        credential={
-            "kind": "token_exchange",
-            "token_url": TOKEN_URL,
-            "client_id": "gw",
-            "client_secret_env": "HR_SECRET",
-            "audience": "hr",
-        },
+    te = UpstreamConfig.model_validate(
+        {
+            "name": "hr",
+            "url": "http://hr/mcp",
+            "credential": {
+                "kind": "token_exchange",
+                "token_url": TOKEN_URL,
+                "client_id": "gw",
+                "client_secret_env": "HR_SECRET",
+                "audience": "hr",
+            },
+        }
     )
     assert CredentialSpec.from_json(CredentialSpec.from_config(te.credential).to_json()).audience == "hr"
     with pytest.raises(ValidationError):  # no inline secret in a config file
-        UpstreamConfig(name="crm", url="http://crm/mcp", credential={"kind": "header", "value": "x"})
+        UpstreamConfig.model_validate(
+            {"name": "crm", "url": "http://crm/mcp", "credential": {"kind": "header", "value": "x"}}
+        )
     with pytest.raises(ValidationError, match="stdio"):
-        UpstreamConfig(
-            name="local", transport="stdio", command=["x"], credential={"kind": "header", "value_env": "X"}
+        UpstreamConfig.model_validate(
+            {
+                "name": "local",
+                "transport": "stdio",
+                "command": ["x"],
+                "credential": {"kind": "header", "value_env": "X"},
+            }
         )
 
 
 def test_a_bad_secret_key_is_refused_without_echoing_it() -> None:
     with pytest.raises(ValidationError) as err:
-        Settings(secret_key="not-a-fernet-key-but-maybe-a-secret")
+        # A raw string, as it arrives from the environment: the one that could be echoed.
+        Settings(secret_key="not-a-fernet-key-but-maybe-a-secret")  # pyright: ignore[reportArgumentType]
     assert "Fernet" in str(err.value)
     assert "maybe-a-secret" not in str(err.value)
-    assert Settings(secret_key=f"{KEY}, {Fernet.generate_key().decode()}").secret_key is not None
+    assert Settings(secret_key=SecretStr(f"{KEY}, {Fernet.generate_key().decode()}")).secret_key is not None

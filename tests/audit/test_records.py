@@ -4,6 +4,7 @@ refused at authentication, failed upstream. Real upstreams, a real SQLite file, 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -62,12 +63,12 @@ def _mcp(records: list[Record]) -> list[Record]:
 @pytest.fixture
 def audited(
     arbiter_factory: ArbiterFactory, kb_upstream: UpstreamProc
-) -> tuple[ArbiterServer, str, UpstreamProc]:
+) -> Iterator[tuple[ArbiterServer, str, UpstreamProc]]:
     crm = UpstreamProc("arbiter.demo.crm").start()
     server = arbiter_factory(policy=POLICY)
     server.register("kb", kb_upstream.url)
     server.register("crm", crm.url, call_timeout_s=5)
-    yield server, new_key(server, "sam", ["support"], tenant="acme"), crm  # type: ignore[misc]
+    yield server, new_key(server, "sam", ["support"], tenant="acme"), crm
     crm.kill()
 
 

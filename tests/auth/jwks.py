@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, KeyParameters, RSAKey
 from joserfc.jws import JWSRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,11 +45,11 @@ class SigningKey:
 
 def rsa_key(kid: str, alg: str = "RS256", *, use: str | None = "sig", pin_alg: bool = False) -> SigningKey:
     """An RSA key; ``pin_alg`` publishes its ``alg`` in the JWK, restricting it to that algorithm."""
-    params: dict[str, Any] = {
-        "kid": kid,
-        **({"use": use} if use else {}),
-        **({"alg": alg} if pin_alg else {}),
-    }
+    params: KeyParameters = {"kid": kid}
+    if use:
+        params["use"] = use
+    if pin_alg:
+        params["alg"] = alg
     return SigningKey(RSAKey.generate_key(2048, parameters=params), kid, alg)
 
 
@@ -107,7 +107,8 @@ class JwksServer:
     """Serves ``{"keys": [...]}`` at ``/jwks.json``; counts fetches; can fail with a status code."""
 
     keys: list[SigningKey] = field(default_factory=list[SigningKey])
-    extra: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
+    # Raw entries served after the keys, malformed ones included: anything JSON.
+    extra: list[Any] = field(default_factory=list[Any])
     status: int = 200
     fetches: int = 0
     port: int = 0
@@ -126,7 +127,7 @@ class JwksServer:
         self.fetches += 1
         if self.status != 200:
             return JSONResponse({"error": "unavailable"}, status_code=self.status)
-        return JSONResponse({"keys": [k.public_jwk() for k in self.keys] + self.extra})
+        return JSONResponse({"keys": [*(k.public_jwk() for k in self.keys), *self.extra]})
 
     @contextmanager
     def running(self) -> Iterator[JwksServer]:

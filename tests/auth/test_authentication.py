@@ -133,6 +133,7 @@ def test_valid_jwt_and_api_key_both_work_and_become_principals(
     assert _post(server, token).status_code == 200
     assert _post(server, server.agent_key).status_code == 200
     jwt_principal, key_principal = [c.principal for c in recorder.calls]
+    assert jwt_principal is not None and key_principal is not None
     assert (jwt_principal.subject, jwt_principal.issuer, jwt_principal.tenant) == ("user-1", ISSUER, "acme")
     assert jwt_principal.roles == {"support-agent"} and jwt_principal.client_id == "agent-app"
     assert jwt_principal.auth_method == "jwt" and "mcp" in jwt_principal.scopes

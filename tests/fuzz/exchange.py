@@ -58,7 +58,8 @@ def send(
         all_headers.setdefault("authorization", f"Bearer {target.key}")
     pipeline_before = len(target.recorder.calls)
     upstream_before = len(target.upstream.agent_calls())
-    resp = http.post(target.server.mcp_url, content=body, headers=all_headers)
+    # httpx takes str or bytes per header value; its annotation only admits all of one kind.
+    resp = http.post(target.server.mcp_url, content=body, headers=all_headers)  # pyright: ignore[reportArgumentType]
     return Exchange(
         request=describe(target.server.mcp_url, all_headers, body),
         response=resp,

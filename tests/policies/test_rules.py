@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from arbiter.errors import InvalidInput
@@ -63,6 +65,10 @@ MALFORMED = {
 }
 
 
+def _errors(err: pytest.ExceptionInfo[PolicyInvalid]) -> list[dict[str, Any]]:
+    return cast("list[dict[str, Any]]", err.value.details["errors"])
+
+
 @pytest.mark.parametrize("line,fragment", list(MALFORMED.values()), ids=list(MALFORMED))
 def test_each_malformed_line_is_rejected_naming_its_line(line: str, fragment: str) -> None:
     text = f"# a policy\n{GOOD}\n\n{line}\n{GOOD.replace('get_customer', 'list_tickets')}\n"
@@ -71,7 +77,7 @@ def test_each_malformed_line_is_rejected_naming_its_line(line: str, fragment: st
     assert isinstance(err.value, InvalidInput)
     assert err.value.http_status == 422
     assert err.value.code == "policy_invalid"
-    errors = err.value.details["errors"]
+    errors = _errors(err)
     assert [e["line"] for e in errors] == [4]  # comments and blank lines still count
     assert fragment in errors[0]["message"]
     assert errors[0]["text"] == line
@@ -81,8 +87,8 @@ def test_each_malformed_line_is_rejected_naming_its_line(line: str, fragment: st
 def test_a_repeated_line_is_rejected_naming_the_first() -> None:
     with pytest.raises(PolicyInvalid) as err:
         parse_csv(f"{GOOD}\n\n{GOOD}\n")
-    assert err.value.details["errors"][0]["line"] == 3
-    assert err.value.details["errors"][0]["message"] == "repeats line 1"
+    assert _errors(err)[0]["line"] == 3
+    assert _errors(err)[0]["message"] == "repeats line 1"
 
 
 def test_every_bad_line_is_reported_at_once() -> None:
@@ -90,7 +96,7 @@ def test_every_bad_line_is_reported_at_once() -> None:
     text = "\n".join([GOOD, MALFORMED["bad effect"][0], other, MALFORMED["unknown action"][0]])
     with pytest.raises(PolicyInvalid) as err:
         parse_csv(text)
-    assert [e["line"] for e in err.value.details["errors"]] == [2, 4]
+    assert [e["line"] for e in _errors(err)] == [2, 4]
     assert "(and 1 more)" in err.value.message
 
 

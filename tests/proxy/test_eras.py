@@ -50,6 +50,7 @@ async def test_calls_route_to_the_right_upstream_and_return_its_result_unchanged
         (kb_upstream, "kb", "search_docs", {"query": "refund annual plan"}),
         (kb_upstream, "kb", "get_doc", {"doc_id": "nope"}),  # the tool's own isError result
     ]
+    want: dict[str, Any] = {}
     async with arbiter.client(mode) as via:  # pyright: ignore[reportArgumentType]
         for upstream, prefix, tool, args in cases:
             async with Client(upstream.url, mode=mode, cache=None) as direct:  # pyright: ignore[reportArgumentType]

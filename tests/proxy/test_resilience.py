@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import sqlite3
 import threading
@@ -22,20 +23,27 @@ from mcp.shared.exceptions import MCPError
 from starlette.types import Receive, Scope, Send
 
 from arbiter.proxy.pool import UpstreamPool
-from arbiter.proxy.upstream import UpstreamSpec
+from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 from tests.conftest import ArbiterFactory, UpstreamProc, free_port, serve_in_thread
 
 
 async def test_database_blip_in_background_work_leaves_mcp_serving(
-    arbiter_factory: ArbiterFactory, crm_upstream: UpstreamProc, sqlite_url: str
+    arbiter_factory: ArbiterFactory,
+    crm_upstream: UpstreamProc,
+    sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = arbiter_factory(upstream={"maintain_interval_s": 0.1})
     server.register("crm", crm_upstream.url)
     db_file = sqlite_url.split("///", 1)[1]
     with sqlite3.connect(db_file) as conn:
         conn.execute("ALTER TABLE upstreams RENAME TO upstreams_gone")  # every background query now fails
+
+    async def failed_passes() -> bool:
+        return sum(r.getMessage() == "reconcile failed" for r in caplog.records) >= 3
+
     try:
-        await anyio.sleep(0.5)  # several maintenance passes hit the broken table
+        await _until(failed_passes)  # several maintenance passes hit the broken table
         async with server.client("2026-07-28") as client:
             result = await client.call_tool("crm__get_customer", {"customer_id": "C-1001"})
             assert result.structured_content is not None
@@ -108,12 +116,18 @@ async def test_health_reports_from_a_replaced_client_are_ignored() -> None:
         ) as pool:
             dead_url = f"http://127.0.0.1:{silent.getsockname()[1]}/mcp"
             old = await pool.put(UpstreamSpec("x", "streamable_http", url=dead_url, connect_timeout_s=1))
+            new: UpstreamClient | None = None
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_expect_unavailable, old)
-                await anyio.sleep(0.2)
+
+                async def old_is_connecting() -> bool:  # its connection waits in the silent backlog
+                    return bool(select.select([silent], [], [], 0)[0])
+
+                await _until(old_is_connecting, poll_s=0.01)
                 new = await pool.put(UpstreamSpec("x", "streamable_http", url=live.url))
                 await new.discover()
             assert reports == [("x", True)]  # the old client's late failure was not reported
+            assert new is not None
             assert new.healthy and new.connected and not old.connected
     finally:
         live.kill()
@@ -237,10 +251,10 @@ async def test_a_second_replica_follows_admin_changes_made_on_the_first(
     await _until(gone)
 
 
-async def _until(check: Callable[[], Awaitable[bool]], within_s: float = 10) -> None:
-    """Poll a cross-process condition (the other replica's own timer decides when it turns true)."""
+async def _until(check: Callable[[], Awaitable[bool]], within_s: float = 10, poll_s: float = 0.2) -> None:
+    """Poll a condition another thread or process turns true (its own timer decides when)."""
     with anyio.fail_after(within_s):
         while True:
             if await check():
                 return
-            await anyio.sleep(0.2)
+            await anyio.sleep(poll_s)

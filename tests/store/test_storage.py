@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from arbiter.app import create_app
 from arbiter.errors import SchemaOutOfDate
@@ -75,12 +76,12 @@ async def _start(app: FastAPI) -> None:
 
 
 def test_app_refuses_a_database_that_is_behind(empty_db: str) -> None:
-    app = create_app(Settings(database_url=empty_db, admin_token=ADMIN_TOKEN))
+    app = create_app(Settings(database_url=empty_db, admin_token=SecretStr(ADMIN_TOKEN)))
     with pytest.raises(SchemaOutOfDate) as err:
         asyncio.run(_start(app))
     assert "run `arbiter migrate`" in str(err.value)
     schema.upgrade(empty_db)
-    asyncio.run(_start(create_app(Settings(database_url=empty_db, admin_token=ADMIN_TOKEN))))
+    asyncio.run(_start(create_app(Settings(database_url=empty_db, admin_token=SecretStr(ADMIN_TOKEN)))))
 
 
 async def _rows(url: str) -> tuple[list[Upstream], list[CatalogItem]]:
