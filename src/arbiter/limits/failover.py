@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import anyio
 
 from arbiter.errors import LimitsUnavailable
-from arbiter.limits.backend import Plan, Verdict
-from arbiter.limits.memory import SWEEP_INTERVAL_S, MemoryBackend
+from arbiter.limits.backend import Plan, Verdict, every
+from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
 from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import LimitSettings
@@ -123,16 +123,8 @@ class FailoverBackend:
 
     async def run(self, stopping: anyio.Event) -> None:
         """While Redis is down, ping it every ``limits.redis_retry_s``; sweep the fallback's memory."""
-        tick = self._settings.redis_retry_s
-        since_sweep = 0.0
-        while not stopping.is_set():
-            with anyio.move_on_after(tick):
-                await stopping.wait()
-            if stopping.is_set():
-                break
+        async for sweep in every(self._settings.redis_retry_s, stopping):
             if self._error is not None:
                 await self.check()
-            since_sweep += tick
-            if since_sweep >= SWEEP_INTERVAL_S:
-                since_sweep = 0.0
+            if sweep:
                 self.fallback.sweep()

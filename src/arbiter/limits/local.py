@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
-from arbiter.limits.backend import Plan, Verdict
-from arbiter.limits.memory import SWEEP_INTERVAL_S, MemoryBackend
+from arbiter.limits.backend import Plan, Verdict, every
+from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.store import LimitStore, db_error_message
 from arbiter.settings import LimitSettings
 
@@ -68,16 +68,8 @@ class LocalBackend:
 
     async def run(self, stopping: anyio.Event) -> None:
         """Write spend every ``limits.usage_flush_interval_s`` and sweep; a last flush once stopping."""
-        tick = self._settings.usage_flush_interval_s
-        since_sweep = 0.0
-        while not stopping.is_set():
-            with anyio.move_on_after(tick):
-                await stopping.wait()
-            if stopping.is_set():
-                break
+        async for sweep in every(self._settings.usage_flush_interval_s, stopping):
             await self.flush()
-            since_sweep += tick
-            if since_sweep >= SWEEP_INTERVAL_S:
-                since_sweep = 0.0
+            if sweep:
                 self.memory.sweep()
         await self.flush()

@@ -21,7 +21,6 @@ Clock = Callable[[], float]
 # count alone: at least _SWEEP_EVERY admits and as many as entries were left, or the table doubled.
 # Either way a sweep's cost is paid for by the admits before it, however many callers there are.
 _SWEEP_EVERY = 10_000
-SWEEP_INTERVAL_S = 60.0  # and in the background, for a replica whose traffic stopped
 
 
 class MemoryBackend:
