@@ -18,6 +18,7 @@ import pytest
 from mcp.server import MCPServer
 from pydantic import Field
 
+from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from tests.audit.helpers import Record, wait_for
 from tests.conftest import ArbiterFactory, ArbiterServer, serve_in_thread
 
@@ -433,3 +434,42 @@ def test_a_trailing_slash_is_not_redirected_before_authentication(
     with httpx.Client(base_url=server.base_url, timeout=30) as http:
         resp = http.get("/admin/v1/upstreams/")
     assert resp.status_code == 404  # found by hypothesis: a 307 answered an unauthenticated request
+
+
+class HoldFirstCall:
+    """An interceptor (after limits, before forward) that holds the first call until it is cancelled, as a
+    slow connect or token fetch would: the request is admitted and charged but not yet sent."""
+
+    def __init__(self) -> None:
+        self.holding = threading.Event()
+        self.cancelled = threading.Event()
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        if not self.holding.is_set():
+            self.holding.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.cancelled.set()
+        return await call_next(ctx)
+
+
+def test_a_call_cancelled_before_it_was_sent_is_not_charged_and_can_be_retried(
+    make_gateway: Callable[..., ArbiterServer],
+) -> None:
+    hold = HoldFirstCall()
+    server = make_gateway(interceptors=[hold])
+    with server.admin() as admin:  # one unit a call, a budget of one: a kept charge would refuse the retry
+        assert admin.post("/budgets", json={"period": "day", "limit": 1}).status_code == 201
+    call = _call_body("up__slow", {"seconds": 0}, MODERN)
+    call["params"]["_meta"]["arbiter/idempotency-key"] = "retry-me"
+    body = json.dumps(call).encode()
+    headers = _headers(server, MODERN, "tools/call", "up__slow")
+    with _raw_post(server, headers, body, len(body)):
+        assert hold.holding.wait(30)
+    assert hold.cancelled.wait(30)
+    [record] = _mcp_records(server, 1, reason="cancelled")
+    assert record["cost"] == 0.0
+    with httpx.Client(timeout=30) as http:  # the same request again: neither a duplicate nor over budget
+        retry = http.post(server.mcp_url, content=body, headers=headers)
+    assert retry.status_code == 200 and "finished" in retry.text, retry.text

@@ -59,6 +59,17 @@ AMBIGUOUS = [
     "../secret",
     "up://files/%zz",  # not a percent-encoding at all
     "up://files/50%",
+    # An escaped scheme is decoded before the scheme is read (found in review): `%75p:` is `up:`.
+    "%75p:../secret",
+    "%75p:..",
+    "%66ile:///../etc/passwd",
+    "u%70:../../etc/passwd",
+    # Dot segments between separators in the query or fragment: data to a real MCP server, a path to
+    # an upstream that takes the whole string for one.
+    "up://files/a?/../../secret",
+    "up://files/a#/..",
+    "up://files/a?%2f%2e%2e%2fsecret",
+    "up://files/q?path=../../secret",  # a query value naming a path is judged like a path
 ]
 
 UNCHANGED = [
@@ -72,7 +83,6 @@ UNCHANGED = [
     "up://files/report%20v2.pdf",
     "up://files/caf%C3%A9",
     "up://Files/CaseKept",  # only the scheme's case is normal; a custom "authority" may be a directory
-    "up://files/q?path=../../secret",  # the query is data
     "up://files/q?x=%2e%2e#../frag",
     "https://example.com/a/b?c=d",
     "file:///etc/hosts",

@@ -44,23 +44,41 @@ _DOTS = frozenset({".", ".."})
 
 def normalise(uri: str) -> str:
     """The normal form of a resource URI; raises ``AmbiguousResourceUri`` if there is no single one."""
-    match = _SCHEME.match(uri)
-    scheme = match.group(0).lower() if match else ""
-    rest = uri[len(scheme) :]
-    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    hier, tail = rest[:end], rest[end:]
-    if "%" in _ESCAPE.sub("", hier):
+    normal = _normalise(uri)
+    # A normal form is its own normal form. Anything else (an escape that changes how the URI parses
+    # once decoded) is refused rather than trusted.
+    if _normalise(normal) != normal:
+        raise _refused(uri, "it reads differently once decoded")
+    return normal
+
+
+def _normalise(uri: str) -> str:
+    end = min((i for i in (uri.find("?"), uri.find("#")) if i >= 0), default=len(uri))
+    head, tail = uri[:end], uri[end:]
+    if "%" in _ESCAPE.sub("", head):
         raise _refused(uri, "a '%' not followed by two hex digits")
-    hier = _ESCAPE.sub(_decode_unreserved, hier)
+    # Decoded before the scheme is looked for: `%75p:..` is `up:..`, and must be judged as such.
+    head = _ESCAPE.sub(_decode_unreserved, head)
+    match = _SCHEME.match(head)
+    scheme = match.group(0).lower() if match else ""
+    hier = head[len(scheme) :]
     slashes = "//" if hier.startswith("//") else ""
     path = _remove_dot_segments(hier[len(slashes) :], uri)
     for segment in path.split("/"):
-        if any(piece in _DOTS for piece in _SEPARATORS.split(_fully_decoded(segment))):
+        if _has_dot_segment(segment):
             raise _refused(uri, "an encoded or backslash-separated '.' or '..' segment")
+    # The query and fragment pass unchanged, but not as a way around the rule: an upstream that takes
+    # the whole string for a path would resolve a `/../` found there.
+    if _has_dot_segment(tail):
+        raise _refused(uri, "a '.' or '..' segment in its query or fragment")
     normal = f"{scheme}{slashes}{path}{tail}"
     if not normal:
         raise _refused(uri, "it names nothing once '..' is resolved")
     return normal
+
+
+def _has_dot_segment(text: str) -> bool:
+    return any(piece in _DOTS for piece in _SEPARATORS.split(_fully_decoded(text)))
 
 
 def _decode_unreserved(match: re.Match[str]) -> str:

@@ -58,8 +58,14 @@ async def _unless_disconnected(pipeline: Pipeline, call: CallContext, http: Requ
 async def _watch(receive: Receive, scope: anyio.CancelScope) -> None:
     # The body has been read: what the connection delivers next is its end. (Once the answer is complete
     # the server reports a disconnect too, but by then this task has been cancelled.)
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:
+        # The top of this task: a server whose receive() fails cannot report a disconnect either; the
+        # call runs to its end as it would without the watcher.
+        log.exception("cannot watch the client's connection")
+        return
     scope.cancel()
 
 

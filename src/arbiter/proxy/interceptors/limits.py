@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import anyio
 from mcp.shared.exceptions import MCPError
 from mcp_types import REQUEST_TIMEOUT
 
@@ -77,5 +78,14 @@ class Limits:
                 await self._limiter.refund(ticket)
                 ctx.cost = 0.0
             raise
+        except anyio.get_cancelled_exc_class():
+            # Cancelled (the agent went away) before the request reached the upstream: nothing ran, so
+            # the charge and the request key are given back, shielded from the cancellation (the refund
+            # bounds its own Redis round trip). Once sent, a cancelled call stays charged.
+            if not ctx.sent:
+                with anyio.CancelScope(shield=True):
+                    await self._limiter.refund(ticket)
+                ctx.cost = 0.0
+            raise
         finally:
-            self._limiter.commit(ticket)  # no-op after a refund; a cancelled call stays charged
+            self._limiter.commit(ticket)  # no-op after a refund
