@@ -195,10 +195,11 @@ class ArbiterServer:
         settings: Settings,
         interceptors: Sequence[Interceptor] = (),
         clock: Callable[[], float] = time.time,  # the in-process limits backend's clock (tests skew it)
+        monotonic: Callable[[], float] = time.monotonic,  # upstream token expiry (tests advance it)
     ) -> None:
         self.port = free_port()
         self.settings = settings.model_copy(update={"port": self.port})
-        self.app = create_app(self.settings, interceptors=interceptors, clock=clock)
+        self.app = create_app(self.settings, interceptors=interceptors, clock=clock, monotonic=monotonic)
         # The product's own server configuration (keep-alive and all), as `arbiter serve` runs it.
         self.server = uvicorn.Server(
             uvicorn_config(
@@ -334,12 +335,13 @@ def arbiter_factory(sqlite_url: str, tmp_path: Path) -> Iterator[ArbiterFactory]
         interceptors: Sequence[Interceptor] = (),
         policy: str | None = ALLOW_ALL,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         **overrides: Any,
     ) -> ArbiterServer:
         # Each test spools audit records (if it ever must) under its own directory, not the checkout.
         overrides["audit"] = {"spool_dir": str(tmp_path / "audit-spool"), **overrides.get("audit", {})}
         settings = Settings(**{"database_url": sqlite_url, "admin_token": ADMIN_TOKEN, **overrides})
-        server = ArbiterServer(settings, interceptors, clock).start()
+        server = ArbiterServer(settings, interceptors, clock, monotonic).start()
         if policy is not None and settings.admin_token is not None:
             server.seed_policy(policy)
         started.append(server)

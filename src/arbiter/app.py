@@ -108,10 +108,12 @@ def create_app(
     *,
     interceptors: Sequence[Interceptor] = (),
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """Build an Arbiter app. ``interceptors`` run between the limits and forward steps, in order.
 
     ``clock`` (epoch seconds) drives the in-process limits backend; the Redis one uses Redis's clock.
+    ``monotonic`` (seconds, only differences count) drives the expiry of upstream OAuth tokens.
     """
     settings = settings or load_settings()
     _quiet_sdk_logging()
@@ -122,7 +124,9 @@ def create_app(
         max_connections=settings.upstream.max_connections,
         reconnect_backoff_s=settings.upstream.reconnect_backoff_s,
         on_health=lambda name, healthy: catalog.set_hidden(name, not healthy),
-        outbound=Outbound(secret_box, token_timeout_s=settings.upstream.token_timeout_s, egress=egress),
+        outbound=Outbound(
+            secret_box, token_timeout_s=settings.upstream.token_timeout_s, clock=monotonic, egress=egress
+        ),
         caller_sessions_max=settings.upstream.caller_sessions_max,
         caller_session_idle_s=settings.upstream.caller_session_idle_s,
         egress=egress,

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import sqlite3
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -482,11 +483,12 @@ async def test_client_credentials_token_is_renewed_on_expiry_and_after_a_401(
     recorder, url = upstream
     monkeypatch.setenv("OUTBOUND_TEST_CLIENT_SECRET", CLIENT_SECRET)
     tokens.expires_in = 2  # renewed a little early: 1.8 s after it was fetched
-    server = start()
+    skew = [0.0]
+    server = start(monotonic=lambda: time.monotonic() + skew[0])
     credential = cc_credential(tokens, client_secret=None, client_secret_env="OUTBOUND_TEST_CLIENT_SECRET")
     server.register("crm", url, credential=credential)
     async with server.client() as client:
-        await anyio.sleep(2.1)
+        skew[0] = 2.1  # the token's lifetime passes on Arbiter's clock, not the test's
         before = tokens.grants["client_credentials"]
         tokens.expires_in = 3600  # from now on; the token Arbiter holds has expired
         async with anyio.create_task_group() as tg:  # many callers find it expired; one fetch serves all
