@@ -128,11 +128,24 @@ def envelopes(draw: st.DrawFn, modern: bool) -> Envelope:
     )
     # Ground truth, by construction: what no JSON-RPC 2.0 / MCP server may accept as a request.
     bad_id = "id" in body and (request_id is None or isinstance(request_id, bool | float | list | dict))
-    malformed = (
-        jsonrpc != "2.0"
-        or not isinstance(method, str)
-        or (params is not ABSENT and params is not None and not isinstance(params, dict))
-        or bad_id
+    # Without a method it may be a client's answer to a request of the server's (elicitation, sampling):
+    # an id, exactly one object-valued result or error, no params.
+    outcome = [k for k in ("result", "error") if k in body]
+    response = (
+        method is ABSENT
+        and "params" not in body
+        and "id" in body
+        and not bad_id
+        and len(outcome) == 1
+        and isinstance(body[outcome[0]], dict)
+    )
+    malformed = jsonrpc != "2.0" or (
+        not response
+        and (
+            not isinstance(method, str)
+            or (params is not ABSENT and params is not None and not isinstance(params, dict))
+            or bad_id
+        )
     )
     return Envelope(body, malformed)
 

@@ -389,8 +389,22 @@ def test_a_hidden_tool_answers_exactly_like_a_missing_one_despite_its_header_par
         {"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": [], "result": {}},
         {"jsonrpc": "1.0", "id": 1, "method": "tools/list"},
         {"id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 0, "params": {}, "result": {}},  # found by the fuzzer in a clean CI run
+        {"jsonrpc": "2.0", "id": 0, "result": {}, "error": {"code": 1, "message": "x"}},
+        {"jsonrpc": "2.0", "id": 0},
     ],
-    ids=["id-false", "id-fraction", "id-object", "id-list", "method-and-result", "jsonrpc-1.0", "no-jsonrpc"],
+    ids=[
+        "id-false",
+        "id-fraction",
+        "id-object",
+        "id-list",
+        "method-and-result",
+        "jsonrpc-1.0",
+        "no-jsonrpc",
+        "response-with-params",
+        "result-and-error",
+        "neither",
+    ],
 )
 def test_handshake_messages_that_are_no_valid_request_are_refused_not_dropped(
     make_gateway: Callable[..., ArbiterServer], message: dict[str, Any]

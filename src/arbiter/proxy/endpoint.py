@@ -205,15 +205,20 @@ def _envelope_problem(message: Mapping[str, Any]) -> str | None:
     if message.get("jsonrpc") != "2.0":
         return 'jsonrpc must be "2.0"'
     if "method" not in message:
-        return None  # a response to a request of ours: the SDK judges it
+        # A response to a request of ours (elicitation, sampling): an id, and a result or an error.
+        outcome = [k for k in ("result", "error") if k in message]
+        if "params" in message or len(outcome) != 1 or not isinstance(message[outcome[0]], dict):
+            return "neither a request, a notification nor a response"
+        return None if _valid_id(message.get("id")) else "id must be a string or an integer"
     if "result" in message or "error" in message:
         return "a request carries no result or error"
-    if "id" in message:
-        rid = message["id"]
-        # JSON-RPC allows null and fractions; MCP does not.
-        if not (isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool))):
-            return "id must be a string or an integer"
+    if "id" in message and not _valid_id(message["id"]):
+        return "id must be a string or an integer"  # JSON-RPC allows null and fractions; MCP does not
     return None
+
+
+def _valid_id(rid: object) -> bool:
+    return isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool))
 
 
 @functools.lru_cache(maxsize=4096)  # per principal, not per request: pydantic models cost on the hot path
