@@ -24,6 +24,10 @@ from tests.fuzz.conftest import Target, fuzz, new_trace
 from tests.fuzz.strategies import HUGE, encode, json_values, odd_text
 
 PREFIX = "/admin/v1"
+# POSTs that compute an answer and change nothing, so they are no admin change to audit.
+READ_ONLY_POSTS = frozenset(
+    f"{PREFIX}/{p}" for p in ("limits/explain", "policies/explain", "policies/dry-run")
+)
 
 T = TypeVar("T")
 
@@ -247,7 +251,7 @@ def test_every_admin_operation_with_hostile_input(
     after = admin_http.get("/admin/v1/upstreams")
     assert after.status_code == 200, f"the next request on the connection failed: {after.status_code}{shown}"
     assert _local_port(after) == port, f"the next request needed a new connection{shown}"
-    if op.method != "GET" and 200 <= resp.status_code < 300:
+    if op.method != "GET" and op.path not in READ_ONLY_POSTS and 200 <= resp.status_code < 300:
         events = target.settle(trace)
         assert [e["kind"] for e in events] == ["admin"], (
             f"an admin change was not audited exactly once{shown}"
