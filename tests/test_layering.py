@@ -22,7 +22,10 @@ ROOT = "arbiter"
 # itself and any unit of a lower layer; units of the same layer are independent of each other, except
 # in the base layer, whose modules may use one another.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("base", frozenset({"errors", "settings", "redis_errors", "http_scope", "globs", "naming", "net"})),
+    (
+        "base",
+        frozenset({"errors", "settings", "redis_errors", "http_scope", "globs", "naming", "net", "ticks"}),
+    ),
     ("store", frozenset({"store"})),
     ("auth", frozenset({"auth"})),
     ("rules", frozenset({"policies", "limits"})),

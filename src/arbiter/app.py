@@ -56,6 +56,7 @@ from arbiter.runtime import Runtime
 from arbiter.settings import Settings, load_settings
 from arbiter.store.db import create_engine, session_factory
 from arbiter.store.schema import require_head
+from arbiter.ticks import Every, ticks
 
 log = logging.getLogger(__name__)
 
@@ -287,19 +288,13 @@ async def _maintain(runtime: Runtime, stopping: anyio.Event) -> None:
     """Follow other replicas' changes and bring recovered upstreams back quickly (every few seconds);
     re-discover every catalog at the refresh interval. Returns once ``stopping`` is set."""
     registry, policy, keys = runtime.registry, runtime.settings.upstream, runtime.keys
-    since_refresh = 0.0
-    while True:
-        with anyio.move_on_after(policy.maintain_interval_s):
-            await stopping.wait()
-        if stopping.is_set():
-            return
-        since_refresh += policy.maintain_interval_s
+    refresh = Every(policy.catalog_refresh_interval_s, policy.maintain_interval_s)
+    async for _ in ticks(policy.maintain_interval_s, stopping):
         await _guarded(registry.reconcile, "reconcile")
         await _guarded(registry.heal, "recovery")
         await _guarded(keys.reload, "reloading API keys")
         await _guarded(keys.flush_usage, "recording API key use")
-        if policy.catalog_refresh_interval_s and since_refresh >= policy.catalog_refresh_interval_s:
-            since_refresh = 0.0
+        if refresh.due() and policy.catalog_refresh_interval_s:  # 0: never
             await _guarded(registry.refresh_all, "catalog refresh")
 
 

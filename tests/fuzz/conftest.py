@@ -22,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from mcp.server import MCPServer
 from pydantic import Field
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from arbiter.proxy.body import replay_body
 from arbiter.settings import Settings
 from arbiter.store import schema
 from tests.conftest import ADMIN_TOKEN, ArbiterServer, Recorder, serve_in_thread
@@ -148,16 +149,7 @@ class RecordingUpstream:
             decoded = None
         items: list[Any] = decoded if isinstance(decoded, list) else [decoded]
         self.methods.extend(str(i.get("method")) for i in items if isinstance(i, dict))
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(body, receive), send)
 
 
 @dataclass

@@ -14,7 +14,7 @@ so a retry after that is a new request.
 from __future__ import annotations
 
 import calendar
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -142,19 +142,3 @@ def counter_ttl_s(period: BudgetPeriod) -> int:
 
 
 SWEEP_INTERVAL_S = 60.0  # memory backends also sweep in the background, for a replica whose traffic stopped
-
-
-async def every(interval_s: float, stopping: anyio.Event) -> AsyncIterator[bool]:
-    """A background backend's ticks: every ``interval_s`` until ``stopping`` is set, each saying whether
-    a sweep of in-process state is due (every ``SWEEP_INTERVAL_S``)."""
-    since_sweep = 0.0
-    while not stopping.is_set():
-        with anyio.move_on_after(interval_s):
-            await stopping.wait()
-        if stopping.is_set():
-            return
-        since_sweep += interval_s
-        sweep = since_sweep >= SWEEP_INTERVAL_S
-        if sweep:
-            since_sweep = 0.0
-        yield sweep

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 import anyio
 
 from arbiter.errors import LimitsUnavailable
-from arbiter.limits.backend import Plan, Verdict, every
+from arbiter.limits.backend import SWEEP_INTERVAL_S, Plan, Verdict
 from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
 from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import LimitSettings
+from arbiter.ticks import Every, ticks
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,10 @@ class FailoverBackend:
 
     async def run(self, stopping: anyio.Event) -> None:
         """While Redis is down, ping it every ``limits.redis_retry_s``; sweep the fallback's memory."""
-        async for sweep in every(self._settings.redis_retry_s, stopping):
+        tick = self._settings.redis_retry_s
+        sweep = Every(SWEEP_INTERVAL_S, tick)
+        async for _ in ticks(tick, stopping):
             if self._error is not None:
                 await self.check()
-            if sweep:
+            if sweep.due():
                 self.fallback.sweep()

@@ -49,6 +49,7 @@ from arbiter.limits.store import LimitStore, db_error_message
 from arbiter.limits.usage import UsageCounter
 from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import LimitSettings
+from arbiter.ticks import Every, ticks
 
 log = logging.getLogger(__name__)
 # Entries are per (caller, tool): enough for the callers active at once; a flood of new callers only
@@ -348,16 +349,9 @@ class Limiter:
     async def _follow(self, stopping: anyio.Event) -> None:
         s = self.settings
         tick = min(s.reload_interval_s, s.usage_flush_interval_s)
-        since_reload = since_flush = 0.0
-        while not stopping.is_set():
-            with anyio.move_on_after(tick):
-                await stopping.wait()
-            if stopping.is_set():
-                break
-            since_reload += tick
-            since_flush += tick
-            if since_reload >= s.reload_interval_s:
-                since_reload = 0.0
+        reload, flush = Every(s.reload_interval_s, tick), Every(s.usage_flush_interval_s, tick)
+        async for _ in ticks(tick, stopping):
+            if reload.due():
                 try:
                     await self.reload()
                 except (SQLAlchemyError, OSError) as exc:
@@ -366,8 +360,7 @@ class Limiter:
                         db_error_message(exc),
                         self.config.version,
                     )
-            if since_flush >= s.usage_flush_interval_s:
-                since_flush = 0.0
+            if flush.due():
                 await self.usage.flush()
         await self.usage.flush()
 

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
-from arbiter.limits.backend import Plan, Verdict, every
+from arbiter.limits.backend import SWEEP_INTERVAL_S, Plan, Verdict
 from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.store import LimitStore, db_error_message
 from arbiter.settings import LimitSettings
+from arbiter.ticks import Every, ticks
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ class LocalBackend:
 
     async def run(self, stopping: anyio.Event) -> None:
         """Write spend every ``limits.usage_flush_interval_s`` and sweep; a last flush once stopping."""
-        async for sweep in every(self._settings.usage_flush_interval_s, stopping):
+        tick = self._settings.usage_flush_interval_s
+        sweep = Every(SWEEP_INTERVAL_S, tick)
+        async for _ in ticks(tick, stopping):
             await self.flush()
-            if sweep:
+            if sweep.due():
                 self.memory.sweep()
         await self.flush()
