@@ -123,6 +123,7 @@ def create_app(
     egress = Egress(settings.upstream)  # the address check of every outbound connection
     pool = UpstreamPool(
         max_connections=settings.upstream.max_connections,
+        idle_connection_s=settings.upstream.idle_connection_s,
         reconnect_backoff_s=settings.upstream.reconnect_backoff_s,
         on_health=lambda name, healthy: catalog.set_hidden(name, not healthy),
         outbound=Outbound(

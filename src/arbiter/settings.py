@@ -202,6 +202,10 @@ class UpstreamPolicy(BaseModel):
     # How often to follow other replicas' changes and retry upstreams that are down.
     maintain_interval_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=100, gt=0)
+    # Arbiter closes pooled upstream connections idle this long itself: below common servers' keep-alive
+    # timeouts (uvicorn and Node.js close after 5 s), so a request rarely meets a connection the upstream
+    # is closing. A request that does is sent once more on a fresh connection (proxy/relay.py).
+    idle_connection_s: float = Field(default=4.0, gt=0)
     # A reconnect attempt after a failure waits at least this long, so a dead upstream costs little.
     reconnect_backoff_s: float = Field(default=2.0, ge=0)
     # Environment variables the admin API may name as an upstream secret (glob patterns). ARBITER_*

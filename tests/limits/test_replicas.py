@@ -71,6 +71,9 @@ def replicas_env(postgres_url: str, redis_url: str, redis_prefix: str, tmp_path:
             "ARBITER_LOG_LEVEL": "WARNING",
             "ARBITER_LIMITS__REDIS_PREFIX": redis_prefix,
             "ARBITER_LIMITS__USAGE_FLUSH_INTERVAL_S": "0.5",
+            # These tests count admissions, not outages: on a busy machine a Redis round trip may take
+            # longer than the default 0.5 s, which would (rightly) refuse calls as limits_unavailable.
+            "ARBITER_LIMITS__REDIS_TIMEOUT_S": "10",
             "ARBITER_POLICY__REDIS_CHANNEL": f"{redis_prefix}policy",
             "ARBITER_AUDIT__SPOOL_DIR": str(tmp_path / "spool"),
         }

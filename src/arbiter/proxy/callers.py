@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-import mcp_types as types
 from pydantic import SecretStr
+
+from arbiter.proxy.relay import UpstreamRequest
 
 
 class Session(Protocol):
@@ -27,8 +28,7 @@ class Session(Protocol):
 
     async def request(
         self,
-        method: str,
-        request: types.ClientRequest,
+        request: UpstreamRequest,
         *,
         deadline_s: float | None = ...,
         on_send: Callable[[], None] | None = ...,
@@ -73,8 +73,7 @@ class CallerSessions(Generic[S]):
     async def request(
         self,
         token: SecretStr,
-        method: str,
-        request: types.ClientRequest,
+        request: UpstreamRequest,
         deadline_s: float | None,
         on_send: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
@@ -87,7 +86,7 @@ class CallerSessions(Generic[S]):
         entry.active += 1
         try:
             await self._evict(len(self._entries) - self._max)
-            return await entry.client.request(method, request, deadline_s=deadline_s, on_send=on_send)
+            return await entry.client.request(request, deadline_s=deadline_s, on_send=on_send)
         finally:
             entry.active -= 1
             entry.used = self._clock()

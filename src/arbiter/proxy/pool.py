@@ -23,6 +23,7 @@ class UpstreamPool:
         *,
         max_connections: int,
         reconnect_backoff_s: float,
+        idle_connection_s: float = 4.0,
         on_health: Callable[[str, bool], None] | None = None,
         outbound: Outbound | None = None,
         caller_sessions_max: int = 256,
@@ -32,6 +33,7 @@ class UpstreamPool:
         self._on_health = on_health
         self._clients: dict[str, UpstreamClient] = {}
         self._max_connections = max_connections
+        self._idle_connection_s = idle_connection_s
         self._backoff = reconnect_backoff_s
         self._outbound = outbound or Outbound(SecretBox(None))
         self._callers_max = caller_sessions_max
@@ -94,6 +96,7 @@ class UpstreamPool:
             spec,
             self._tg,
             max_connections=self._max_connections,
+            idle_connection_s=self._idle_connection_s,
             reconnect_backoff_s=self._backoff,
             auth=auth,
             callers=callers,

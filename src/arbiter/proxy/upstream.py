@@ -1,9 +1,14 @@
-"""One pooled, long-lived MCP client session per upstream, reconnected on demand.
+"""One pooled, long-lived connection per upstream, reconnected on demand.
+
+The SDK's client negotiates the era (and, in the handshake era, the session), discovers the catalog, and
+carries every request to stdio and SSE upstreams. Requests to streamable-HTTP upstreams take the lean
+relay (``relay.py``) over the same pooled HTTP client instead: no protocol models on the way.
 
 The SDK's client is an async context manager whose task group must be entered and exited in the
-same task, so each connection lives in a task of its own; requests from any task share its session
-(JSON-RPC ids multiplex them). A broken connection is dropped and re-opened by the next request,
-no sooner than ``reconnect_backoff_s`` after the last failed attempt.
+same task, so each connection lives in a task of its own; requests from any task share it. A broken
+connection is dropped and re-opened by the next request, no sooner than ``reconnect_backoff_s`` after
+the last failed attempt. Only an upstream that cannot be reached breaks a connection: a request that
+fails on its own (a timeout, a connection closed mid-answer) fails alone.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
 from arbiter.net.egress import Egress, GuardedTransport
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
+from arbiter.proxy.relay import SESSION_HEADER, Relay, SessionLost, UpstreamRequest
 
 log = logging.getLogger(__name__)
 
 # The SDK types result adapters for its own models; a plain dict keeps the upstream's answer verbatim.
 _RAW_RESULT: Any = TypeAdapter(dict[str, Any])
-_SESSION_HEADER = "mcp-session-id"
 T = TypeVar("T")
+# Failures that say the upstream cannot be reached at all, rather than that one request went wrong.
+_UNREACHABLE = (httpx2.ConnectError, httpx2.ConnectTimeout)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,10 @@ class _Connection:
     def __init__(self) -> None:
         self.close = anyio.Event()
         self.session: ClientSession | None = None
+        self.relay: Relay | None = None  # streamable-HTTP upstreams: requests bypass the SDK session
+        self.http: httpx2.AsyncClient | None = None  # pooled, shared with the SDK's session
+        self.fresh_http: httpx2.AsyncClient | None = None  # no pooling: a retry's fresh connection
+        self.session_id: str | None = None  # what the upstream's initialize answer named (handshake era)
         self.broken = False
         # Set when the upstream answered 404 to our session id: it restarted and forgot us, so the
         # request never ran and may be retried on a new session.
@@ -79,6 +90,7 @@ class UpstreamClient:
         *,
         max_connections: int,
         reconnect_backoff_s: float,
+        idle_connection_s: float = 4.0,
         auth: OutboundAuth | None = None,
         callers: CallerSessions[UpstreamClient] | None = None,
         egress: Egress | None = None,
@@ -86,6 +98,7 @@ class UpstreamClient:
         self.spec = spec
         self._tg = task_group
         self._max_connections = max_connections
+        self._idle_s = idle_connection_s  # pooled connections idle this long are closed (settings)
         self._backoff = reconnect_backoff_s
         self._auth = auth  # Arbiter's own credential for this upstream (never the caller's)
         # Token exchange: calls run on per-caller sessions; this client's own session serves discovery.
@@ -112,8 +125,7 @@ class UpstreamClient:
 
     async def request(
         self,
-        method: str,
-        request: types.ClientRequest,
+        request: UpstreamRequest,
         *,
         deadline_s: float | None = None,
         caller: SecretStr | None = None,
@@ -122,8 +134,8 @@ class UpstreamClient:
         """Send one request and return the upstream's raw result; JSON-RPC errors from it pass through.
 
         ``caller`` (the caller's access token) is used only by token-exchange upstreams. ``on_send`` is
-        called just before the request is handed to the upstream's session: a failure before that
-        point (no connection, no credential) means the upstream never saw the request.
+        called just before the request is handed to the upstream: a failure before that point (no
+        connection, no credential) means the upstream never saw the request.
         """
         if self.callers is not None:
             if caller is None:
@@ -132,27 +144,32 @@ class UpstreamClient:
                     "token to exchange; API keys cannot be exchanged",
                     upstream=self.spec.name,
                 )
-            return await self.callers.request(caller, method, request, deadline_s, on_send)
+            return await self.callers.request(caller, request, deadline_s, on_send)
         deadline = deadline_s or self.spec.call_timeout_s
 
-        async def send(session: ClientSession) -> dict[str, Any]:
+        async def send(conn: _Connection) -> dict[str, Any]:
+            if conn.relay is not None:
+                with anyio.fail_after(deadline):
+                    return await conn.relay.request(request, on_send=on_send)
+            assert conn.session is not None
             if on_send is not None:
                 on_send()
             # The SDK's own per-request timeout (REQUEST_TIMEOUT) rather than another cancel scope per call.
-            result: dict[str, Any] = await session.send_request(
-                request, _RAW_RESULT, request_read_timeout_seconds=deadline
+            result: dict[str, Any] = await conn.session.send_request(
+                _sdk_request(request), _RAW_RESULT, request_read_timeout_seconds=deadline
             )
             return result
 
-        return await self._run(method, deadline, send)
+        return await self._run(request.method, deadline, send)
 
     async def discover(self) -> UpstreamCatalog:
         """List what the upstream offers, under its connect + call deadline."""
         deadline = self.spec.connect_timeout_s + self.spec.call_timeout_s
 
-        async def list_all(session: ClientSession) -> UpstreamCatalog:
+        async def list_all(conn: _Connection) -> UpstreamCatalog:
+            assert conn.session is not None
             with anyio.fail_after(deadline):
-                return await discover(self.spec.name, session)
+                return await discover(self.spec.name, conn.session)
 
         try:
             return await self._run("discovery", deadline, list_all)
@@ -170,16 +187,15 @@ class UpstreamClient:
         if self.callers is not None:
             await self.callers.aclose()
 
-    async def _run(self, method: str, deadline: float, op: Callable[[ClientSession], Awaitable[T]]) -> T:
-        """Run ``op`` on the session, mapping failures; retry once if the upstream forgot our session."""
+    async def _run(self, method: str, deadline: float, op: Callable[[_Connection], Awaitable[T]]) -> T:
+        """Run ``op`` on the connection, mapping failures; retry once if the upstream forgot our session."""
         for attempt in (1, 2):
             if self._auth is not None:
                 # Token fetches happen here, in the caller's task, so their failures reach the caller.
                 await self._auth.ready()
             conn = await self._connection()
-            assert conn.session is not None
             try:
-                return await op(conn.session)
+                return await op(conn)
             except Exception as exc:
                 failure = self._failure(method, conn, deadline, exc)
                 if conn.session_lost and attempt == 1:
@@ -191,6 +207,8 @@ class UpstreamClient:
 
     def _failure(self, method: str, conn: _Connection, deadline: float, exc: Exception) -> Exception:
         """Map a failed request to Arbiter's errors; the upstream's own JSON-RPC errors pass through."""
+        if isinstance(exc, SessionLost):
+            conn.session_lost = True
         if conn.session_lost:
             return self._unavailable("the upstream lost our session (it restarted)", conn)
         if isinstance(exc, TimeoutError):
@@ -199,6 +217,14 @@ class UpstreamClient:
             if exc.code == types.REQUEST_TIMEOUT:  # a slow upstream, not a broken connection: keep it
                 return self._unavailable(f"{method} timed out after {deadline:g}s", None)
             return self._unavailable(exc.message, conn) if exc.code == types.CONNECTION_CLOSED else exc
+        if (
+            conn.relay is not None
+            and isinstance(exc, httpx2.TransportError)
+            and not isinstance(exc, _UNREACHABLE)
+        ):
+            # One request's connection failed mid-answer (after the relay's retry of an unanswered one):
+            # that request fails; the upstream answered, so it stays up and the connection stays open.
+            return self._unavailable(f"{method}: {type(exc).__name__}", None)
         if isinstance(
             exc, OSError | httpx2.TransportError | anyio.BrokenResourceError | anyio.ClosedResourceError
         ):
@@ -270,14 +296,18 @@ class UpstreamClient:
     def _refused(self) -> str | None:
         return self._egress.refused if self._egress is not None else None
 
-    def _transport(self) -> GuardedTransport | None:
+    def _transport(self, keepalive: bool = True) -> GuardedTransport | None:
         """A transport checking every new connection's address, or None for httpx2's own."""
         if self._egress is None:
             return None
-        limits = httpx2.Limits(
-            max_connections=self._max_connections, max_keepalive_connections=self._max_connections
+        return self._egress.transport(limits=self._limits(keepalive))
+
+    def _limits(self, keepalive: bool = True) -> httpx2.Limits:
+        return httpx2.Limits(
+            max_connections=self._max_connections,
+            max_keepalive_connections=self._max_connections if keepalive else 0,
+            keepalive_expiry=self._idle_s,
         )
-        return self._egress.transport(limits=limits)
 
     def _report(self, healthy: bool) -> None:
         self.healthy = healthy
@@ -290,6 +320,14 @@ class UpstreamClient:
         try:
             async with self._client(conn) as client:
                 conn.session = client.session
+                if conn.http is not None and conn.fresh_http is not None and self.spec.url is not None:
+                    conn.relay = Relay(
+                        self.spec.url,
+                        conn.http,
+                        conn.fresh_http,
+                        protocol_version=client.protocol_version,
+                        session_id=conn.session_id,
+                    )
                 task_status.started(conn)
                 started = True
                 await conn.close.wait()
@@ -318,22 +356,27 @@ class UpstreamClient:
             return Client(transport, mode="legacy", cache=None)
 
         async def watch_session(response: httpx2.Response) -> None:
-            if response.status_code == 404 and _SESSION_HEADER in response.request.headers:
+            if response.status_code == 404 and SESSION_HEADER in response.request.headers:
                 conn.session_lost = True
+            elif conn.relay is None and (sid := response.headers.get(SESSION_HEADER)) is not None:
+                conn.session_id = sid  # the handshake's answer: the relay's requests belong to this session
 
-        http = httpx2.AsyncClient(
-            # Redirects: the SDK itself follows only same-origin, method-preserving ones and refuses the
-            # rest; this client adds none of its own.
-            follow_redirects=False,
-            timeout=httpx2.Timeout(spec.call_timeout_s, connect=spec.connect_timeout_s),
-            limits=httpx2.Limits(
-                max_connections=self._max_connections, max_keepalive_connections=self._max_connections
-            ),
-            event_hooks={"response": [watch_session]},
-            auth=self._auth,
-            transport=self._transport(),  # when given, it holds the limits above
-        )
-        return Client(_http_transport(spec.url, http), mode="auto", cache=None)
+        def http_client(keepalive: bool) -> httpx2.AsyncClient:
+            return httpx2.AsyncClient(
+                # Redirects: the SDK itself follows only same-origin, method-preserving ones and refuses
+                # the rest; this client adds none of its own.
+                follow_redirects=False,
+                timeout=httpx2.Timeout(spec.call_timeout_s, connect=spec.connect_timeout_s),
+                limits=self._limits(keepalive),
+                event_hooks={"response": [watch_session]},
+                auth=self._auth,
+                transport=self._transport(keepalive),  # when given, it holds the limits above
+            )
+
+        # The pool every request shares, and one that keeps no connection: a request the pool's
+        # connection failed to carry is sent again on a connection of its own.
+        conn.http, conn.fresh_http = http_client(True), http_client(False)
+        return Client(_http_transport(spec.url, conn.http, conn.fresh_http), mode="auto", cache=None)
 
     def _sse_http_client(
         self,
@@ -347,10 +390,27 @@ class UpstreamClient:
         )
 
 
+def _sdk_request(request: UpstreamRequest) -> types.ClientRequest:
+    """The SDK's model of ``request``, for upstreams the relay does not serve (stdio, SSE)."""
+    match request.method:
+        case "tools/call":
+            return types.CallToolRequest(params=types.CallToolRequestParams.model_validate(request.params))
+        case "prompts/get":
+            return types.GetPromptRequest(params=types.GetPromptRequestParams.model_validate(request.params))
+        case "resources/read":
+            return types.ReadResourceRequest(
+                params=types.ReadResourceRequestParams.model_validate(request.params)
+            )
+        case _:
+            raise ValueError(f"no upstream request for {request.method}")
+
+
 @asynccontextmanager
-async def _http_transport(url: str, http: httpx2.AsyncClient) -> AsyncGenerator[TransportStreams]:
-    """Streamable HTTP over Arbiter's own pooled HTTP client, closed with the transport."""
-    async with http, streamable_http_client(url, http_client=http) as streams:
+async def _http_transport(
+    url: str, http: httpx2.AsyncClient, fresh_http: httpx2.AsyncClient
+) -> AsyncGenerator[TransportStreams]:
+    """Streamable HTTP over Arbiter's own pooled HTTP client; both clients are closed with the transport."""
+    async with fresh_http, http, streamable_http_client(url, http_client=http) as streams:
         yield streams
 
 

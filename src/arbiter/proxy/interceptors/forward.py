@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import mcp_types as types
-
 from arbiter.naming import exposed_uri
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.pool import UpstreamPool
+from arbiter.proxy.relay import UpstreamRequest
 
 _SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 
@@ -44,27 +43,28 @@ class Forward:
         # Only the progress token crosses over; the rest of _meta is the agent's envelope, not the upstream's.
         meta: Any = ctx.params.get("_meta")
         progress: Any = cast(dict[str, Any], meta).get("progressToken") if isinstance(meta, dict) else None
-        req_meta = (
-            cast(types.RequestParamsMeta, {"progressToken": progress}) if progress is not None else None
-        )
-        request: types.ClientRequest
-        if ctx.method == "tools/call":
-            request = types.CallToolRequest(
-                params=types.CallToolRequestParams(name=ctx.target, arguments=ctx.arguments, _meta=req_meta)
-            )
-        elif ctx.method == "prompts/get":
-            str_args = {k: v if isinstance(v, str) else str(v) for k, v in (ctx.arguments or {}).items()}
-            request = types.GetPromptRequest(
-                params=types.GetPromptRequestParams(
-                    name=ctx.target, arguments=str_args or None, _meta=req_meta
-                )
-            )
+        params: dict[str, Any]
+        schema: Any = None
+        if ctx.method == "resources/read":
+            params = {"uri": ctx.target}
         else:
-            request = types.ReadResourceRequest(params=types.ReadResourceRequestParams(uri=ctx.target))
+            arguments = ctx.arguments
+            if ctx.method == "prompts/get" and arguments:
+                arguments = {k: v if isinstance(v, str) else str(v) for k, v in arguments.items()}
+            params = {"name": ctx.target}
+            if arguments:
+                params["arguments"] = arguments
+            if ctx.method == "tools/call" and ctx.definition is not None:
+                schema = ctx.definition.get("inputSchema")
+        if progress is not None:
+            params["_meta"] = {"progressToken": progress}
+        request = UpstreamRequest(
+            ctx.method, params, cast(dict[str, Any], schema) if isinstance(schema, dict) else None
+        )
         # The caller's own token is read only for an upstream that exchanges it (RFC 8693); every other
         # upstream gets Arbiter's credential alone.
         caller = ctx.exchange.caller_token if client.per_caller and ctx.exchange is not None else None
-        result = await client.request(ctx.method, request, caller=caller, on_send=lambda: _sent(ctx))
+        result = await client.request(request, caller=caller, on_send=lambda: _sent(ctx))
         _strip_upstream_identity(result)
         if ctx.method == "resources/read":
             _rename_contents(result, ctx.upstream)

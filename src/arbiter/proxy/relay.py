@@ -1,0 +1,244 @@
+"""The lean relay: one JSON-RPC request to a streamable-HTTP upstream, without the SDK's client models.
+
+The SDK's client decodes every answer into protocol models and encodes every request from them; for a
+gateway that only needs to pass a result on, that was most of the cost of a call. Here a request is one
+``orjson``-encoded POST over the upstream's pooled HTTP client, and its answer (a JSON body, or an SSE
+stream ending in the response) is decoded once into plain dicts. The SDK's session still owns what it is
+good at: negotiating the era (``server/discover`` or the ``initialize`` handshake, whose session id the
+relay then sends), discovery, stdio and SSE upstreams.
+
+A pooled connection the upstream closed while it sat idle (servers drop idle keep-alive connections
+after a few seconds) fails before any answer arrives: the request never reached the upstream's
+application, so it is sent once more on a fresh connection. Nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, cast
+
+import httpx2
+import mcp_types as types
+import orjson
+from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import (
+    MCP_METHOD_HEADER,
+    MCP_NAME_HEADER,
+    NAME_BEARING_METHODS,
+    encode_header_value,
+    mcp_param_headers,
+    x_mcp_header_map,
+)
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+log = logging.getLogger(__name__)
+
+SESSION_HEADER = "mcp-session-id"
+_PROTOCOL_HEADER = "mcp-protocol-version"
+_MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event (a large tool result); the SDK's default is 1 MiB
+# Failures of a request that was written but never answered: on a pooled connection, the peer closed it.
+_UNANSWERED = (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError)
+
+
+def _version() -> str:
+    try:
+        return version("arbiter")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "0"
+
+
+_CLIENT_INFO = {"name": "arbiter", "version": _version()}
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One request for an upstream, in the upstream's own names; ``input_schema`` (tools/call only) says
+    which arguments a 2026-07-28 upstream wants mirrored into ``Mcp-Param-*`` headers."""
+
+    method: str
+    params: dict[str, Any]
+    input_schema: Mapping[str, Any] | None = None
+
+
+class SessionLost(Exception):
+    """The upstream answered 404 to our session id: it restarted and forgot us; the request never ran."""
+
+
+class MalformedAnswer(ValueError):
+    """The upstream's answer is not a JSON-RPC response to the request (an upstream protocol error)."""
+
+
+Observer = Callable[[dict[str, Any]], None]
+
+
+class Relay:
+    """Sends requests to one upstream over ``http`` in the era its SDK session negotiated."""
+
+    def __init__(
+        self,
+        url: str,
+        http: httpx2.AsyncClient,
+        fresh_http: httpx2.AsyncClient,
+        *,
+        protocol_version: str,
+        session_id: str | None,
+    ) -> None:
+        self._url = url
+        self._http = http
+        self._fresh_http = fresh_http  # keeps no connection: each request opens one of its own
+        self._version = protocol_version
+        self._modern = protocol_version in MODERN_PROTOCOL_VERSIONS
+        self._ids = itertools.count(1)
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            _PROTOCOL_HEADER: protocol_version,
+        }
+        if session_id is not None and not self._modern:
+            self._headers[SESSION_HEADER] = session_id
+        # The 2026-07-28 envelope: who is asking, on every request. Arbiter declares no client
+        # capabilities of its own (no sampling, elicitation or roots towards upstreams).
+        self._envelope: dict[str, Any] = {
+            PROTOCOL_VERSION_META_KEY: protocol_version,
+            CLIENT_INFO_META_KEY: _CLIENT_INFO,
+            CLIENT_CAPABILITIES_META_KEY: {},
+        }
+        # Per tool: the schema it was computed from (identity) and its x-mcp-header map.
+        self._param_maps: dict[str, tuple[object, dict[tuple[str, ...], str]]] = {}
+
+    @property
+    def protocol_version(self) -> str:
+        return self._version
+
+    async def request(
+        self,
+        request: UpstreamRequest,
+        *,
+        on_send: Callable[[], None] | None = None,
+        on_message: Observer | None = None,
+    ) -> dict[str, Any]:
+        """Send ``request`` and return the upstream's result; its JSON-RPC error is raised as ``MCPError``.
+
+        ``on_message`` sees every other message the upstream streams for this request (progress, logs).
+        """
+        # String ids: in the handshake era the SDK's own requests (integers) share this session.
+        rid = f"arbiter-{next(self._ids)}"
+        headers = self._headers
+        params = request.params
+        if self._modern:
+            headers = {**headers, **self._routing_headers(request)}
+            meta: Any = params.get("_meta")
+            envelope = (
+                {**cast(dict[str, Any], meta), **self._envelope} if isinstance(meta, dict) else self._envelope
+            )
+            params = {**params, "_meta": envelope}
+        content = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
+        http_request = self._http.build_request("POST", self._url, content=content, headers=headers)
+        if on_send is not None:
+            on_send()
+        try:
+            response = await self._http.send(http_request, stream=True)
+        except _UNANSWERED as exc:
+            # The connection came from the pool and the peer had closed it: nothing was answered, so the
+            # upstream's application never saw the request. Once more, on a connection of its own.
+            log.debug("upstream connection closed before answering (%s); retrying once", type(exc).__name__)
+            http_request = self._fresh_http.build_request("POST", self._url, content=content, headers=headers)
+            response = await self._fresh_http.send(http_request, stream=True)
+        try:
+            return await self._answer(response, rid, on_message)
+        finally:
+            await response.aclose()
+
+    def _routing_headers(self, request: UpstreamRequest) -> dict[str, str]:
+        headers = {MCP_METHOD_HEADER: request.method}
+        key = NAME_BEARING_METHODS.get(request.method)
+        name = request.params.get(key) if key is not None else None
+        if isinstance(name, str):
+            headers[MCP_NAME_HEADER] = encode_header_value(name)
+            if request.method == "tools/call" and request.input_schema is not None:
+                arguments: Any = request.params.get("arguments")
+                if isinstance(arguments, dict) and arguments:
+                    headers.update(
+                        mcp_param_headers(
+                            self._param_map(name, request.input_schema), cast(dict[str, Any], arguments)
+                        )
+                    )
+        return headers
+
+    def _param_map(self, name: str, schema: Mapping[str, Any]) -> dict[tuple[str, ...], str]:
+        cached = self._param_maps.get(name)
+        if cached is not None and cached[0] is schema:
+            return cached[1]
+        found = x_mcp_header_map(schema)
+        self._param_maps[name] = (schema, found)
+        return found
+
+    async def _answer(
+        self, response: httpx2.Response, rid: str, on_message: Observer | None
+    ) -> dict[str, Any]:
+        status = response.status_code
+        kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if status == 404 and SESSION_HEADER in response.request.headers:
+            raise SessionLost()
+        if 200 <= status < 300 and kind == "text/event-stream":
+            return await self._from_stream(response, rid, on_message)
+        if kind == "application/json":
+            body = await response.aread()
+            message = _decode(body)
+            if status >= 400 and "error" in message:
+                # A JSON-RPC error at an HTTP error status (400 invalid params, 404 unknown method): the
+                # upstream's own answer, whatever id it could give it.
+                return _outcome({**message, "id": rid}, rid)
+            if 200 <= status < 300:
+                return _outcome(message, rid)
+        if status >= 400:
+            # What the SDK's client reports for an error status without a JSON-RPC body.
+            raise MCPError(types.INTERNAL_ERROR, f"Server returned an error response (HTTP {status})")
+        raise MalformedAnswer(f"unexpected answer: HTTP {status} {kind or 'without a content type'}")
+
+    async def _from_stream(
+        self, response: httpx2.Response, rid: str, on_message: Observer | None
+    ) -> dict[str, Any]:
+        try:
+            async for event in httpx2.EventSource(response, max_event_size=_MAX_EVENT_BYTES):
+                if event.event not in ("", "message") or not event.data:
+                    continue
+                message = _decode(event.data.encode())
+                if "method" not in message and message.get("id") == rid:
+                    return _outcome(message, rid)
+                if on_message is not None:
+                    on_message(message)
+        except httpx2.SSEError as exc:
+            raise MalformedAnswer(f"the upstream's event stream is malformed: {exc}") from None
+        # The stream ended without our response (the upstream went away mid-answer).
+        raise httpx2.RemoteProtocolError("the upstream's event stream ended without a response")
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        decoded: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedAnswer("the upstream's answer is not JSON") from None
+    if not isinstance(decoded, dict):
+        raise MalformedAnswer("the upstream's answer is not a JSON-RPC object")
+    return cast(dict[str, Any], decoded)
+
+
+def _outcome(message: dict[str, Any], rid: str) -> dict[str, Any]:
+    if message.get("id") != rid:
+        raise MalformedAnswer("the upstream answered another request's id")
+    result = message.get("result")
+    if isinstance(result, dict):
+        return cast(dict[str, Any], result)
+    error = message.get("error")
+    if isinstance(error, dict):
+        error = cast(dict[str, Any], error)
+        code, text = error.get("code"), error.get("message")
+        if isinstance(code, int) and not isinstance(code, bool) and isinstance(text, str):
+            raise MCPError(code, text, error.get("data"))
+    raise MalformedAnswer("the upstream's answer has neither a result object nor a valid error")
