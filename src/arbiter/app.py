@@ -43,6 +43,7 @@ from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.endpoint import McpEndpoint
+from arbiter.proxy.front import ModernFront
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
@@ -261,6 +262,7 @@ def create_app(
             allowed_origins=mcp_cfg.allowed_origins,
         ),
         audit=audit,
+        front=ModernFront(pipeline, catalog, authorize.tool_visible, json_response=mcp_cfg.json_response),
     )
 
     admin_errors.install(app, authenticator, audit)

@@ -338,6 +338,25 @@ class OutboundAuth(httpx2.Auth):
                 )
             self._value = value
 
+    def headers(self) -> dict[str, str]:
+        """The credential's header for a request sent without httpx2 (the relay); ``ready()`` ran first."""
+        if self._tokens is None:
+            return {self._spec.header: self._value} if self._value is not None else {}
+        token = self._tokens.latest()
+        return {"Authorization": f"Bearer {token}"} if token is not None else {}
+
+    async def renewed(self, sent: dict[str, str]) -> dict[str, str] | None:
+        """After a 401 to a request sent with ``sent``: a new token's header to retry with once, or None."""
+        token = sent.get("Authorization", "").removeprefix("Bearer ")
+        if self._tokens is None or not token:
+            return None
+        tokens = self._tokens
+        fresh = await self._quietly(lambda: tokens.renew(token))
+        if fresh is None or fresh == token:
+            return None
+        log.info("upstream %s refused Arbiter's token; retrying once with a new one", self.upstream)
+        return {"Authorization": f"Bearer {fresh}"}
+
     def sync_auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response]:
         raise RuntimeError("upstream clients are asynchronous")
 

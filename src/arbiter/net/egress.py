@@ -8,6 +8,9 @@ HTTP library never resolves the name itself. TLS still verifies the certificate 
 which httpcore sends as SNI. Pooled connections are reused as usual: the cost is one resolution per new
 connection, not per request.
 
+The relay's aiohttp client (``proxy/relay.py``) resolves through ``GuardedResolver``, the same check in
+aiohttp's resolver seam; it too resolves once per new connection (its DNS cache is off).
+
 These clients do not use ``HTTP(S)_PROXY`` from the environment: a proxy would resolve the name itself,
 past the check.
 """
@@ -15,13 +18,16 @@ past the check.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Iterable
 from typing import cast
 
+import aiohttp
 import anyio
 import httpcore2
 import httpx2
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from arbiter.net.urlcheck import Resolver, is_literal, parse_address, refusal, resolve_host
 from arbiter.settings import UpstreamPolicy
@@ -166,3 +172,53 @@ class GuardedTransport(httpx2.AsyncHTTPTransport):
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=backend,
         )
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver seam: every address a new connection may use is checked first."""
+
+    def __init__(self, backend: GuardedBackend) -> None:
+        self._backend = backend
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            addresses = await self._backend.egress.checked(host, port)
+        except EgressRefused as exc:
+            self._backend.refused = str(exc)
+            log.warning("%s: refused to connect to %s:%d: %s", self._backend.label, host, port, exc)
+            raise OSError(str(exc)) from None
+        except httpcore2.ConnectError as exc:
+            raise OSError(str(exc)) from None
+        self._backend.refused = None
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+def connector(
+    backend: GuardedBackend | None, *, limit: int, keepalive_s: float | None
+) -> aiohttp.TCPConnector:
+    """An aiohttp connection pool whose new connections go through ``backend``'s address check.
+
+    ``keepalive_s=None``: no pooling at all, each request on a connection of its own.
+    """
+    resolver = GuardedResolver(backend) if backend is not None else None
+    if keepalive_s is None:
+        return aiohttp.TCPConnector(limit=limit, use_dns_cache=False, resolver=resolver, force_close=True)
+    # use_dns_cache off: resolve (and check) for every new connection.
+    return aiohttp.TCPConnector(
+        limit=limit, use_dns_cache=False, resolver=resolver, keepalive_timeout=keepalive_s
+    )

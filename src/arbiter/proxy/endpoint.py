@@ -1,5 +1,5 @@
 """The ``/mcp`` ASGI endpoint: Host/Origin check, authentication, media type and a body bounded in size and
-time, JSON-RPC shape and header checks, then the SDK transport.
+time, JSON-RPC shape and header checks, then the direct 2026-07-28 path (``front.py``) or the SDK transport.
 
 Authentication happens here, before any body is read: a request without a valid credential costs no
 parsing. What this layer learns (the principal, a JWT caller's token, the body, why it refused) rides in
@@ -29,7 +29,6 @@ from mcp.shared.inbound import MCP_METHOD_HEADER, MCP_NAME_HEADER, NAME_BEARING_
 from mcp_types import HEADER_MISMATCH, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import SecretStr
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
@@ -40,6 +39,7 @@ from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError, AuditUnavailable, InsufficientScope, Unauthorized
 from arbiter.proxy.body import ClientGone, Refusal, check_headers, read_body, replay_body
 from arbiter.proxy.exchange import CALLER, EXCHANGE_KEY, Exchange
+from arbiter.proxy.front import ModernFront
 from arbiter.proxy.refusal import ResponseWatch, refusal_event
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ class McpEndpoint:
         authenticator: Authenticator,
         security: TransportSecuritySettings,
         audit: AuditWriter,
+        front: ModernFront | None = None,
     ) -> None:
         self._manager = manager
+        self._front = front  # answers 2026-07-28 requests for the pipeline's methods without the SDK
         self._audit = audit
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout_s
@@ -112,7 +114,7 @@ class McpEndpoint:
             if scope["method"] != "POST":
                 await self._manager.handle_request(scope, receive, watch)
                 return
-            problem = await self._post(scope, receive, watch, headers, exchange)
+            problem = await self._post(request, receive, watch, exchange)
             if problem is not None:
                 await _error(watch, problem.status, problem.code, problem.message, close=problem.close)
                 exchange.refusal_reason = problem.reason
@@ -120,9 +122,10 @@ class McpEndpoint:
             CALLER.reset(token)
 
     async def _post(
-        self, scope: Scope, receive: Receive, send: Send, headers: Headers, exchange: Exchange
+        self, request: Request, receive: Receive, send: Send, exchange: Exchange
     ) -> Refusal | None:
-        """Hand a well-formed POST to the SDK, or say why it is refused."""
+        """Answer a well-formed POST (directly, or through the SDK), or say why it is refused."""
+        scope, headers = request.scope, request.headers
         problem = check_headers(headers, self._max_body)
         if problem is not None:
             return problem
@@ -134,7 +137,12 @@ class McpEndpoint:
         if isinstance(body, Refusal):
             return body
         exchange.body = body  # what a refusal's record names (a reference, not a copy)
-        if headers.get(_PROTOCOL_HEADER) not in MODERN_PROTOCOL_VERSIONS:
+        if headers.get(_PROTOCOL_HEADER) in MODERN_PROTOCOL_VERSIONS:
+            message = self._front.takes(body) if self._front is not None else None
+            if message is not None and self._front is not None:
+                await self._front(request, receive, send, message, exchange)
+                return None
+        else:
             # The SDK checks 2026-07-28 bodies itself (JSON, batches, ids, the Mcp-* header ladder).
             problem = _check(body, headers)
             if problem is not None:

@@ -2,8 +2,10 @@
 
 The SDK's client decodes every answer into protocol models and encodes every request from them; for a
 gateway that only needs to pass a result on, that was most of the cost of a call. Here a request is one
-``orjson``-encoded POST over the upstream's pooled HTTP client, and its answer (a JSON body, or an SSE
-stream ending in the response) is decoded once into plain dicts. The SDK's session still owns what it is
+``orjson``-encoded POST over a pooled aiohttp connection, and its answer (a JSON body, or an SSE stream
+ending in the response) is decoded once into plain dicts. aiohttp, not httpx2: on the same POST against a
+bare ASGI server, its client took 0.11-0.16 ms of CPU per request here, httpx2's 0.94-1.0 ms
+(docs/performance.md). The SDK's session still owns what it is
 good at: negotiating the era (``server/discover`` or the ``initialize`` handshake, whose session id the
 relay then sends), discovery, stdio and SSE upstreams.
 
@@ -16,12 +18,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
 
-import httpx2
+import aiohttp
 import mcp_types as types
 import orjson
 from mcp.shared.exceptions import MCPError
@@ -36,13 +38,16 @@ from mcp.shared.inbound import (
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from arbiter.proxy.sse import EventTooLarge, events
+
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "mcp-session-id"
 _PROTOCOL_HEADER = "mcp-protocol-version"
 _MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event (a large tool result); the SDK's default is 1 MiB
-# Failures of a request that was written but never answered: on a pooled connection, the peer closed it.
-_UNANSWERED = (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError)
+_MAX_BODY_BYTES = 64 * 1024 * 1024  # one JSON answer
+# What a request written to a pooled connection meets when the peer had closed it: no answer at all.
+_UNANSWERED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 def _version() -> str:
@@ -65,7 +70,19 @@ class UpstreamRequest:
     input_schema: Mapping[str, Any] | None = None
 
 
-class SessionLost(Exception):
+class RelayFailure(Exception):
+    """The request got no answer from the upstream; ``str()`` says why, never with a credential."""
+
+
+class Unreachable(RelayFailure):
+    """No connection to the upstream could be opened: it is down (or its address is refused)."""
+
+
+class Interrupted(RelayFailure):
+    """The connection failed while the request was in flight; the upstream may have run it."""
+
+
+class SessionLost(RelayFailure):
     """The upstream answered 404 to our session id: it restarted and forgot us; the request never ran."""
 
 
@@ -74,23 +91,34 @@ class MalformedAnswer(ValueError):
 
 
 Observer = Callable[[dict[str, Any]], None]
+Credential = Callable[[], dict[str, str]]
+Renewal = Callable[[dict[str, str]], Awaitable[dict[str, str] | None]]
 
 
 class Relay:
-    """Sends requests to one upstream over ``http`` in the era its SDK session negotiated."""
+    """Sends requests to one upstream in the era its SDK session negotiated.
+
+    ``http`` is the upstream's connection pool; ``fresh_http`` keeps no connection, so a request sent
+    through it opens one of its own. ``credential`` gives Arbiter's header for the upstream (its
+    token was fetched beforehand) and ``renew``, after a 401, a new one to retry with, or None.
+    """
 
     def __init__(
         self,
         url: str,
-        http: httpx2.AsyncClient,
-        fresh_http: httpx2.AsyncClient,
+        http: aiohttp.ClientSession,
+        fresh_http: aiohttp.ClientSession,
         *,
         protocol_version: str,
         session_id: str | None,
+        credential: Credential | None = None,
+        renew: Renewal | None = None,
     ) -> None:
         self._url = url
         self._http = http
-        self._fresh_http = fresh_http  # keeps no connection: each request opens one of its own
+        self._fresh_http = fresh_http
+        self._credential = credential
+        self._renew = renew
         self._version = protocol_version
         self._modern = protocol_version in MODERN_PROTOCOL_VERSIONS
         self._ids = itertools.count(1)
@@ -138,21 +166,43 @@ class Relay:
             )
             params = {**params, "_meta": envelope}
         content = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
-        http_request = self._http.build_request("POST", self._url, content=content, headers=headers)
+        sent = self._credential() if self._credential is not None else {}
         if on_send is not None:
             on_send()
+        response = await self._post(content, {**headers, **sent} if sent else headers)
         try:
-            response = await self._http.send(http_request, stream=True)
-        except _UNANSWERED as exc:
-            # The connection came from the pool and the peer had closed it: nothing was answered, so the
-            # upstream's application never saw the request. Once more, on a connection of its own.
-            log.debug("upstream connection closed before answering (%s); retrying once", type(exc).__name__)
-            http_request = self._fresh_http.build_request("POST", self._url, content=content, headers=headers)
-            response = await self._fresh_http.send(http_request, stream=True)
-        try:
+            if response.status == 401 and self._renew is not None:
+                fresh = await self._renew(sent)
+                if fresh is not None:
+                    response.release()
+                    response = await self._post(content, {**headers, **fresh})
             return await self._answer(response, rid, on_message)
+        except aiohttp.ClientPayloadError as exc:
+            raise Interrupted(f"the answer was cut off ({type(exc).__name__})") from None
+        except aiohttp.ClientError as exc:
+            raise Interrupted(type(exc).__name__) from None
         finally:
-            await response.aclose()
+            response.release()
+
+    async def _post(self, content: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        try:
+            try:
+                return await self._http.post(self._url, data=content, headers=headers, allow_redirects=False)
+            except aiohttp.ClientConnectorError:
+                raise
+            except _UNANSWERED as exc:
+                # A pooled connection the peer had closed: nothing was answered, so the upstream's
+                # application never saw the request. Once more, on a connection of its own.
+                log.debug(
+                    "upstream connection closed before answering (%s); sending again", type(exc).__name__
+                )
+                return await self._fresh_http.post(
+                    self._url, data=content, headers=headers, allow_redirects=False
+                )
+        except aiohttp.ClientConnectorError as exc:
+            raise Unreachable(f"cannot connect ({type(exc).__name__})") from None
+        except aiohttp.ClientError as exc:
+            raise Interrupted(type(exc).__name__) from None
 
     def _routing_headers(self, request: UpstreamRequest) -> dict[str, str]:
         headers = {MCP_METHOD_HEADER: request.method}
@@ -163,11 +213,8 @@ class Relay:
             if request.method == "tools/call" and request.input_schema is not None:
                 arguments: Any = request.params.get("arguments")
                 if isinstance(arguments, dict) and arguments:
-                    headers.update(
-                        mcp_param_headers(
-                            self._param_map(name, request.input_schema), cast(dict[str, Any], arguments)
-                        )
-                    )
+                    param_map = self._param_map(name, request.input_schema)
+                    headers.update(mcp_param_headers(param_map, cast(dict[str, Any], arguments)))
         return headers
 
     def _param_map(self, name: str, schema: Mapping[str, Any]) -> dict[tuple[str, ...], str]:
@@ -179,16 +226,16 @@ class Relay:
         return found
 
     async def _answer(
-        self, response: httpx2.Response, rid: str, on_message: Observer | None
+        self, response: aiohttp.ClientResponse, rid: str, on_message: Observer | None
     ) -> dict[str, Any]:
-        status = response.status_code
-        kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if status == 404 and SESSION_HEADER in response.request.headers:
-            raise SessionLost()
+        status = response.status
+        kind = response.content_type.lower()
+        if status == 404 and SESSION_HEADER in response.request_info.headers:
+            raise SessionLost("the upstream lost our session (it restarted)")
         if 200 <= status < 300 and kind == "text/event-stream":
             return await self._from_stream(response, rid, on_message)
         if kind == "application/json":
-            body = await response.aread()
+            body = await _read_body(response)
             message = _decode(body)
             if status >= 400 and "error" in message:
                 # A JSON-RPC error at an HTTP error status (400 invalid params, 404 unknown method): the
@@ -202,21 +249,36 @@ class Relay:
         raise MalformedAnswer(f"unexpected answer: HTTP {status} {kind or 'without a content type'}")
 
     async def _from_stream(
-        self, response: httpx2.Response, rid: str, on_message: Observer | None
+        self, response: aiohttp.ClientResponse, rid: str, on_message: Observer | None
     ) -> dict[str, Any]:
         try:
-            async for event in httpx2.EventSource(response, max_event_size=_MAX_EVENT_BYTES):
-                if event.event not in ("", "message") or not event.data:
+            async for event in events(response.content.iter_any(), _MAX_EVENT_BYTES):
+                if event.type != "message" or not event.data:
                     continue
                 message = _decode(event.data.encode())
                 if "method" not in message and message.get("id") == rid:
                     return _outcome(message, rid)
                 if on_message is not None:
                     on_message(message)
-        except httpx2.SSEError as exc:
-            raise MalformedAnswer(f"the upstream's event stream is malformed: {exc}") from None
-        # The stream ended without our response (the upstream went away mid-answer).
-        raise httpx2.RemoteProtocolError("the upstream's event stream ended without a response")
+        except EventTooLarge as exc:
+            raise MalformedAnswer(str(exc)) from None
+        raise Interrupted("the upstream's event stream ended without a response")
+
+
+async def _read_body(response: aiohttp.ClientResponse) -> bytes:
+    length = response.content_length
+    if length is not None:
+        if length > _MAX_BODY_BYTES:
+            raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
+        return await response.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > _MAX_BODY_BYTES:
+            raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _decode(body: bytes) -> dict[str, Any]:

@@ -69,6 +69,47 @@ async def _watch(receive: Receive, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
+async def answer(pipeline: Pipeline, call: CallContext) -> Result:
+    """Run ``call`` through the pipeline and shape its result for the agent; failures as ``MCPError``.
+
+    Shared by the SDK's handlers and the direct 2026-07-28 path (``front.py``), so both answer alike.
+    """
+    http = call.http_request
+    try:
+        if http is not None and call.method in TARGET_KEYS:
+            result = await _unless_disconnected(pipeline, call, http)
+        else:
+            result = await pipeline(call)
+    except ArbiterError as exc:
+        raise exc.to_mcp_error() from None
+    except MCPError:
+        raise  # the upstream's own JSON-RPC error, passed through unchanged
+    except Exception:
+        log.exception("internal error while handling %s", call.method)
+        raise MCPError(types.INTERNAL_ERROR, "Internal error") from None
+    if call.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        # Lists come from the catalog and an upstream may speak the older era, so the 2026-07-28
+        # fields may be missing. What an agent may see depends on who it is: no cache may share
+        # results across callers.
+        result.setdefault("resultType", "complete")
+        if call.method in CACHEABLE_METHODS:
+            result["cacheScope"] = "private"
+            result.setdefault("ttlMs", 0)
+    return result
+
+
+def visible_input_schema(
+    catalog: Catalog, tool_visible: Callable[[Principal, str], bool], principal: Principal, name: str
+) -> dict[str, Any] | None:
+    """A tool's input schema for the 2026-07-28 ``Mcp-Param-*`` header check, only if ``principal`` may
+    see it. The check runs before the pipeline, so it must tell a caller nothing about a tool they may
+    not see: for those, no schema and so no header check, and the call is refused like a missing one."""
+    schema = catalog.views.input_schemas.get(name)
+    if schema is None or not tool_visible(principal, name):
+        return None
+    return schema
+
+
 def build_mcp_server(
     pipeline: Pipeline,
     catalog: Catalog,
@@ -95,27 +136,7 @@ def build_mcp_server(
             client_info=_client_info(ctx),
             exchange=exchange,
         )
-        try:
-            if http is not None and ctx.method in TARGET_KEYS:
-                result = await _unless_disconnected(pipeline, call, http)
-            else:
-                result = await pipeline(call)
-        except ArbiterError as exc:
-            raise exc.to_mcp_error() from None
-        except MCPError:
-            raise  # the upstream's own JSON-RPC error, passed through unchanged
-        except Exception:
-            log.exception("internal error while handling %s", ctx.method)
-            raise MCPError(types.INTERNAL_ERROR, "Internal error") from None
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-            # Lists come from the catalog and an upstream may speak the older era, so the 2026-07-28
-            # fields may be missing. What an agent may see depends on who it is: no cache may share
-            # results across callers.
-            result.setdefault("resultType", "complete")
-            if ctx.method in CACHEABLE_METHODS:
-                result["cacheScope"] = "private"
-                result.setdefault("ttlMs", 0)
-        return result
+        return await answer(pipeline, call)
 
     async def ping(
         ctx: ServerRequestContext[Any, Any], params: types.RequestParams | None
@@ -123,14 +144,8 @@ def build_mcp_server(
         return types.EmptyResult()
 
     def input_schema(name: str) -> dict[str, Any] | None:
-        # Consulted by the SDK for 2026-07-28 Mcp-Param header checks (without it the SDK would run the
-        # whole tools/list handler before every call). It runs before the pipeline, so it must not tell a
-        # caller anything about a tool they may not see: for those, no schema and so no header check.
-        schema = catalog.views.input_schemas.get(name)
         principal = CALLER.get()
-        if schema is None or principal is None or not tool_visible(principal, name):
-            return None
-        return schema
+        return visible_input_schema(catalog, tool_visible, principal, name) if principal is not None else None
 
     any_handler: Any = handle  # one handler serves every method; the SDK types each slot separately
     server: Server[Any] = Server(

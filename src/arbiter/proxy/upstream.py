@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 import anyio
 import httpx2
 import mcp_types as types
@@ -35,18 +36,16 @@ from pydantic import SecretStr, TypeAdapter
 
 from arbiter.auth.outbound import CallerTokenRequired, CredentialSpec, OutboundAuth, UpstreamAuthFailed
 from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
-from arbiter.net.egress import Egress, GuardedTransport
+from arbiter.net.egress import Egress, GuardedTransport, connector
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
-from arbiter.proxy.relay import SESSION_HEADER, Relay, SessionLost, UpstreamRequest
+from arbiter.proxy.relay import SESSION_HEADER, Interrupted, Relay, SessionLost, Unreachable, UpstreamRequest
 
 log = logging.getLogger(__name__)
 
 # The SDK types result adapters for its own models; a plain dict keeps the upstream's answer verbatim.
 _RAW_RESULT: Any = TypeAdapter(dict[str, Any])
 T = TypeVar("T")
-# Failures that say the upstream cannot be reached at all, rather than that one request went wrong.
-_UNREACHABLE = (httpx2.ConnectError, httpx2.ConnectTimeout)
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,6 @@ class _Connection:
         self.close = anyio.Event()
         self.session: ClientSession | None = None
         self.relay: Relay | None = None  # streamable-HTTP upstreams: requests bypass the SDK session
-        self.http: httpx2.AsyncClient | None = None  # pooled, shared with the SDK's session
-        self.fresh_http: httpx2.AsyncClient | None = None  # no pooling: a retry's fresh connection
         self.session_id: str | None = None  # what the upstream's initialize answer named (handshake era)
         self.broken = False
         # Set when the upstream answered 404 to our session id: it restarted and forgot us, so the
@@ -209,6 +206,12 @@ class UpstreamClient:
         """Map a failed request to Arbiter's errors; the upstream's own JSON-RPC errors pass through."""
         if isinstance(exc, SessionLost):
             conn.session_lost = True
+        elif isinstance(exc, Unreachable):
+            return self._unavailable(str(exc), conn)  # the upstream is down: reconnect, report it
+        elif isinstance(exc, Interrupted):
+            # One request's connection failed mid-answer (after the relay's retry of an unanswered one):
+            # that request fails; the upstream answered, so it stays up and the connection stays open.
+            return self._unavailable(f"{method}: {exc}", None)
         if conn.session_lost:
             return self._unavailable("the upstream lost our session (it restarted)", conn)
         if isinstance(exc, TimeoutError):
@@ -217,14 +220,6 @@ class UpstreamClient:
             if exc.code == types.REQUEST_TIMEOUT:  # a slow upstream, not a broken connection: keep it
                 return self._unavailable(f"{method} timed out after {deadline:g}s", None)
             return self._unavailable(exc.message, conn) if exc.code == types.CONNECTION_CLOSED else exc
-        if (
-            conn.relay is not None
-            and isinstance(exc, httpx2.TransportError)
-            and not isinstance(exc, _UNREACHABLE)
-        ):
-            # One request's connection failed mid-answer (after the relay's retry of an unanswered one):
-            # that request fails; the upstream answered, so it stays up and the connection stays open.
-            return self._unavailable(f"{method}: {type(exc).__name__}", None)
         if isinstance(
             exc, OSError | httpx2.TransportError | anyio.BrokenResourceError | anyio.ClosedResourceError
         ):
@@ -296,16 +291,16 @@ class UpstreamClient:
     def _refused(self) -> str | None:
         return self._egress.refused if self._egress is not None else None
 
-    def _transport(self, keepalive: bool = True) -> GuardedTransport | None:
+    def _transport(self) -> GuardedTransport | None:
         """A transport checking every new connection's address, or None for httpx2's own."""
         if self._egress is None:
             return None
-        return self._egress.transport(limits=self._limits(keepalive))
+        return self._egress.transport(limits=self._limits())
 
-    def _limits(self, keepalive: bool = True) -> httpx2.Limits:
+    def _limits(self) -> httpx2.Limits:
         return httpx2.Limits(
             max_connections=self._max_connections,
-            max_keepalive_connections=self._max_connections if keepalive else 0,
+            max_keepalive_connections=self._max_connections,
             keepalive_expiry=self._idle_s,
         )
 
@@ -318,15 +313,18 @@ class UpstreamClient:
         conn = _Connection()
         started = False
         try:
-            async with self._client(conn) as client:
+            async with self._client(conn) as client, AsyncExitStack() as stack:
                 conn.session = client.session
-                if conn.http is not None and conn.fresh_http is not None and self.spec.url is not None:
+                if self.spec.transport == "streamable_http" and self.spec.url is not None:
+                    http, fresh_http = await stack.enter_async_context(self._relay_pools())
                     conn.relay = Relay(
                         self.spec.url,
-                        conn.http,
-                        conn.fresh_http,
+                        http,
+                        fresh_http,
                         protocol_version=client.protocol_version,
                         session_id=conn.session_id,
+                        credential=self._auth.headers if self._auth is not None else None,
+                        renew=self._auth.renewed if self._auth is not None else None,
                     )
                 task_status.started(conn)
                 started = True
@@ -361,22 +359,29 @@ class UpstreamClient:
             elif conn.relay is None and (sid := response.headers.get(SESSION_HEADER)) is not None:
                 conn.session_id = sid  # the handshake's answer: the relay's requests belong to this session
 
-        def http_client(keepalive: bool) -> httpx2.AsyncClient:
-            return httpx2.AsyncClient(
-                # Redirects: the SDK itself follows only same-origin, method-preserving ones and refuses
-                # the rest; this client adds none of its own.
-                follow_redirects=False,
-                timeout=httpx2.Timeout(spec.call_timeout_s, connect=spec.connect_timeout_s),
-                limits=self._limits(keepalive),
-                event_hooks={"response": [watch_session]},
-                auth=self._auth,
-                transport=self._transport(keepalive),  # when given, it holds the limits above
-            )
+        http = httpx2.AsyncClient(
+            # Redirects: the SDK itself follows only same-origin, method-preserving ones and refuses the
+            # rest; this client adds none of its own.
+            follow_redirects=False,
+            timeout=httpx2.Timeout(spec.call_timeout_s, connect=spec.connect_timeout_s),
+            limits=self._limits(),
+            event_hooks={"response": [watch_session]},
+            auth=self._auth,
+            transport=self._transport(),  # when given, it holds the limits above
+        )
+        return Client(_http_transport(spec.url, http), mode="auto", cache=None)
 
-        # The pool every request shares, and one that keeps no connection: a request the pool's
-        # connection failed to carry is sent again on a connection of its own.
-        conn.http, conn.fresh_http = http_client(True), http_client(False)
-        return Client(_http_transport(spec.url, conn.http, conn.fresh_http), mode="auto", cache=None)
+    @asynccontextmanager
+    async def _relay_pools(self) -> AsyncGenerator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
+        """The relay's connection pool, and a client keeping no connection for a retry's fresh one."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.spec.connect_timeout_s)
+        pooled = connector(self._egress, limit=self._max_connections, keepalive_s=self._idle_s)
+        fresh = connector(self._egress, limit=self._max_connections, keepalive_s=None)
+        async with (
+            aiohttp.ClientSession(connector=pooled, timeout=timeout, auto_decompress=True) as http,
+            aiohttp.ClientSession(connector=fresh, timeout=timeout) as fresh_http,
+        ):
+            yield http, fresh_http
 
     def _sse_http_client(
         self,
@@ -406,11 +411,9 @@ def _sdk_request(request: UpstreamRequest) -> types.ClientRequest:
 
 
 @asynccontextmanager
-async def _http_transport(
-    url: str, http: httpx2.AsyncClient, fresh_http: httpx2.AsyncClient
-) -> AsyncGenerator[TransportStreams]:
-    """Streamable HTTP over Arbiter's own pooled HTTP client; both clients are closed with the transport."""
-    async with fresh_http, http, streamable_http_client(url, http_client=http) as streams:
+async def _http_transport(url: str, http: httpx2.AsyncClient) -> AsyncGenerator[TransportStreams]:
+    """Streamable HTTP over Arbiter's own HTTP client, closed with the transport."""
+    async with http, streamable_http_client(url, http_client=http) as streams:
         yield streams
 
 

@@ -1,0 +1,215 @@
+"""The direct path for 2026-07-28 requests: checked as the SDK checks them, answered without its transport.
+
+A 2026-07-28 request is one self-contained POST, so there is no session to keep and the SDK's server
+transport (request models, a per-request runner and connection, result models) was most of what Arbiter
+spent on the agent's side of a call. This path keeps every check that transport makes, with the SDK's
+own helpers and in the same order, so that the same request gets the same status, code and message:
+
+1. ``Accept`` must admit JSON (406);
+2. the body must be JSON (-32700) holding one JSON-RPC request (-32600);
+3. no routing header may appear twice, and the header/``_meta`` ladder must hold (versions, ``Mcp-Method``,
+   ``Mcp-Name``: -32020 and friends, ``classify_inbound_request``);
+4. ``Mcp-Param-*`` headers must match the arguments of a tool the caller can see;
+5. the params must be valid for the method at that version (-32602).
+
+Only the methods the pipeline answers take this path; anything else (``server/discover``,
+``subscriptions/listen``, notifications, unknown methods) is handed to the SDK, which answers it as before.
+The answer is JSON, encoded once with ``orjson``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, cast
+
+import orjson
+from mcp.server.streamable_http import check_accept_headers
+from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+    validate_mcp_param_headers,
+)
+from mcp_types import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST
+from mcp_types import methods as _methods
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.types import Receive, Send
+
+from arbiter.auth.principal import Principal
+from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.exchange import Exchange
+from arbiter.proxy.pipeline import LIST_METHODS, TARGET_KEYS, CallContext, Pipeline
+from arbiter.proxy.server import answer, visible_input_schema
+
+# What the pipeline answers; everything else goes to the SDK.
+DIRECT_METHODS = frozenset(TARGET_KEYS) | LIST_METHODS
+_INVALID_BODY = "Body must be a single JSON-RPC request or notification object"
+
+
+class ModernFront:
+    """Answers 2026-07-28 POSTs for the pipeline's methods; ``None`` from ``__call__`` means "not mine"."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        catalog: Catalog,
+        tool_visible: Callable[[Principal, str], bool],
+        *,
+        json_response: bool,
+    ) -> None:
+        self._pipeline = pipeline
+        self._catalog = catalog
+        self._tool_visible = tool_visible
+        self._json_response = json_response
+
+    def takes(self, body: bytes) -> dict[str, Any] | None:
+        """The decoded request if this path answers it: a JSON object naming one of its methods, with an
+        id. Anything else (malformed bodies included) is left to the SDK, which answers it as before."""
+        try:
+            decoded: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(decoded, dict):
+            return None
+        message = cast(dict[str, Any], decoded)
+        method: Any = message.get("method")
+        if "id" not in message or not isinstance(method, str) or method not in DIRECT_METHODS:
+            return None
+        return message
+
+    async def __call__(
+        self, request: Request, receive: Receive, send: Send, message: dict[str, Any], exchange: Exchange
+    ) -> None:
+        has_json, has_sse = check_accept_headers(request)
+        if not has_json or (not self._json_response and not has_sse):
+            await send({"type": "http.response.start", "status": 406, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        rid: Any = message.get("id")
+        if not _valid_envelope(message):
+            await _reply(send, None, error={"code": INVALID_REQUEST, "message": _INVALID_BODY})
+            return
+        duplicated = find_duplicated_routing_header(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]
+        )
+        if duplicated is not None:
+            rejection = InboundLadderRejection(
+                code=HEADER_MISMATCH, message=f"{duplicated} header appears more than once"
+            )
+            await _reject(send, rid, rejection)
+            return
+        headers = request.headers
+        verdict = classify_inbound_request(message, headers=dict(headers))
+        if isinstance(verdict, InboundLadderRejection):
+            await _reject(send, rid, verdict)
+            return
+        method: str = message["method"]
+        params: Any = message.get("params")
+        if method == "tools/call":
+            rejection = self._param_headers(exchange.principal, params, request)
+            if rejection is not None:
+                await _reject(send, rid, rejection)
+                return
+        try:
+            _methods.validate_client_request(method, verdict.protocol_version, params)
+        except ValidationError:
+            error = {"code": INVALID_PARAMS, "message": "Invalid request parameters", "data": ""}
+            await _reply(send, rid, error=error)
+            return
+        call = CallContext(
+            method=method,
+            params=cast(dict[str, Any], params) if isinstance(params, dict) else {},
+            request_id=rid,
+            protocol_version=verdict.protocol_version,
+            http_request=Request(request.scope, receive),
+            principal=exchange.principal,
+            client_info=_client_info(verdict.client_info),
+            exchange=exchange,
+        )
+        try:
+            result = await answer(self._pipeline, call)
+        except MCPError as exc:
+            error = exc.error.model_dump(mode="json", exclude_none=True)
+            await _reply(send, rid, error=error)
+            return
+        await _reply(send, rid, result=result)
+
+    def _param_headers(
+        self, principal: Principal, params: Any, request: Request
+    ) -> InboundLadderRejection | None:
+        """The SDK's ``Mcp-Param-*`` check, against the schema of a tool the caller can see."""
+        if not isinstance(params, dict):
+            return None
+        params = cast(dict[str, Any], params)
+        name: Any = params.get("name")
+        arguments: Any = params.get("arguments")
+        if not isinstance(name, str) or (arguments is not None and not isinstance(arguments, dict)):
+            return None
+        arguments = cast(dict[str, Any], arguments or {})
+        if not arguments and not any(h.startswith("mcp-param-") for h in request.headers):
+            return None
+        schema = visible_input_schema(self._catalog, self._tool_visible, principal, name)
+        if schema is None:
+            return None
+        return validate_mcp_param_headers(schema, arguments, request.headers)
+
+
+def _valid_envelope(message: dict[str, Any]) -> bool:
+    """What the SDK's ``JSONRPCRequest`` model accepts: version 2.0, a string or integer id, a string
+    method and, if present, params that are an object."""
+    rid = message.get("id")
+    params = message.get("params", {})
+    return (
+        message.get("jsonrpc") == "2.0"
+        and (isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)))
+        and isinstance(message.get("method"), str)
+        and isinstance(params, dict)
+        and "result" not in message
+        and "error" not in message
+    )
+
+
+def _client_info(raw: Any) -> dict[str, Any] | None:
+    # What the client says it is: recorded, never trusted.
+    if not isinstance(raw, dict):
+        return None
+    info = cast(dict[str, Any], raw)
+    return {"name": info.get("name"), "version": info.get("version"), "title": info.get("title")}
+
+
+async def _reject(send: Send, rid: Any, rejection: InboundLadderRejection) -> None:
+    error: dict[str, Any] = {"code": rejection.code, "message": rejection.message}
+    if rejection.data is not None:
+        error["data"] = rejection.data
+    await _reply(send, rid, error=error)
+
+
+async def _reply(
+    send: Send, rid: Any, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+) -> None:
+    """One JSON-RPC response, with the HTTP status the SDK gives its error code."""
+    if error is not None:
+        status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
+        message = {"jsonrpc": "2.0", "id": rid, "error": error}
+    else:
+        status = 200
+        message = {"jsonrpc": "2.0", "id": rid, "result": result}
+    try:
+        payload = orjson.dumps(message)
+    except TypeError:  # a value orjson does not encode (an integer beyond 64 bits): the slow way
+        payload = json.dumps(message, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
