@@ -114,10 +114,12 @@ async def _burst(server: ArbiterServer, calls: int) -> list[str]:
     return failures
 
 
-async def _wait_for(condition: object, timeout: float = 30.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
+async def _until_all_idle(stale: StaleAfterIdle) -> None:
+    """The agent thinks: wait until every pooled connection has gone stale (a condition, polled)."""
+    with anyio.fail_after(30):
+        while True:
+            if stale.all_idle():
+                return
             await anyio.sleep(0.02)
 
 
@@ -131,7 +133,7 @@ async def test_requests_on_connections_the_upstream_closed_are_sent_again(
         failures: list[str] = []
         for _ in range(4):
             failures += await _burst(server, 20)
-            await _wait_for(stale.all_idle)  # the agent thinks; every pooled connection goes stale
+            await _until_all_idle(stale)
         assert failures == []
         assert stale.dropped > 0, "no request met a stale connection: the test proved nothing"
         with server.admin() as admin:
