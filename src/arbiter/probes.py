@@ -42,7 +42,7 @@ async def readyz(request: Request) -> JSONResponse:
         {
             "status": "ready" if ready else "not_ready",
             "checks": checks,
-            "upstreams_down": runtime.catalog.hidden(),
+            "upstreams_down": runtime.pool.down(),
             # Which policy this replica enforces: replicas agree within policy.poll_interval_s.
             "policy_version": runtime.policy.engine.version,
             "audit": audit,

@@ -1,19 +1,27 @@
-"""The upstream pool: one ``UpstreamClient`` per enabled upstream, built and closed in the app lifespan."""
+"""The upstream pool: the one owner of upstream connections.
+
+One ``UpstreamClient`` per enabled upstream, built and closed in the app lifespan. Every request goes
+through ``request``, which routes it to the upstream's shared connection or, for a token-exchange
+upstream, to the caller's own. The pool holds each upstream's health (what its client last learnt);
+the registry and the readiness probe read it here, and the catalog is told when it changes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from pydantic import SecretStr
 
-from arbiter.auth.outbound import Outbound, OutboundAuth
+from arbiter.auth.outbound import CallerTokenRequired, Outbound, OutboundAuth
 from arbiter.auth.secrets import SecretBox
 from arbiter.errors import UpstreamUnavailable
 from arbiter.net.egress import Egress
 from arbiter.proxy.callers import CallerSessions
+from arbiter.proxy.relay import UpstreamRequest
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 
 
@@ -32,6 +40,7 @@ class UpstreamPool:
     ) -> None:
         self._on_health = on_health
         self._clients: dict[str, UpstreamClient] = {}
+        self._down: set[str] = set()  # upstreams whose last connect failed or whose connection broke
         self._max_connections = max_connections
         self._idle_connection_s = idle_connection_s
         self._backoff = reconnect_backoff_s
@@ -67,6 +76,33 @@ class UpstreamPool:
     def names(self) -> list[str]:
         return sorted(self._clients)
 
+    def healthy(self, name: str) -> bool:
+        return name in self._clients and name not in self._down
+
+    def down(self) -> list[str]:
+        return sorted(self._down)
+
+    async def request(
+        self,
+        name: str,
+        request: UpstreamRequest,
+        *,
+        caller: SecretStr | None = None,
+        on_send: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send ``request`` to upstream ``name``: on its shared connection, or on the caller's own for a
+        token-exchange upstream (``caller`` is the caller's access token, read for those alone)."""
+        client = self.get(name)
+        if client.callers is None:
+            return await client.request(request, on_send=on_send)
+        if caller is None:
+            raise CallerTokenRequired(
+                f"upstream {name!r} acts on behalf of the caller and needs an OAuth access token to "
+                "exchange; API keys cannot be exchanged",
+                upstream=name,
+            )
+        return await client.callers.request(caller, request, None, on_send)
+
     async def put(self, spec: UpstreamSpec) -> UpstreamClient:
         """Add or replace an upstream's client; a changed spec retires the old client and its connection."""
         assert self._tg is not None, "the pool is used inside its context"
@@ -81,6 +117,7 @@ class UpstreamPool:
         return client
 
     async def remove(self, name: str) -> None:
+        self._down.discard(name)
         client = self._clients.pop(name, None)
         if client is not None:
             await client.aclose()
@@ -123,5 +160,12 @@ class UpstreamPool:
     def _report(self, client: UpstreamClient, healthy: bool) -> None:
         # A retired client (replaced or removed meanwhile) may still finish a request or a connect
         # attempt; what it learns says nothing about the upstream's current definition.
-        if self._on_health is not None and self._clients.get(client.spec.name) is client:
-            self._on_health(client.spec.name, healthy)
+        name = client.spec.name
+        if self._clients.get(name) is not client:
+            return
+        if healthy:
+            self._down.discard(name)
+        else:
+            self._down.add(name)
+        if self._on_health is not None:
+            self._on_health(name, healthy)

@@ -136,7 +136,7 @@ class UpstreamRegistry:
 
     async def heal(self) -> None:
         """Retry discovery on upstreams that are down, so they come back into lists when they recover."""
-        await self._discover_each(self._catalog.hidden(), "recovery")
+        await self._discover_each(self._pool.down(), "recovery")
 
     async def _discover_each(self, names: Sequence[str], why: str) -> None:
         for name in names:
@@ -248,7 +248,7 @@ class UpstreamRegistry:
         if not row.enabled:
             return "disabled"
         client = self._pool.current(row.name)
-        if client is None or not client.healthy:
+        if client is None or not self._pool.healthy(row.name):
             return "down"
         return "connected" if client.connected else "idle"
 

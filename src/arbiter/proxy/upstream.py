@@ -32,9 +32,9 @@ from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from pydantic import SecretStr, TypeAdapter
+from pydantic import TypeAdapter
 
-from arbiter.auth.outbound import CallerTokenRequired, CredentialSpec, OutboundAuth, UpstreamAuthFailed
+from arbiter.auth.outbound import CredentialSpec, OutboundAuth, UpstreamAuthFailed
 from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
 from arbiter.net.egress import Egress, GuardedTransport, connector
 from arbiter.proxy.callers import CallerSessions
@@ -125,23 +125,15 @@ class UpstreamClient:
         request: UpstreamRequest,
         *,
         deadline_s: float | None = None,
-        caller: SecretStr | None = None,
         on_send: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Send one request and return the upstream's raw result; JSON-RPC errors from it pass through.
+        """Send one request on this client's own connection and return the upstream's raw result;
+        JSON-RPC errors from it pass through. (``UpstreamPool.request`` routes a token-exchange
+        upstream's requests to per-caller clients instead.)
 
-        ``caller`` (the caller's access token) is used only by token-exchange upstreams. ``on_send`` is
-        called just before the request is handed to the upstream: a failure before that point (no
-        connection, no credential) means the upstream never saw the request.
+        ``on_send`` is called just before the request is handed to the upstream: a failure before that
+        point (no connection, no credential) means the upstream never saw the request.
         """
-        if self.callers is not None:
-            if caller is None:
-                raise CallerTokenRequired(
-                    f"upstream {self.spec.name!r} acts on behalf of the caller and needs an OAuth access "
-                    "token to exchange; API keys cannot be exchanged",
-                    upstream=self.spec.name,
-                )
-            return await self.callers.request(caller, request, deadline_s, on_send)
         deadline = deadline_s or self.spec.call_timeout_s
 
         async def send(conn: _Connection) -> dict[str, Any]:

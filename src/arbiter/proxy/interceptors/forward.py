@@ -39,7 +39,6 @@ class Forward:
 
     async def _forward(self, ctx: CallContext) -> Result:
         assert ctx.upstream is not None and ctx.target is not None, "resolve runs before forward"
-        client = self._pool.get(ctx.upstream)
         # Only the progress token crosses over; the rest of _meta is the agent's envelope, not the upstream's.
         meta: Any = ctx.params.get("_meta")
         progress: Any = cast(dict[str, Any], meta).get("progressToken") if isinstance(meta, dict) else None
@@ -61,10 +60,10 @@ class Forward:
         request = UpstreamRequest(
             ctx.method, params, cast(dict[str, Any], schema) if isinstance(schema, dict) else None
         )
-        # The caller's own token is read only for an upstream that exchanges it (RFC 8693); every other
-        # upstream gets Arbiter's credential alone.
-        caller = ctx.exchange.caller_token if client.per_caller and ctx.exchange is not None else None
-        result = await client.request(request, caller=caller, on_send=lambda: _sent(ctx))
+        # The caller's own token goes along for an upstream that exchanges it (RFC 8693), and only the
+        # pool reads it, for those alone; every other upstream gets Arbiter's credential.
+        caller = ctx.exchange.caller_token if ctx.exchange is not None else None
+        result = await self._pool.request(ctx.upstream, request, caller=caller, on_send=lambda: _sent(ctx))
         _strip_upstream_identity(result)
         if ctx.method == "resources/read":
             _rename_contents(result, ctx.upstream)
