@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test check lint typecheck format bench clean
+.PHONY: venv demo test check lint typecheck format bench bench-quick bench-soak bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,56 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests examples bench
 	$(VENV)/bin/ruff check --fix src tests examples bench
 
-bench: $(STAMP)
-	$(PY) bench/passthrough.py
+# The benchmark (bench/run.py): Arbiter against the upstream direct, the bare SDK proxy, FastMCP's proxy
+# and ContextForge. The peers run in virtualenvs of their own under .bench/, built from nothing by
+# `make bench-peers` with pinned versions; bench/run.py skips a peer whose virtualenv is missing and says
+# why. ContextForge 1.1 needs Python >= 3.12 (3.13 at most): the first such python3.x found is used.
+# Pass options through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--only arbiter,bare --reps 5"`.
+PEERS ?= .bench
+FASTMCP_VERSION := 4.1.2
+CONTEXTFORGE_VERSION := 1.1.0
+BENCH_UVICORN := uvicorn[standard]==0.54.0
+FASTMCP_STAMP := $(PEERS)/fastmcp-venv/.installed-fastmcp-$(FASTMCP_VERSION)
+CONTEXTFORGE_STAMP := $(PEERS)/contextforge-venv/.installed-contextforge-$(CONTEXTFORGE_VERSION)
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
+CF_PYTHON ?= $(shell for p in python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[23]*/bin/python3 2>/dev/null); do $$p -c 'import sys; sys.exit(not (3, 12) <= sys.version_info < (3, 14))' 2>/dev/null && { echo $$p; break; }; done)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+$(FASTMCP_STAMP):
+	rm -rf $(PEERS)/fastmcp-venv
+	$(PYTHON) -m venv $(PEERS)/fastmcp-venv
+	$(PEERS)/fastmcp-venv/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/fastmcp-venv/bin/python -m pip install --quiet 'fastmcp==$(FASTMCP_VERSION)' '$(BENCH_UVICORN)'
+	touch $@
+
+$(CONTEXTFORGE_STAMP):
+	@if [ -z "$(CF_PYTHON)" ]; then \
+		echo "bench-peers: no Python 3.12 or 3.13 found; ContextForge $(CONTEXTFORGE_VERSION) needs one, so the bench will skip it"; \
+	else \
+		echo "bench-peers: ContextForge $(CONTEXTFORGE_VERSION) on $(CF_PYTHON)"; \
+		set -e; rm -rf $(PEERS)/contextforge-venv; \
+		$(CF_PYTHON) -m venv $(PEERS)/contextforge-venv; \
+		$(PEERS)/contextforge-venv/bin/python -m pip install --quiet --upgrade pip; \
+		$(PEERS)/contextforge-venv/bin/python -m pip install --quiet 'mcp-contextforge-gateway==$(CONTEXTFORGE_VERSION)'; \
+		touch $@; \
+	fi
+
+bench-peers: $(FASTMCP_STAMP) $(CONTEXTFORGE_STAMP)
+
+# A peer that fails to build is skipped by the run (with the reason), not a reason to measure nothing.
+bench: $(BENCH_STAMP)
+	-$(MAKE) --no-print-directory bench-peers
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
+
+bench-soak: $(BENCH_STAMP)
+	$(PY) bench/run.py --soak 600 $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache .arbiter-demo demo-info.json .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache .arbiter-demo demo-info.json .pytest_cache .ruff_cache $(PEERS)

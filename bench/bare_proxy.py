@@ -3,7 +3,7 @@
 ``python bench/bare_proxy.py --upstream http://127.0.0.1:P/mcp --port Q`` serves ``/mcp`` and forwards
 ``tools/list`` and ``tools/call`` to one upstream over ONE ``ClientSession`` that is opened once in the
 server lifespan and shared by every request. It is deliberately what a careful engineer would write with
-the SDK and nothing more (see shared/notes/mcp-sdk-2.md §3 and §5):
+the SDK and nothing more:
 
 - calls are forwarded with ``session.send_request`` so the proxy never re-validates output schemas;
 - ``get_tool_input_schema`` answers from the tools list fetched at start-up, so 2026-07-28 calls do not

@@ -12,56 +12,28 @@ Run it against another checkout with ``PYTHONPATH=<checkout>/src`` to compare.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
+import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import anyio
 import httpx2
-from joserfc import jwt
-from joserfc.jwk import ECKey
-from passthrough import (
+from harness import (
     DEMO_POLICY,
     HOST,
     Fleet,
-    _clean_env,
-    _venv_tool,
+    Jwks,
+    clean_env,
     free_ports,
+    rss_mb,
+    venv_tool,
     wait_for_http_ok,
     wait_for_port,
 )
 
-ISSUER = "https://idp.bench.invalid/"
 MODERN = "2026-07-28"
-
-
-def serve_jwks(key: ECKey, port: int) -> http.server.HTTPServer:
-    body = json.dumps({"keys": [key.as_dict(private=False)]}).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer((HOST, port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def drive(url: str, tokens: list[str], concurrency: int) -> int:
@@ -104,39 +76,34 @@ async def drive(url: str, tokens: list[str], concurrency: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--callers", type=int, default=12_000)
     parser.add_argument("--window", type=int, default=2_000)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
-    key = ECKey.generate_key("P-256", parameters={"kid": "bench", "alg": "ES256", "use": "sig"})
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         up_port, arb_port, jwks_port = free_ports(3)
-        jwks = serve_jwks(key, jwks_port)
+        jwks = Jwks(jwks_port)
         resource = f"http://{HOST}:{arb_port}/mcp"
         env = {
-            **_clean_env(),
+            **clean_env(),
             "ARBITER_DATABASE_URL": f"sqlite:///{workdir / 'a.db'}",
             "ARBITER_LOG_LEVEL": "WARNING",
             "ARBITER_ADMIN_TOKEN": "bench-admin-token-0123456789",
             "ARBITER_AUTH__RESOURCE_URL": resource,
-            "ARBITER_AUTH__ISSUERS": json.dumps(
-                [{"issuer": ISSUER, "jwks_uri": f"http://{HOST}:{jwks_port}/jwks"}]
-            ),
+            "ARBITER_AUTH__ISSUERS": json.dumps([{"issuer": jwks.issuer, "jwks_uri": jwks.url}]),
         }
         fleet = Fleet(workdir)
         try:
             upstream = fleet.start(
-                "upstream", [_venv_tool("python")[0], "-m", "arbiter.demo.crm", "--port", str(up_port)], env
+                "upstream", [venv_tool("python")[0], "-m", "arbiter.demo.crm", "--port", str(up_port)], env
             )
             wait_for_port(upstream, up_port)
-            import subprocess
-
-            subprocess.run([*_venv_tool("arbiter"), "migrate"], env=env, check=True, capture_output=True)
+            subprocess.run([*venv_tool("arbiter"), "migrate"], env=env, check=True, capture_output=True)
             arbiter = fleet.start(
-                "arbiter", [*_venv_tool("arbiter"), "serve", "--host", HOST, "--port", str(arb_port)], env
+                "arbiter", [*venv_tool("arbiter"), "serve", "--host", HOST, "--port", str(arb_port)], env
             )
             wait_for_http_ok(arbiter, f"http://{HOST}:{arb_port}/healthz")
             admin = {"authorization": f"Bearer {env['ARBITER_ADMIN_TOKEN']}"}
@@ -151,23 +118,10 @@ def main() -> None:
                     content=DEMO_POLICY.read_text(encoding="utf-8"),
                     headers={"content-type": "text/csv"},
                 ).raise_for_status()
-            header = {"alg": "ES256", "kid": "bench", "typ": "at+jwt"}
-            now = int(time.time())
             print(f"{'callers':>15} {'calls/s':>8} {'cpu ms/call':>11} {'rss MB':>7} {'failed':>6}")
             for start in range(0, args.callers, args.window):
                 tokens = [
-                    jwt.encode(
-                        header,
-                        {
-                            "iss": ISSUER,
-                            "aud": resource,
-                            "sub": f"user-{n}",
-                            "exp": now + 3600,
-                            "roles": ["support-agent"],
-                            "tenant": "acme",
-                        },
-                        key,
-                    )
+                    jwks.mint(resource, f"user-{n}", ["support-agent"], "acme", ttl_s=3600)
                     for n in range(start, start + args.window)
                 ]
                 cpu0, t0 = arbiter.cpu_seconds(), time.perf_counter()
@@ -181,7 +135,7 @@ def main() -> None:
                 )
         finally:
             fleet.close()
-            jwks.shutdown()
+            jwks.close()
 
 
 if __name__ == "__main__":

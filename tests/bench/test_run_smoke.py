@@ -1,0 +1,68 @@
+"""`bench/run.py --quick` end to end: real servers on loopback, a few requests each, the results files.
+
+Needs no peer virtualenv (the peers are not selected). Arbiter on PostgreSQL + Redis is measured when
+both are reachable (CI requires them), and reported as skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REQUIRE_SERVICES
+
+ROOT = Path(__file__).resolve().parents[2]
+ARBITER = ("arbiter-min", "arbiter-gov", "arbiter-gov-jwt", "arbiter-pg")
+
+
+@pytest.mark.timeout(90)
+def test_quick_run_writes_a_row_per_target_era_and_operation(tmp_path: Path) -> None:
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--quick",
+        "--only",
+        "direct,arbiter",
+        "--out",
+        str(tmp_path),
+        "--calls",
+        "16",
+        "--list-calls",
+        "8",
+        "--seq-calls",
+        "4",
+        "--warmup",
+        "2",
+    ]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    data = json.loads((tmp_path / "quick.json").read_text())
+    skipped: dict[str, str] = data["skipped"]
+    if REQUIRE_SERVICES:
+        assert "arbiter-pg" not in skipped, skipped
+    expected = {"direct", *(t for t in ARBITER if t not in skipped)}
+    assert set(skipped) <= {"arbiter-pg"}, skipped
+    rows = {(r["target"], r["era"], r["op"]) for r in data["rows"]}
+    want = {(t, era, op) for t in expected for era in ("2026-07-28", "handshake") for op in ("call", "list")}
+    assert rows == want
+    for row in data["rows"]:
+        assert row["errors"] == 0, row
+        assert row["calls_per_s"] > 0, row
+        assert row["p50_ms"] > 0, row
+        if row["target"] != "direct":
+            assert row["proxy_cpu_ms"] is not None and row["rss_after_mb"] > 0, row
+    assert not data["problems"], data["problems"]
+
+    ratios = {(r["target"], r["era"], r["op"]): r for r in data["ratios"]}
+    if "arbiter-pg" in expected:
+        assert ratios[("arbiter-pg", "2026-07-28", "call")]["pg_cpu_vs_sqlite"] is not None
+
+    md = (tmp_path / "quick.md").read_text()
+    assert "## tools/call echo" in md and "## tools/list (100 tools)" in md
+    for label in data["labels"].values():
+        assert md.count(f"| {label} | ") >= 4, label  # both eras, both operations
