@@ -262,7 +262,13 @@ def create_app(
             allowed_origins=mcp_cfg.allowed_origins,
         ),
         audit=audit,
-        front=ModernFront(pipeline, catalog, authorize.tool_visible, json_response=mcp_cfg.json_response),
+        front=ModernFront(
+            pipeline,
+            catalog,
+            authorize.tool_visible,
+            json_response=mcp_cfg.json_response,
+            server_info=lambda: mcp_server.server_info_stamp,
+        ),
     )
 
     admin_errors.install(app, authenticator, audit)

@@ -4,6 +4,7 @@ error, never a crash."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, cast
 
@@ -14,6 +15,8 @@ from mcp.server import Server
 from mcp.server.context import ServerRequestContext
 from starlette.types import Receive, Scope, Send
 
+from arbiter.net.egress import connector
+from arbiter.proxy.relay import Interrupted, Relay, UpstreamRequest, relay_sessions
 from tests.conftest import ArbiterFactory, ArbiterServer, serve_in_thread
 
 # A result with what a careless proxy would lose: nested structures, non-ASCII text, numbers that must not
@@ -110,6 +113,8 @@ def test_the_upstreams_result_reaches_the_agent_as_sent(
         server.register("odd", f"http://127.0.0.1:{port}/mcp")
         result = _call(server, agent_era)
     result.pop("resultType", None)  # the 2026-07-28 field (the SDK upstream's, or Arbiter's if missing)
+    if agent_era == "2026-07-28":  # Arbiter's own identity stamp, where the upstream's was
+        assert result["_meta"].pop("io.modelcontextprotocol/serverInfo")["name"] == "arbiter"
     assert result == _expected()
 
 
@@ -124,6 +129,7 @@ def test_fields_no_schema_names_reach_a_2026_agent_untouched(arbiter_factory: Ar
             broken.answer = lambda rid, kind=kind: (200, kind, _framed(kind, rid, odd))
             result = _call(server, "2026-07-28")
             assert result.pop("resultType") == "complete"
+            assert result["_meta"].pop("io.modelcontextprotocol/serverInfo")["name"] == "arbiter"
             assert result == {**_expected(), "vendorExtension": {"trace": "abc", "cost": {"units": 3}}}
 
 
@@ -181,7 +187,15 @@ def _sse(*messages: object) -> bytes:
         ((200, "application/json", b"not json"), -31003, "upstream_protocol_error"),
         ((200, "application/json", b"[1, 2]"), -31003, "upstream_protocol_error"),
         ((200, "application/json", b'{"jsonrpc":"2.0","id":"someone-else","result":{}}'), -31003, None),
-        ((200, "application/json", b'{"jsonrpc":"2.0","id":"arbiter-1","result":[]}'), -31003, None),
+        (
+            lambda rid: (
+                200,
+                "application/json",
+                json.dumps({"jsonrpc": "2.0", "id": rid, "result": []}).encode(),
+            ),
+            -31003,
+            None,
+        ),
         ((200, "text/plain", b"hello"), -31003, None),
         (
             (200, "text/event-stream", _sse({"jsonrpc": "2.0", "method": "notifications/progress"})),
@@ -213,7 +227,7 @@ def _sse(*messages: object) -> bytes:
     ],
 )
 def test_a_broken_answer_is_an_upstream_error_and_arbiter_keeps_serving(
-    arbiter_factory: ArbiterFactory, answer: tuple[int, str, bytes], code: int, reason: str | None
+    arbiter_factory: ArbiterFactory, answer: object, code: int, reason: str | None
 ) -> None:
     server = arbiter_factory()
     broken = Broken(_odd_upstream(json_response=True, stateless=True))
@@ -251,3 +265,37 @@ def test_a_broken_answer_is_an_upstream_error_and_arbiter_keeps_serving(
         with server.admin() as admin:
             (row,) = admin.get("/upstreams").json()
         assert row["status"] == "connected", row
+
+
+async def test_a_request_a_new_connection_carried_is_never_sent_twice() -> None:
+    # An upstream that reads the request (and so may run it), then drops the connection unanswered, as a
+    # crashing worker would. The connection was new, not an idle one from the pool: no retry.
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")
+        )
+        received.append(await reader.readexactly(length))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pools = relay_sessions(
+        connector(None, limit=4, keepalive_s=30),
+        connector(None, limit=4, keepalive_s=None),
+        connect_timeout_s=5,
+    )
+    try:
+        async with pools as (http, fresh):
+            relay = Relay(
+                f"http://127.0.0.1:{port}/mcp", http, fresh, protocol_version="2026-07-28", session_id=None
+            )
+            with pytest.raises(Interrupted):
+                await relay.request(
+                    UpstreamRequest("tools/call", {"name": "refund", "arguments": {"amount": 100}})
+                )
+    finally:
+        server.close()
+    assert len(received) == 1

@@ -87,11 +87,14 @@ def _sessionful_app() -> HandshakeOnly:
     return HandshakeOnly(server.streamable_http_app(json_response=True))
 
 
+@pytest.mark.parametrize("backoff_s", [0.0, 30.0])
 async def test_upstream_that_restarts_and_forgets_our_session_is_reconnected(
-    arbiter_factory: ArbiterFactory,
+    arbiter_factory: ArbiterFactory, backoff_s: float
 ) -> None:
+    # An upstream that lost our session answered: the reconnect backoff (for upstreams that are down)
+    # must not delay the new session.
     port = free_port()
-    server = arbiter_factory(upstream={"reconnect_backoff_s": 0})
+    server = arbiter_factory(upstream={"reconnect_backoff_s": backoff_s})
     with serve_in_thread(_sessionful_app(), port):
         server.register("leg", f"http://127.0.0.1:{port}/mcp")
     async with server.client("legacy") as client:

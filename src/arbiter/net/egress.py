@@ -9,7 +9,10 @@ which httpcore sends as SNI. Pooled connections are reused as usual: the cost is
 connection, not per request.
 
 The relay's aiohttp client (``proxy/relay.py``) resolves through ``GuardedResolver``, the same check in
-aiohttp's resolver seam; it too resolves once per new connection (its DNS cache is off).
+aiohttp's resolver seam; it too resolves once per new connection (its DNS cache is off). aiohttp does
+not resolve an IP literal, so such a URL is not checked there: the relay exists only once the SDK's
+client has connected to the same URL through ``GuardedBackend``, which checked the literal, and the
+address rule is fixed for the process.
 
 These clients do not use ``HTTP(S)_PROXY`` from the environment: a proxy would resolve the name itself,
 past the check.

@@ -12,14 +12,21 @@ own helpers and in the same order, so that the same request gets the same status
 4. ``Mcp-Param-*`` headers must match the arguments of a tool the caller can see;
 5. the params must be valid for the method at that version (-32602).
 
-Only the methods the pipeline answers take this path; anything else (``server/discover``,
-``subscriptions/listen``, notifications, unknown methods) is handed to the SDK, which answers it as before.
-The answer is JSON, encoded once with ``orjson``.
+Only the methods the pipeline answers take this path, and only when Arbiter answers in JSON
+(``mcp.json_response``, the default; in event-stream mode the SDK's keep-alive pings hold long calls
+open). Anything else (``server/discover``, ``subscriptions/listen``, notifications, unknown methods, bodies
+with integers beyond 64 bits) is handed to the SDK, which answers it as before. The answer is JSON,
+encoded once with ``orjson``, stamped with Arbiter's ``serverInfo`` as the SDK stamps it.
+
+Results are passed on as the upstream sent them (only ids, exposed names and the upstream's identity
+stamp change): unlike the SDK's server, this path does not re-validate or trim an upstream's result.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -45,9 +52,14 @@ from arbiter.proxy.exchange import Exchange
 from arbiter.proxy.pipeline import LIST_METHODS, TARGET_KEYS, CallContext, Pipeline
 from arbiter.proxy.server import answer, visible_input_schema
 
+log = logging.getLogger(__name__)
+
 # What the pipeline answers; everything else goes to the SDK.
 DIRECT_METHODS = frozenset(TARGET_KEYS) | LIST_METHODS
 _INVALID_BODY = "Body must be a single JSON-RPC request or notification object"
+_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+# orjson reads integers beyond 64 bits as floats; such bodies take the SDK's path, which keeps them exact.
+_BIG_INTEGER = re.compile(rb"\d{20}")
 
 
 class ModernFront:
@@ -60,15 +72,19 @@ class ModernFront:
         tool_visible: Callable[[Principal, str], bool],
         *,
         json_response: bool,
+        server_info: Callable[[], dict[str, Any]],
     ) -> None:
         self._pipeline = pipeline
         self._catalog = catalog
         self._tool_visible = tool_visible
         self._json_response = json_response
+        self._server_info = server_info  # Arbiter's serverInfo stamp, a fresh dict per call
 
     def takes(self, body: bytes) -> dict[str, Any] | None:
         """The decoded request if this path answers it: a JSON object naming one of its methods, with an
         id. Anything else (malformed bodies included) is left to the SDK, which answers it as before."""
+        if not self._json_response or _BIG_INTEGER.search(body) is not None:
+            return None
         try:
             decoded: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -136,6 +152,9 @@ class ModernFront:
             error = exc.error.model_dump(mode="json", exclude_none=True)
             await _reply(send, rid, error=error)
             return
+        meta: Any = result.get("_meta")
+        if meta is None or (isinstance(meta, dict) and cast(dict[str, Any], meta).get(_SERVER_INFO) is None):
+            result["_meta"] = {**(cast(dict[str, Any], meta) or {}), _SERVER_INFO: self._server_info()}
         await _reply(send, rid, result=result)
 
     def _param_headers(
@@ -152,7 +171,12 @@ class ModernFront:
         arguments = cast(dict[str, Any], arguments or {})
         if not arguments and not any(h.startswith("mcp-param-") for h in request.headers):
             return None
-        schema = visible_input_schema(self._catalog, self._tool_visible, principal, name)
+        try:
+            schema = visible_input_schema(self._catalog, self._tool_visible, principal, name)
+        except Exception:
+            # As the SDK does: the header check must never break a working call path.
+            log.exception("Mcp-Param header validation skipped: the schema lookup failed")
+            return None
         if schema is None:
             return None
         return validate_mcp_param_headers(schema, arguments, request.headers)
@@ -160,16 +184,15 @@ class ModernFront:
 
 def _valid_envelope(message: dict[str, Any]) -> bool:
     """What the SDK's ``JSONRPCRequest`` model accepts: version 2.0, a string or integer id, a string
-    method and, if present, params that are an object."""
+    method and params that are an object or null (the ladder then refuses a missing ``_meta``); other
+    members are ignored."""
     rid = message.get("id")
-    params = message.get("params", {})
+    params = message.get("params")
     return (
         message.get("jsonrpc") == "2.0"
         and (isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)))
         and isinstance(message.get("method"), str)
-        and isinstance(params, dict)
-        and "result" not in message
-        and "error" not in message
+        and (params is None or isinstance(params, dict))
     )
 
 

@@ -4,21 +4,23 @@ The SDK's client decodes every answer into protocol models and encodes every req
 gateway that only needs to pass a result on, that was most of the cost of a call. Here a request is one
 ``orjson``-encoded POST over a pooled aiohttp connection, and its answer (a JSON body, or an SSE stream
 ending in the response) is decoded once into plain dicts. aiohttp, not httpx2: on the same POST against a
-bare ASGI server, its client took 0.11-0.16 ms of CPU per request here, httpx2's 0.94-1.0 ms
-(docs/performance.md). The SDK's session still owns what it is
-good at: negotiating the era (``server/discover`` or the ``initialize`` handshake, whose session id the
-relay then sends), discovery, stdio and SSE upstreams.
+bare ASGI server its client took 5-9x less CPU per request (bench/http_clients.py). The SDK's session
+still owns what it is good at: negotiating the era (``server/discover`` or the ``initialize``
+handshake, whose session id the relay then sends), discovery, stdio and SSE upstreams.
 
-A pooled connection the upstream closed while it sat idle (servers drop idle keep-alive connections
-after a few seconds) fails before any answer arrives: the request never reached the upstream's
-application, so it is sent once more on a fresh connection. Nothing else is retried.
+A connection taken from the pool that the upstream had closed while it sat idle (servers drop idle
+keep-alive connections after a few seconds) fails before any answer arrives: the request never
+reached the upstream's application, so it is sent once more on a fresh connection. Nothing else is
+retried: a new connection that fails without an answer may have carried the request to the upstream.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
@@ -32,6 +34,7 @@ from mcp.shared.inbound import (
     MCP_NAME_HEADER,
     NAME_BEARING_METHODS,
     encode_header_value,
+    find_invalid_x_mcp_header,
     mcp_param_headers,
     x_mcp_header_map,
 )
@@ -47,7 +50,49 @@ _PROTOCOL_HEADER = "mcp-protocol-version"
 _MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event (a large tool result); the SDK's default is 1 MiB
 _MAX_BODY_BYTES = 64 * 1024 * 1024  # one JSON answer
 # What a request written to a pooled connection meets when the peer had closed it: no answer at all.
-_UNANSWERED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+_UNANSWERED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
+# No connection to the upstream could be made at all.
+_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+class _Attempt:
+    """Per request: whether aiohttp took its connection from the pool (told by the trace below)."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _on_reuse(session: object, context: Any, params: object) -> None:
+    attempt = context.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.reused = True
+
+
+def _reuse_trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_on_reuse)
+    return trace
+
+
+@asynccontextmanager
+async def relay_sessions(
+    pooled: aiohttp.BaseConnector, fresh: aiohttp.BaseConnector, *, connect_timeout_s: float
+) -> AsyncGenerator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
+    """The relay's pooled client and its no-keep-alive twin (for the retry's fresh connection).
+
+    Only opening a socket is bounded here (waiting for a free pooled connection is not a connect
+    failure); the caller bounds the whole request. Answers are asked for, and read, uncompressed, so
+    the size limits count what is held in memory.
+    """
+    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout_s)
+    options: dict[str, Any] = {"timeout": timeout, "auto_decompress": False, "trust_env": False}
+    async with (
+        aiohttp.ClientSession(connector=pooled, trace_configs=[_reuse_trace()], **options) as http,
+        aiohttp.ClientSession(connector=fresh, **options) as fresh_http,
+    ):
+        yield http, fresh_http
 
 
 def _version() -> str:
@@ -125,6 +170,7 @@ class Relay:
         self._headers = {
             "content-type": "application/json",
             "accept": "application/json, text/event-stream",
+            "accept-encoding": "identity",
             _PROTOCOL_HEADER: protocol_version,
         }
         if session_id is not None and not self._modern:
@@ -165,7 +211,7 @@ class Relay:
                 {**cast(dict[str, Any], meta), **self._envelope} if isinstance(meta, dict) else self._envelope
             )
             params = {**params, "_meta": envelope}
-        content = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
+        content = _encode({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
         sent = self._credential() if self._credential is not None else {}
         if on_send is not None:
             on_send()
@@ -185,21 +231,28 @@ class Relay:
             response.release()
 
     async def _post(self, content: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        if self._http.closed:  # the connection was closed meanwhile (the upstream changed or went away)
+            raise Interrupted("the connection to the upstream was closed")
+        attempt = _Attempt()
         try:
             try:
-                return await self._http.post(self._url, data=content, headers=headers, allow_redirects=False)
-            except aiohttp.ClientConnectorError:
+                return await self._http.post(
+                    self._url, data=content, headers=headers, allow_redirects=False, trace_request_ctx=attempt
+                )
+            except _UNREACHABLE:
                 raise
             except _UNANSWERED as exc:
-                # A pooled connection the peer had closed: nothing was answered, so the upstream's
-                # application never saw the request. Once more, on a connection of its own.
+                if not attempt.reused:
+                    raise  # a new connection the upstream took and dropped: it may have run the request
+                # A pooled connection the peer had closed while it sat idle: nothing was answered, so the
+                # upstream's application never saw the request. Once more, on a connection of its own.
                 log.debug(
-                    "upstream connection closed before answering (%s); sending again", type(exc).__name__
+                    "idle upstream connection closed before answering (%s); sending again", type(exc).__name__
                 )
                 return await self._fresh_http.post(
                     self._url, data=content, headers=headers, allow_redirects=False
                 )
-        except aiohttp.ClientConnectorError as exc:
+        except _UNREACHABLE as exc:
             raise Unreachable(f"cannot connect ({type(exc).__name__})") from None
         except aiohttp.ClientError as exc:
             raise Interrupted(type(exc).__name__) from None
@@ -221,7 +274,9 @@ class Relay:
         cached = self._param_maps.get(name)
         if cached is not None and cached[0] is schema:
             return cached[1]
-        found = x_mcp_header_map(schema)
+        # A schema whose x-mcp-header annotations are invalid (a header name no HTTP field can carry)
+        # mirrors nothing; the upstream then judges the call without the headers.
+        found = {} if find_invalid_x_mcp_header(schema) is not None else x_mcp_header_map(schema)
         self._param_maps[name] = (schema, found)
         return found
 
@@ -266,11 +321,13 @@ class Relay:
 
 
 async def _read_body(response: aiohttp.ClientResponse) -> bytes:
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        raise MalformedAnswer("the upstream compressed its answer although asked not to")
     length = response.content_length
     if length is not None:
         if length > _MAX_BODY_BYTES:
             raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
-        return await response.read()
+        return await response.read()  # read as sent (auto_decompress is off): at most length bytes
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():
@@ -279,6 +336,13 @@ async def _read_body(response: aiohttp.ClientResponse) -> bytes:
             raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(message)
+    except TypeError:  # a value orjson does not encode (an integer beyond 64 bits): the slow way
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _decode(body: bytes) -> dict[str, Any]:

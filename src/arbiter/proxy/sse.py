@@ -8,6 +8,7 @@ resumable, and a relayed request is never resumed). aiohttp has no event-stream 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
@@ -23,18 +24,24 @@ class Event:
 
 
 async def events(chunks: AsyncIterable[bytes], max_event_bytes: int) -> AsyncIterator[Event]:
-    """The events of a stream delivered as ``chunks`` (any split); a final event needs its blank line."""
-    buffer = b""
+    """The events of a stream delivered as ``chunks`` (any split); a final event needs its blank line.
+
+    Linear in the stream's size however it is cut: each byte is scanned for a line ending once, and
+    consumed bytes are dropped once per chunk.
+    """
+    buffer = bytearray()
+    scan = 0  # where the search for the next line ending resumes
     kind = ""
     data: list[str] = []
     size = 0
     async for chunk in chunks:
         buffer += chunk
-        while True:
-            line, ending = _next_line(buffer)
-            if ending == 0:
-                break
-            buffer = buffer[ending:]
+        start = 0
+        while (found := _EOL.search(buffer, scan)) is not None:
+            if found.group() == b"\r" and found.end() == len(buffer):
+                break  # a CR at the end may be the first half of a CRLF: wait for more
+            line = bytes(buffer[start : found.start()])
+            start = scan = found.end()
             if not line:
                 if data:
                     yield Event(kind or "message", "\n".join(data))
@@ -51,18 +58,10 @@ async def events(chunks: AsyncIterable[bytes], max_event_bytes: int) -> AsyncIte
                 data.append(text.decode("utf-8", errors="replace"))
             elif name == b"event":
                 kind = text.decode("utf-8", errors="replace")
-        if len(buffer) > max_event_bytes:
+        del buffer[:start]
+        scan = max(len(buffer) - 1, 0) if buffer.endswith(b"\r") else len(buffer)
+        if size + len(buffer) > max_event_bytes:
             raise EventTooLarge(f"an event exceeds {max_event_bytes} bytes")
 
 
-def _next_line(buffer: bytes) -> tuple[bytes, int]:
-    """The first complete line of ``buffer`` and where the next starts, or ``(b"", 0)`` if none is."""
-    lf = buffer.find(b"\n")
-    cr = buffer.find(b"\r")
-    if cr != -1 and (lf == -1 or cr < lf):
-        if cr + 1 == len(buffer):
-            return b"", 0  # a CR at the end may be the first half of a CRLF: wait for more
-        return buffer[:cr], cr + (2 if buffer[cr + 1 : cr + 2] == b"\n" else 1)
-    if lf != -1:
-        return buffer[:lf], lf + 1
-    return b"", 0
+_EOL = re.compile(rb"\r\n?|\n")

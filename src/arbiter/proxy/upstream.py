@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,7 +39,15 @@ from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
 from arbiter.net.egress import Egress, GuardedTransport, connector
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
-from arbiter.proxy.relay import SESSION_HEADER, Interrupted, Relay, SessionLost, Unreachable, UpstreamRequest
+from arbiter.proxy.relay import (
+    SESSION_HEADER,
+    Interrupted,
+    Relay,
+    SessionLost,
+    Unreachable,
+    UpstreamRequest,
+    relay_sessions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +213,7 @@ class UpstreamClient:
             # that request fails; the upstream answered, so it stays up and the connection stays open.
             return self._unavailable(f"{method}: {exc}", None)
         if conn.session_lost:
-            return self._unavailable("the upstream lost our session (it restarted)", conn)
+            return self._session_lost(conn)
         if isinstance(exc, TimeoutError):
             return self._unavailable(f"{method} timed out after {deadline:g}s", None)
         if isinstance(exc, MCPError):
@@ -222,6 +230,17 @@ class UpstreamClient:
                 upstream=self.spec.name,
             )
         return exc
+
+    def _session_lost(self, conn: _Connection) -> UpstreamUnavailable:
+        # The upstream answered (it restarted and forgot us): drop the session so the next request opens
+        # a new one at once. No backoff and no "down": the upstream is there.
+        if conn is self._conn:
+            conn.broken = True
+            conn.close.set()
+            self._conn = None
+        self.last_error = "the upstream lost our session (it restarted)"
+        log.warning("upstream %s: %s", self.spec.name, self.last_error)
+        return UpstreamUnavailable.of(self.spec.name)
 
     def _unavailable(self, why: str, conn: _Connection | None) -> UpstreamUnavailable:
         # With a connection: it broke, so drop it and report the upstream down. Without one (a deadline
@@ -363,17 +382,15 @@ class UpstreamClient:
         )
         return Client(_http_transport(spec.url, http), mode="auto", cache=None)
 
-    @asynccontextmanager
-    async def _relay_pools(self) -> AsyncGenerator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
+    def _relay_pools(
+        self,
+    ) -> AbstractAsyncContextManager[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
         """The relay's connection pool, and a client keeping no connection for a retry's fresh one."""
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.spec.connect_timeout_s)
-        pooled = connector(self._egress, limit=self._max_connections, keepalive_s=self._idle_s)
-        fresh = connector(self._egress, limit=self._max_connections, keepalive_s=None)
-        async with (
-            aiohttp.ClientSession(connector=pooled, timeout=timeout, auto_decompress=True) as http,
-            aiohttp.ClientSession(connector=fresh, timeout=timeout) as fresh_http,
-        ):
-            yield http, fresh_http
+        return relay_sessions(
+            connector(self._egress, limit=self._max_connections, keepalive_s=self._idle_s),
+            connector(self._egress, limit=self._max_connections, keepalive_s=None),
+            connect_timeout_s=self.spec.connect_timeout_s,
+        )
 
     def _sse_http_client(
         self,
