@@ -13,7 +13,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -45,9 +45,14 @@ INDEXED = (
 )
 
 
+# ``json.dumps`` with these options builds an encoder per call; one shared (stateless) encoder is the
+# same serialisation without that cost, which the writer pays once per stored record.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(value: Any) -> str:
     """The one serialisation that is hashed: sorted keys, no whitespace, UTF-8 as is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def record_hash(body_text: str) -> str:
@@ -231,19 +236,44 @@ def seal(body: dict[str, Any], seq: int, prev_hash: str) -> tuple[str, str]:
     return text, record_hash(text)
 
 
+# A sealed row: the audit_events columns in this order (see seal_rows).
+ROW_COLUMNS = ("seq", "id", *INDEXED, "body", "prev_hash", "hash")
+Row = tuple[Any, ...]
+
+
+def seal_rows(bodies: Iterable[dict[str, Any]], seq: int, prev_hash: str) -> tuple[list[Row], int, str]:
+    """Number and link a batch of rendered records after the chain head ``(seq, prev_hash)``.
+
+    Returns the rows to insert (values in ``ROW_COLUMNS`` order) and the new head's seq and hash."""
+    rows: list[Row] = []
+    for body in bodies:
+        seq += 1
+        text, digest = seal(body, seq, prev_hash)
+        rows.append((seq, body["id"], *_indexed(body), text, prev_hash, digest))
+        prev_hash = digest
+    return rows, seq, prev_hash
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SIZES = (("subject", 300), ("tenant", 200), ("tool", 1100), ("upstream", 64), ("method", 64), ("reason", 64))
+_SIZES = {"subject": 300, "tenant": 200, "tool": 1100, "upstream": 64, "method": 64, "reason": 64}
+_INDEXED_SIZES = tuple((name, _SIZES.get(name)) for name in INDEXED)
+
+
+def _indexed(body: Mapping[str, Any]) -> Row:
+    values: list[Any] = []
+    for name, size in _INDEXED_SIZES:
+        value = body.get(name)
+        # Most values are short and printable (which excludes every control character): kept as is.
+        if size is not None and isinstance(value, str) and (len(value) > size or not value.isprintable()):
+            value = _CONTROL.sub("?", value[:size])
+        values.append(value)
+    return tuple(values)
 
 
 def columns(body: Mapping[str, Any]) -> dict[str, Any]:
     """The indexed columns of a record: control characters replaced (PostgreSQL refuses NUL in text,
     and a caller chooses the tool name), cut to their column sizes. The body keeps the exact value."""
-    cols = {name: body.get(name) for name in INDEXED}
-    for name, size in _SIZES:
-        value = cols[name]
-        if isinstance(value, str):
-            cols[name] = _CONTROL.sub("?", value[:size])
-    return cols
+    return dict(zip(INDEXED, _indexed(body), strict=True))
 
 
 def _cap(value: str | None, size: int) -> str | None:

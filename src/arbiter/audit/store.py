@@ -4,22 +4,30 @@ One chain per database. Every append takes the chain-head row's lock first (an U
 write lock on SQLite and a row lock on PostgreSQL), reads the head, numbers and links its records, and
 moves the head in the same transaction. Replicas sharing a database therefore extend one valid chain;
 they serialise only for the length of one batch insert.
+
+An append costs three statements whatever the batch's size (lock and read the head with RETURNING,
+insert every row with one prepared statement executed for all of them, move the head; see tables.py),
+the rows go to the driver as plain tuples, and the writer keeps its connection between batches: the
+database's own work (its indexes, its log, its commit) is most of what is left.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from arbiter.audit import tables as t
-from arbiter.audit.record import INDEXED, Event, columns, now_ms, seal
+from arbiter.audit.record import INDEXED, Event, columns, now_ms, seal, seal_rows
 from arbiter.audit.signing import KeyRing, Signer, checkpoint_payload
+from arbiter.audit.tables import Head
 from arbiter.audit.verify import ChainCheck, Checkpoint, Report
 from arbiter.errors import AuditChainBroken
 from arbiter.settings import AuditSettings
@@ -28,16 +36,6 @@ log = logging.getLogger(__name__)
 
 _VERIFY_PAGE = 2000
 _DELETE_CHUNK = 10_000
-
-
-@dataclass(frozen=True)
-class Head:
-    seq: int
-    hash: str
-    anchor_seq: int
-    anchor_hash: str
-    checkpoint_seq: int
-    checkpoint_ms: int
 
 
 class AuditStore:
@@ -52,6 +50,9 @@ class AuditStore:
         self._signer = signer
         self._settings = settings
         self._render = render
+        self._holding = False  # see holding()
+        self._held: AsyncConnection | None = None
+        self._held_lock = anyio.Lock()
 
     @property
     def signer(self) -> Signer:
@@ -68,8 +69,32 @@ class AuditStore:
         """
         if not bodies:
             return 0
-        async with self._engine.begin() as conn:
-            head = await _lock_head(conn)
+        if not self._holding:
+            async with self._engine.connect() as conn:
+                return await self._append(conn, bodies, dedupe)
+        async with self._held_lock:
+            while True:
+                fresh = self._held is None
+                if self._held is None:
+                    self._held = await self._engine.connect()
+                try:
+                    return await self._append(self._held, bodies, dedupe)
+                except DBAPIError as exc:
+                    await self._release()
+                    if fresh or not exc.connection_invalidated:
+                        raise
+                except BaseException:
+                    await self._release()
+                    raise
+                # The held connection died while idle (a restarted server, an idle timeout), which the
+                # pool's ping would have caught: once more, on a fresh one. The write may have committed
+                # before the connection went, so records already stored are skipped.
+                dedupe = True
+
+    async def _append(self, conn: AsyncConnection, bodies: Sequence[dict[str, Any]], dedupe: bool) -> int:
+        async with conn.begin():
+            tx = await t.appender(conn)
+            head = await tx.lock_head()
             if dedupe:
                 ids = [b["id"] for b in bodies]
                 present = set(
@@ -78,34 +103,37 @@ class AuditStore:
                 bodies = [b for b in bodies if b["id"] not in present]
                 if not bodies:
                     return 0
-            seq, prev = head.seq, head.hash
-            rows: list[dict[str, Any]] = []
-            for body in bodies:
-                seq += 1
-                text, digest = seal(body, seq, prev)
-                rows.append(
-                    {
-                        "seq": seq,
-                        "id": body["id"],
-                        **columns(body),
-                        "body": text,
-                        "prev_hash": prev,
-                        "hash": digest,
-                    }
-                )
-                prev = digest
-            await conn.execute(sa.insert(t.events), rows)
-            values: dict[str, Any] = {"seq": seq, "hash": prev}
+            rows, seq, last = seal_rows(bodies, head.seq, head.hash)
+            await tx.insert(rows)
+            values: dict[str, int | str] = {"seq": seq, "hash": last}
             now = now_ms()
             cfg = self._settings
             if (
                 seq - head.checkpoint_seq >= cfg.checkpoint_every
                 or now - head.checkpoint_ms >= cfg.checkpoint_interval_s * 1000
             ):
-                await self._checkpoint(conn, seq, prev, now, "periodic")
+                await self._checkpoint(conn, seq, last, now, "periodic")
                 values.update(checkpoint_seq=seq, checkpoint_ms=now)
-            await conn.execute(sa.update(t.chain).where(t.chain.c.id == 1).values(**values))
+            await tx.move_head(values)
         return len(rows)
+
+    @asynccontextmanager
+    async def holding(self) -> AsyncGenerator[None]:
+        """Inside, appends keep one connection from batch to batch instead of taking one from the pool
+        for each, which costs a check-out, a ping (a round trip on PostgreSQL) and a reset every time.
+        The writer holds one while it runs; the connection is closed at the end."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            await self._release()
+
+    async def _release(self) -> None:
+        conn, self._held = self._held, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):  # also when the write was cancelled: never leaked
+                await conn.close()
 
     async def append_replayed(self, bodies: Sequence[dict[str, Any]]) -> int:
         return await self.append(bodies, dedupe=True)
@@ -119,7 +147,7 @@ class AuditStore:
         if max_age_s is not None and now_ms() - head.checkpoint_ms < max_age_s * 1000:
             return None
         async with self._engine.begin() as conn:
-            head = await _lock_head(conn)
+            head = await t.lock_head(conn)
             if head.seq in (0, head.checkpoint_seq):
                 return None
             now = now_ms()
@@ -140,7 +168,7 @@ class AuditStore:
     async def head(self) -> Head:
         async with self._engine.connect() as conn:
             row = (await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one()
-            return _head(row)
+            return t.head_of(row)
 
     async def ping(self) -> None:
         async with self._engine.connect() as conn:
@@ -167,7 +195,7 @@ class AuditStore:
 
     async def _verify_once(self, through: int | None) -> tuple[int, Report]:
         async with self._engine.connect() as conn:
-            head = _head((await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one())
+            head = t.head_of((await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one())
             check = ChainCheck(
                 head.anchor_seq,
                 head.anchor_hash,
@@ -225,7 +253,7 @@ class AuditStore:
                 first_broken_seq=first,
             )
         async with self._engine.begin() as conn:
-            locked = await _lock_head(conn)
+            locked = await t.lock_head(conn)
             if locked.anchor_seq != head.anchor_seq:
                 return 0  # another replica purged meanwhile
             cut_hash = (
@@ -281,18 +309,6 @@ class AuditStore:
                 await conn.execute(
                     sa.delete(t.events).where(t.events.c.seq <= min(anchor, low + _DELETE_CHUNK - 1))
                 )
-
-
-async def _lock_head(conn: AsyncConnection) -> Head:
-    # A no-op UPDATE takes the write lock on both SQLite and PostgreSQL before the head is read, so two
-    # writers can never both extend the chain from the same head.
-    await conn.execute(sa.update(t.chain).where(t.chain.c.id == 1).values(seq=t.chain.c.seq))
-    row = (await conn.execute(sa.select(t.chain).where(t.chain.c.id == 1))).one()
-    return _head(row)
-
-
-def _head(row: Any) -> Head:
-    return Head(row.seq, row.hash, row.anchor_seq, row.anchor_hash, row.checkpoint_seq, row.checkpoint_ms)
 
 
 def _cols(row: Any) -> dict[str, Any]:

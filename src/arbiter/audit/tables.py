@@ -1,9 +1,22 @@
 """The audit tables (created by migration 0005), as SQLAlchemy Core tables: the writer inserts in bulk
-and queries stream rows, so no ORM objects are built."""
+and queries stream rows, so no ORM objects are built. Also the statements every chain write starts with
+(lock and read the head) and those of an append, whatever the driver."""
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Generator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import aiosqlite
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, NoResultFound
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from arbiter.audit.record import ROW_COLUMNS, Row
 
 metadata = sa.MetaData()
 
@@ -50,3 +63,119 @@ checkpoints = sa.Table(
     sa.Column("key_id", sa.String(64), nullable=False),
     sa.Column("signature", sa.String(200), nullable=False),
 )
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+    anchor_seq: int
+    anchor_hash: str
+    checkpoint_seq: int
+    checkpoint_ms: int
+
+
+def head_of(row: Any) -> Head:
+    return Head(row.seq, row.hash, row.anchor_seq, row.anchor_hash, row.checkpoint_seq, row.checkpoint_ms)
+
+
+async def lock_head(conn: AsyncConnection) -> Head:
+    # A no-op UPDATE takes the write lock on both SQLite and PostgreSQL before the head is read, so two
+    # writers can never both extend the chain from the same head. With RETURNING it reads the head too.
+    lock = sa.update(chain).where(chain.c.id == 1).values(seq=chain.c.seq)
+    if conn.dialect.update_returning:
+        return head_of((await conn.execute(lock.returning(*(chain.c[name] for name in _HEAD_COLUMNS)))).one())
+    await conn.execute(lock)
+    return head_of((await conn.execute(sa.select(chain).where(chain.c.id == 1))).one())
+
+
+class Append:
+    """The statements of one append, through SQLAlchemy (PostgreSQL): the rows go to the driver as the
+    tuples they are, in one ``executemany`` of a prepared statement (asyncpg sends it in one round
+    trip), without SQLAlchemy's processing of every row's parameters."""
+
+    def __init__(self, conn: AsyncConnection, insert: tuple[str, bool]) -> None:
+        self._conn = conn
+        self._insert = insert
+
+    async def lock_head(self) -> Head:
+        return await lock_head(self._conn)
+
+    async def insert(self, rows: list[Row]) -> None:
+        sql, positional = self._insert
+        if positional:
+            await self._conn.exec_driver_sql(sql, rows)
+        else:
+            await self._conn.execute(
+                sa.insert(events), [dict(zip(ROW_COLUMNS, r, strict=True)) for r in rows]
+            )
+
+    async def move_head(self, values: dict[str, int | str]) -> None:
+        await self._conn.execute(sa.update(chain).where(chain.c.id == 1).values(**values))
+
+
+class _SqliteAppend(Append):
+    """On aiosqlite each statement run through SQLAlchemy is three or four hand-offs to the driver's
+    thread (cursor, execute, fetch, close), each waking a thread and the event loop; the driver's own
+    calls are one each. The transaction stays SQLAlchemy's: the sqlite3 module opens it implicitly at
+    the first UPDATE, and leaving ``conn.begin()`` commits or rolls it back."""
+
+    def __init__(self, conn: AsyncConnection, driver: aiosqlite.Connection) -> None:
+        super().__init__(conn, (_SQLITE_INSERT, True))
+        self._driver = driver
+
+    async def lock_head(self) -> Head:
+        with _sqlite_errors(_SQLITE_LOCK):
+            rows = list(await self._driver.execute_fetchall(_SQLITE_LOCK))
+        if len(rows) != 1:
+            raise NoResultFound("the audit chain has no head row: run `arbiter migrate`")
+        return Head(*rows[0])
+
+    async def insert(self, rows: list[Row]) -> None:
+        with _sqlite_errors(_SQLITE_INSERT):
+            await self._driver.executemany(_SQLITE_INSERT, rows)
+
+    async def move_head(self, values: dict[str, int | str]) -> None:
+        # The keys are this module's own column names, never input.
+        sql = f"UPDATE {chain.name} SET {', '.join(f'{k} = ?' for k in values)} WHERE id = 1"
+        with _sqlite_errors(sql):
+            await self._driver.execute(sql, tuple(values.values()))
+
+
+_HEAD_COLUMNS = ("seq", "hash", "anchor_seq", "anchor_hash", "checkpoint_seq", "checkpoint_ms")
+_SQLITE_LOCK = f"UPDATE {chain.name} SET seq = seq WHERE id = 1 RETURNING {', '.join(_HEAD_COLUMNS)}"
+_SQLITE_INSERT = (
+    f"INSERT INTO {events.name} ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
+)
+
+
+@lru_cache(maxsize=4)  # one per engine's dialect, compiled once
+def _insert_statement(dialect: sa.Dialect) -> tuple[str, bool]:
+    """The INSERT of one sealed row in the driver's own parameter style, and whether it takes the
+    row's tuple as it is (a positional style with the columns in ``ROW_COLUMNS`` order)."""
+    binds = {name: sa.bindparam(name, type_=events.c[name].type) for name in ROW_COLUMNS}
+    compiled = sa.insert(events).values(binds).compile(dialect=dialect)
+    order = compiled.positiontup
+    return str(compiled), order is not None and tuple(order) == ROW_COLUMNS
+
+
+@contextmanager
+def _sqlite_errors(statement: str) -> Generator[None]:
+    """The driver's errors as SQLAlchemy's (what SQLAlchemy itself raises for them), so the writer
+    treats a failed write the same whichever way it was sent."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, sqlite3.Error, hide_parameters=True) from exc
+
+
+async def appender(conn: AsyncConnection) -> Append:
+    """The statements of an append on ``conn``, for its driver."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    if (
+        isinstance(driver, aiosqlite.Connection)
+        and driver.isolation_level is not None  # the sqlite3 module opens the transaction
+        and sqlite3.sqlite_version_info >= (3, 35)  # RETURNING
+    ):
+        return _SqliteAppend(conn, driver)
+    return Append(conn, _insert_statement(conn.dialect))

@@ -121,15 +121,18 @@ class AuditWriter:
     async def run(self, stopping: anyio.Event) -> None:
         """Store records until ``stopping`` is set; then drain (see ``drain``)."""
         try:
-            # Spool files a previous run (or a dead replica) left: stored now, or retried until they are.
-            self._leftover = not await self._replay("start-up")
-            await self._checkpoint(force=True)  # a crash may have left the head unsigned
-            while not stopping.is_set():
-                await self._wait_for_work(stopping)
-                if stopping.is_set():
-                    break
-                await self._flush_once()
-            await self.drain()
+            # One connection for every batch while running, not one from the pool per batch.
+            async with self._store.holding():
+                # Spool files a previous run (or a dead replica) left: stored now, or retried until
+                # they are.
+                self._leftover = not await self._replay("start-up")
+                await self._checkpoint(force=True)  # a crash may have left the head unsigned
+                while not stopping.is_set():
+                    await self._wait_for_work(stopping)
+                    if stopping.is_set():
+                        break
+                    await self._flush_once()
+                await self.drain()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._spool_rest()
