@@ -251,3 +251,21 @@ _json = st.recursive(
 def test_canonical_is_sorted_compact_json(value: Any) -> None:
     expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert canonical(value) == expected
+
+
+async def test_a_lone_surrogate_is_stored_as_a_replacement_character_and_the_chain_verifies(
+    engine: AsyncEngine,
+) -> None:
+    # Python's JSON decoder lets "\ud800" through; no UTF-8 text can hold it. The record is kept.
+    store = _store(engine)
+    batch = _bodies(0, 3)
+    batch[1]["arguments"] = {"query": "a\ud800b", "\udc00key": ["\ud83d"]}
+    batch[1]["tool"] = "kb__\ud800"
+    assert await store.append(batch) == 3
+    rows = await _rows(engine)
+    assert len(rows) == 3
+    body = json.loads(rows[1].body)
+    assert body["arguments"] == {"query": "a\ufffdb", "\ufffdkey": ["\ufffd"]}
+    assert rows[1].tool == "kb__\ufffd"
+    report = await store.verify()
+    assert report.ok and report.records == 3, report.to_json()

@@ -203,6 +203,39 @@ def test_a_null_id_is_an_invalid_request_and_audited(make_gateway: Callable[...,
 
 
 @pytest.mark.parametrize("era", [HANDSHAKE, MODERN])
+def test_an_unpaired_surrogate_is_a_parse_error_and_the_gateway_keeps_auditing(
+    make_gateway: Callable[..., ArbiterServer], era: str
+) -> None:
+    # Once a request whose id was "\ud800" was answered, its audit record could not be encoded: the
+    # writer died, the app's task group with it, and later calls ran unaudited.
+    server = make_gateway()
+    with httpx.Client(timeout=30) as http:
+        if era == HANDSHAKE:
+            headers = _open_session(http, server)
+            body = b'{"jsonrpc":"2.0","id":"\\ud800","method":"tools/list"}'
+        else:
+            headers = _headers(server, MODERN, "tools/call", "up__slow")
+            body = json.dumps(_call_body("up__slow", {"seconds": 0}, MODERN)).encode()
+            body = body.replace(b'"id": 7', b'"id": "\\ud800"')
+            assert b"\\ud800" in body
+        resp = http.post(
+            server.mcp_url, content=body, headers={**headers, "content-type": "application/json"}
+        )
+        assert (resp.status_code, resp.json()["error"]["code"]) == (400, -32700), resp.text
+        assert "surrogate" in resp.json()["error"]["message"]
+        # A paired surrogate (an emoji) is fine, and the gateway is whole.
+        fine = http.post(
+            server.mcp_url,
+            json={**_call_body("up__slow", {"seconds": 0}, MODERN), "id": "\U0001f600"},
+            headers=_headers(server, MODERN, "tools/call", "up__slow"),
+        )
+        assert fine.status_code == 200 and fine.json()["id"] == "\U0001f600", fine.text
+    records = _mcp_records(server, 1, reason="parse_error")
+    assert records[0]["decision"] == "deny"
+    assert server.app.state.runtime.audit.status()["state"] == "ok"
+
+
+@pytest.mark.parametrize("era", [HANDSHAKE, MODERN])
 @pytest.mark.parametrize("content_type", ["text/plain", "application/jsonx", None])
 def test_a_wrong_content_type_is_415_and_audited(
     make_gateway: Callable[..., ArbiterServer], era: str, content_type: str | None

@@ -236,6 +236,18 @@ def seal(body: dict[str, Any], seq: int, prev_hash: str) -> tuple[str, str]:
     return text, record_hash(text)
 
 
+def scrub(value: Any) -> Any:
+    """``value`` with every lone UTF-16 surrogate in its strings (which no UTF-8 text can hold, but
+    Python's JSON decoder lets through from ``"\\ud800"``) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+    if isinstance(value, list):
+        return [scrub(v) for v in value]  # pyright: ignore[reportUnknownVariableType]
+    return value
+
+
 # A sealed row: the audit_events columns in this order (see seal_rows).
 ROW_COLUMNS = ("seq", "id", *INDEXED, "body", "prev_hash", "hash")
 Row = tuple[Any, ...]
@@ -248,7 +260,11 @@ def seal_rows(bodies: Iterable[dict[str, Any]], seq: int, prev_hash: str) -> tup
     rows: list[Row] = []
     for body in bodies:
         seq += 1
-        text, digest = seal(body, seq, prev_hash)
+        try:
+            text, digest = seal(body, seq, prev_hash)
+        except UnicodeEncodeError:
+            body = scrub(body)  # a lone surrogate from a client: stored as U+FFFD, never lost
+            text, digest = seal(body, seq, prev_hash)
         rows.append((seq, body["id"], *_indexed(body), text, prev_hash, digest))
         prev_hash = digest
     return rows, seq, prev_hash

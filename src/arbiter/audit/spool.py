@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import anyio.to_thread
 
-from arbiter.audit.record import canonical, uuid7
+from arbiter.audit.record import canonical, scrub, uuid7
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ class Spool:
 
     async def write(self, bodies: Sequence[dict[str, Any]]) -> None:
         lines = "".join(canonical(_unsealed(b)) + "\n" for b in bodies)
+        try:
+            lines.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a client: spooled as U+FFFD, never lost
+            lines = "".join(canonical(_unsealed(scrub(b))) + "\n" for b in bodies)
         await anyio.to_thread.run_sync(self._write, lines)
         self.records += len(bodies)
 

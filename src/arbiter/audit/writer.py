@@ -131,7 +131,12 @@ class AuditWriter:
                     await self._wait_for_work(stopping)
                     if stopping.is_set():
                         break
-                    await self._flush_once()
+                    try:
+                        await self._flush_once()
+                    except Exception:
+                        log.exception("audit: the writer failed; refusing requests until a write succeeds")
+                        self._set_state("unavailable")
+                        self._retry_at = anyio.current_time() + self._cfg.retry_interval_s
                 await self.drain()
         finally:
             with anyio.CancelScope(shield=True):

@@ -18,9 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any, cast
 
+import orjson
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -137,6 +139,10 @@ class McpEndpoint:
         if isinstance(body, Refusal):
             return body
         exchange.body = body  # what a refusal's record names (a reference, not a copy)
+        if _SURROGATE_ESCAPE.search(body) is not None and _lone_surrogate(body):
+            return Refusal(
+                400, PARSE_ERROR, "Parse error: the body holds an unpaired UTF-16 surrogate", "parse_error"
+            )
         if headers.get(_PROTOCOL_HEADER) in MODERN_PROTOCOL_VERSIONS:
             message = self._front.takes(body) if self._front is not None else None
             if message is not None and self._front is not None:
@@ -165,6 +171,20 @@ class McpEndpoint:
                 principal, scope, watch.status, code, message, exchange.body, exchange.refusal_reason
             )
         )
+
+
+# A JSON escape of a UTF-16 surrogate; only a body holding one is decoded to look for an unpaired one.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(body: bytes) -> bool:
+    """Whether the JSON ``body`` holds an unpaired surrogate escape, which no UTF-8 text (and so no audit
+    record) can represent. orjson refuses those, and only those, with a message naming them."""
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return "surrogate" in str(exc)
+    return False
 
 
 def _check(body: bytes, headers: Mapping[str, str]) -> Refusal | None:
