@@ -83,11 +83,12 @@ async def authed_transport(url: str, token: str) -> AsyncGenerator[TransportStre
 
 
 @contextmanager
-def serve_in_thread(app: ASGIApp, port: int | None = None) -> Iterator[int]:
-    """Serve an ASGI app on a loopback port (a free one by default) from a background thread."""
+def serve_in_thread(app: ASGIApp, port: int | None = None, **options: Any) -> Iterator[int]:
+    """Serve an ASGI app on a loopback port (a free one by default) from a background thread;
+    ``options`` are uvicorn's (e.g. ``timeout_keep_alive``)."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1, **options
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -9,17 +9,21 @@ session nor the upstream's health suffers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
-import uvicorn
 
 from arbiter.demo.crm import build_server
-from tests.conftest import ArbiterFactory, ArbiterServer, UpstreamProc, free_port, wait_listening
+from tests.conftest import (
+    ArbiterFactory,
+    ArbiterServer,
+    UpstreamProc,
+    free_port,
+    serve_in_thread,
+    wait_listening,
+)
 
 CALL = ("crm__get_customer", {"customer_id": "C-1001"})
 
@@ -145,23 +149,6 @@ async def test_requests_on_connections_the_upstream_closed_are_sent_again(
         assert row["status"] == "connected", row  # never marked down, never reconnected
 
 
-@contextlib.contextmanager
-def _upstream_closing_idle_after(seconds: int) -> Iterator[int]:
-    """The demo CRM upstream under uvicorn, closing keep-alive connections idle for ``seconds``."""
-    port = free_port()
-    app = build_server().streamable_http_app(stateless_http=True, json_response=True)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=seconds)
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        wait_listening(port)
-        yield port
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.mark.parametrize("gap_s", [0.9, 1.0, 1.1])
 async def test_bursts_separated_by_the_upstreams_idle_timeout_all_succeed(
     arbiter_factory: ArbiterFactory, gap_s: float
@@ -169,7 +156,8 @@ async def test_bursts_separated_by_the_upstreams_idle_timeout_all_succeed(
     # The reported failure, at its own timing: a real server closing idle connections after 1 s and
     # bursts of calls separated by gaps around it (the agent thinking between turns).
     server = arbiter_factory()
-    with _upstream_closing_idle_after(1) as port:
+    app = build_server().streamable_http_app(stateless_http=True, json_response=True)
+    with serve_in_thread(app, timeout_keep_alive=1) as port:
         server.register("crm", f"http://127.0.0.1:{port}/mcp")
         failures: list[str] = []
         for _ in range(3):
