@@ -267,3 +267,21 @@ def test_in_process_limit_housekeeping_stays_linear_in_callers(monkeypatch: pyte
     assert backend.sizes()["buckets"] == admits  # all still live: kept, as they must be
     # A sweep every 10,000 admits walked 550,000 entries here, and grew quadratically beyond.
     assert walked[0] <= 2 * admits
+
+
+def test_decisions_on_argument_values_have_a_cache_of_their_own_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Agents rarely repeat arguments: a decision keyed by their values is mostly single use. Those fill a
+    # smaller cache of their own, never the one every caller's argument-free decisions live in.
+    monkeypatch.setattr(engine_module, "_ARGS_CACHE_MAX", 100)
+    rules = [*parse_csv(POLICY), Rule.allow("role:support", "crm/echo", "call", cond="r.args.text != 'x'")]
+    engine = PolicyEngine(rules, 1)
+    sub = Subject("sam", "acme", ("support",))
+    engine.decide(sub, "kb/search", "call", {"query": "q"})
+    for i in range(1_000):
+        assert engine.decide(sub, "crm/echo", "call", {"text": f"t{i}"}).allowed
+    sizes = engine.cache_sizes()
+    assert sizes["argument_decisions"] == 100
+    assert sizes["decisions"] <= 1  # only the argument-free decision
+    assert not engine.decide(sub, "crm/echo", "call", {"text": "x"}).allowed

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 MODEL_TEXT = (files("arbiter.policies") / "model.conf").read_text(encoding="utf-8")
 _VISIBILITY = EnforceContext(rtype="r", ptype="p", etype="e", mtype="m2")
 _CACHE_MAX = 50_000
+# Decisions that depend on argument values: agents rarely repeat arguments, so these entries are mostly
+# single use, and each holds the arguments' fingerprint (~600 bytes). A soak with distinct arguments on
+# every call grew RSS by ~50 MB while 50,000 of them filled the cache; 10,000 hold ~6 MB.
+_ARGS_CACHE_MAX = 10_000
 _REACH_CACHE_MAX = 4096  # distinct (roles, tenant scope) combinations, not callers
 _ALL_FIELDS = frozenset(SUBJECT_FIELDS)
 
@@ -122,6 +126,7 @@ class PolicyEngine:
         # First in, first out: a hit costs one dict lookup (an LRU would reorder on every hit, doubling
         # the cost of a cached list filter). Read with [] rather than .get(), which takes two calls.
         self._decisions: FIFOCache[tuple[object, ...], Decision] = FIFOCache(_CACHE_MAX)
+        self._arg_decisions: FIFOCache[tuple[object, ...], Decision] = FIFOCache(_ARGS_CACHE_MAX)
         self._visible: FIFOCache[tuple[object, ...], bool] = FIFOCache(_CACHE_MAX)
         self._targets: FIFOCache[tuple[str, str], tuple[bool, frozenset[str]]] = FIFOCache(_CACHE_MAX)
 
@@ -148,8 +153,9 @@ class PolicyEngine:
             act,
             _fingerprint(args) if needs_args else None,
         )
+        cache = self._arg_decisions if needs_args else self._decisions
         try:
-            return self._decisions[key]
+            return cache[key]
         except KeyError:
             pass
         allowed, explain = self._enforcer.enforce_ex(_Caller(sub, reach), sub.tenant, obj, act, args)
@@ -160,7 +166,7 @@ class PolicyEngine:
             decision = Decision(False, "denied_by_rule", rule, self.version)
         else:
             decision = Decision(False, "no_matching_rule", None, self.version)
-        self._decisions[key] = decision
+        cache[key] = decision
         return decision
 
     def _target(self, obj: str, act: str) -> tuple[bool, frozenset[str]]:
@@ -207,6 +213,7 @@ class PolicyEngine:
         """How many entries each cache holds (all are bounded; for tests and diagnostics)."""
         return {
             "decisions": len(self._decisions),
+            "argument_decisions": len(self._arg_decisions),
             "visible": len(self._visible),
             "targets": len(self._targets),
             **self._roles.cache_sizes(),
