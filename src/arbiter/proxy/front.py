@@ -63,7 +63,7 @@ _BIG_INTEGER = re.compile(rb"\d{20}")
 
 
 class ModernFront:
-    """Answers 2026-07-28 POSTs for the pipeline's methods; ``None`` from ``__call__`` means "not mine"."""
+    """Answers 2026-07-28 POSTs for the pipeline's methods: ``takes`` says which, ``__call__`` answers."""
 
     def __init__(
         self,
