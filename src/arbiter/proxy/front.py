@@ -24,7 +24,6 @@ stamp change): unlike the SDK's server, this path does not re-validate or trim a
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from arbiter.auth.principal import Principal
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.exchange import Exchange
 from arbiter.proxy.pipeline import LIST_METHODS, TARGET_KEYS, CallContext, Pipeline
+from arbiter.proxy.relay import encode
 from arbiter.proxy.server import answer, visible_input_schema
 
 log = logging.getLogger(__name__)
@@ -221,10 +221,7 @@ async def _reply(
     else:
         status = 200
         message = {"jsonrpc": "2.0", "id": rid, "result": result}
-    try:
-        payload = orjson.dumps(message)
-    except TypeError:  # a value orjson does not encode (an integer beyond 64 bits): the slow way
-        payload = json.dumps(message, separators=(",", ":")).encode()
+    payload = encode(message)
     await send(
         {
             "type": "http.response.start",

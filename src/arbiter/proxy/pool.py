@@ -40,7 +40,6 @@ class UpstreamPool:
     ) -> None:
         self._on_health = on_health
         self._clients: dict[str, UpstreamClient] = {}
-        self._down: set[str] = set()  # upstreams whose last connect failed or whose connection broke
         self._max_connections = max_connections
         self._idle_connection_s = idle_connection_s
         self._backoff = reconnect_backoff_s
@@ -77,10 +76,13 @@ class UpstreamPool:
         return sorted(self._clients)
 
     def healthy(self, name: str) -> bool:
-        return name in self._clients and name not in self._down
+        """Whether the upstream's current client last connected (a failed connect or a broken
+        connection makes it down until the next connect)."""
+        client = self._clients.get(name)
+        return client is not None and client.healthy
 
     def down(self) -> list[str]:
-        return sorted(self._down)
+        return sorted(name for name, client in self._clients.items() if not client.healthy)
 
     async def request(
         self,
@@ -117,7 +119,6 @@ class UpstreamPool:
         return client
 
     async def remove(self, name: str) -> None:
-        self._down.discard(name)
         client = self._clients.pop(name, None)
         if client is not None:
             await client.aclose()
@@ -160,12 +161,5 @@ class UpstreamPool:
     def _report(self, client: UpstreamClient, healthy: bool) -> None:
         # A retired client (replaced or removed meanwhile) may still finish a request or a connect
         # attempt; what it learns says nothing about the upstream's current definition.
-        name = client.spec.name
-        if self._clients.get(name) is not client:
-            return
-        if healthy:
-            self._down.discard(name)
-        else:
-            self._down.add(name)
-        if self._on_health is not None:
-            self._on_health(name, healthy)
+        if self._on_health is not None and self._clients.get(client.spec.name) is client:
+            self._on_health(client.spec.name, healthy)

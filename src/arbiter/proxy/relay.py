@@ -164,7 +164,6 @@ class Relay:
         self._fresh_http = fresh_http
         self._credential = credential
         self._renew = renew
-        self._version = protocol_version
         self._modern = protocol_version in MODERN_PROTOCOL_VERSIONS
         self._ids = itertools.count(1)
         self._headers = {
@@ -184,10 +183,6 @@ class Relay:
         }
         # Per tool: the schema it was computed from (identity) and its x-mcp-header map.
         self._param_maps: dict[str, tuple[object, dict[tuple[str, ...], str]]] = {}
-
-    @property
-    def protocol_version(self) -> str:
-        return self._version
 
     async def request(
         self,
@@ -211,7 +206,7 @@ class Relay:
                 {**cast(dict[str, Any], meta), **self._envelope} if isinstance(meta, dict) else self._envelope
             )
             params = {**params, "_meta": envelope}
-        content = _encode({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
+        content = encode({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
         sent = self._credential() if self._credential is not None else {}
         if on_send is not None:
             on_send()
@@ -338,7 +333,8 @@ async def _read_body(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
-def _encode(message: dict[str, Any]) -> bytes:
+def encode(message: dict[str, Any]) -> bytes:
+    """One JSON-RPC message as UTF-8 JSON: orjson, or the standard library for what orjson refuses."""
     try:
         return orjson.dumps(message)
     except TypeError:  # a value orjson does not encode (an integer beyond 64 bits): the slow way

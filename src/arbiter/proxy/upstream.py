@@ -123,11 +123,6 @@ class UpstreamClient:
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.broken
 
-    @property
-    def per_caller(self) -> bool:
-        """Whether requests need the caller's own token (to exchange it for the upstream's)."""
-        return self.callers is not None
-
     async def request(
         self,
         request: UpstreamRequest,
@@ -231,13 +226,19 @@ class UpstreamClient:
             )
         return exc
 
+    def _drop(self, conn: _Connection) -> bool:
+        """Close ``conn`` if it is still this client's connection; whether it was."""
+        if conn is not self._conn:
+            return False
+        conn.broken = True
+        conn.close.set()
+        self._conn = None
+        return True
+
     def _session_lost(self, conn: _Connection) -> UpstreamUnavailable:
         # The upstream answered (it restarted and forgot us): drop the session so the next request opens
         # a new one at once. No backoff and no "down": the upstream is there.
-        if conn is self._conn:
-            conn.broken = True
-            conn.close.set()
-            self._conn = None
+        self._drop(conn)
         self.last_error = "the upstream lost our session (it restarted)"
         log.warning("upstream %s: %s", self.spec.name, self.last_error)
         return UpstreamUnavailable.of(self.spec.name)
@@ -245,10 +246,7 @@ class UpstreamClient:
     def _unavailable(self, why: str, conn: _Connection | None) -> UpstreamUnavailable:
         # With a connection: it broke, so drop it and report the upstream down. Without one (a deadline
         # passed): the upstream is slow, not gone, and stays listed.
-        if conn is not None and conn is self._conn:
-            conn.broken = True
-            conn.close.set()
-            self._conn = None
+        if conn is not None and self._drop(conn):
             self._last_failure = time.monotonic()
             self._report(False)
         refused = self._refused() if conn is not None else None
