@@ -70,6 +70,7 @@ from targets import (
     ARBITER_GOV,
     ARBITER_MIN,
     ARBITER_PG,
+    ARBITER_TRACED,
     CONTEXTFORGE_VENV,
     FASTMCP_VENV,
     Cleanup,
@@ -98,10 +99,11 @@ TARGETS = (
     "arbiter-gov",
     "arbiter-gov-jwt",
     "arbiter-pg",
+    "arbiter-traced",
 )
 ALIASES = {
     "all": TARGETS,
-    "arbiter": ("arbiter-min", "arbiter-gov", "arbiter-gov-jwt", "arbiter-pg"),
+    "arbiter": ("arbiter-min", "arbiter-gov", "arbiter-gov-jwt", "arbiter-pg", "arbiter-traced"),
     "fastmcp": ("fastmcp-default", "fastmcp-reused"),
     "peers": ("fastmcp-default", "fastmcp-reused", "contextforge"),
 }
@@ -123,6 +125,7 @@ SETUPS = (
     Setup(("arbiter-min",), lambda ctx, c: setup_arbiter(ctx, ARBITER_MIN, c)),
     Setup(("arbiter-gov", "arbiter-gov-jwt"), lambda ctx, c: setup_arbiter(ctx, ARBITER_GOV, c)),
     Setup(("arbiter-pg",), lambda ctx, c: setup_arbiter(ctx, ARBITER_PG, c)),
+    Setup(("arbiter-traced",), lambda ctx, c: setup_arbiter(ctx, ARBITER_TRACED, c)),
 )
 
 

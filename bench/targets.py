@@ -274,11 +274,13 @@ class ArbiterSpec:
     name: str
     governed: bool  # all governance on: 17-rule policy, rate rule, cost, budget, signed audit, JWT too
     postgres: bool  # PostgreSQL + Redis instead of SQLite and in-process limits
+    traced: bool = False  # OpenTelemetry traces on, exported over OTLP/HTTP to a sink that drops them
 
 
 ARBITER_MIN = ArbiterSpec("arbiter-min", governed=False, postgres=False)
 ARBITER_GOV = ArbiterSpec("arbiter-gov", governed=True, postgres=False)
 ARBITER_PG = ArbiterSpec("arbiter-pg", governed=True, postgres=True)
+ARBITER_TRACED = ArbiterSpec("arbiter-traced", governed=True, postgres=False, traced=True)
 
 
 def _signing_key() -> str:
@@ -375,6 +377,16 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
             "ARBITER_AUDIT__SIGNING_KEY": _signing_key(),
             "ARBITER_AUTH__ISSUERS": json.dumps([{"issuer": ctx.jwks.issuer, "jwks_uri": ctx.jwks.url}]),
         }
+    if spec.traced:
+        (sink_port,) = free_ports(1)
+        sink = ctx.fleet.start(
+            f"{spec.name}-otlp-sink", [sys.executable, str(BENCH_DIR / "otlp_sink.py"), HOST, str(sink_port)], {}
+        )
+        wait_for_http_ok(sink, f"http://{HOST}:{sink_port}/")
+        env |= {
+            "ARBITER_TELEMETRY__TRACES": "otlp",
+            "ARBITER_TELEMETRY__OTLP_ENDPOINT": f"http://{HOST}:{sink_port}/v1/traces",
+        }
     run_cli([*venv_tool("arbiter"), "migrate"], env, f"{spec.name}: arbiter migrate")
     proc = ctx.fleet.start(
         spec.name, [*venv_tool("arbiter"), "serve", "--host", HOST, "--port", str(port)], env
@@ -412,8 +424,10 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
         return [Target(spec.name, label, resource, tool, proc, key, admin=admin)]
     store = "PostgreSQL + Redis" if spec.postgres else "SQLite"
     label = f"Arbiter, all governance on, API key, {store}"
+    if spec.traced:
+        label += ", traces exported (OTLP)"
     targets = [Target(spec.name, label, resource, tool, proc, key, admin=admin)]
-    if not spec.postgres:
+    if not spec.postgres and not spec.traced:
         jwt = ctx.jwks.mint(resource, "agent-1", [AGENT_ROLE], TENANT)
         label = f"Arbiter, all governance on, JWT, {store}"
         targets.append(Target(f"{spec.name}-jwt", label, resource, tool, proc, jwt, admin=admin))
