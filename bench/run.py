@@ -103,7 +103,7 @@ TARGETS = (
 )
 ALIASES = {
     "all": TARGETS,
-    "arbiter": ("arbiter-min", "arbiter-gov", "arbiter-gov-jwt", "arbiter-pg", "arbiter-traced"),
+    "arbiter": ("arbiter-min", "arbiter-gov", "arbiter-gov-jwt", "arbiter-pg"),
     "fastmcp": ("fastmcp-default", "fastmcp-reused"),
     "peers": ("fastmcp-default", "fastmcp-reused", "contextforge"),
 }

@@ -380,7 +380,9 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
     if spec.traced:
         (sink_port,) = free_ports(1)
         sink = ctx.fleet.start(
-            f"{spec.name}-otlp-sink", [sys.executable, str(BENCH_DIR / "otlp_sink.py"), HOST, str(sink_port)], {}
+            f"{spec.name}-otlp-sink",
+            [sys.executable, str(BENCH_DIR / "otlp_sink.py"), HOST, str(sink_port)],
+            {},
         )
         wait_for_http_ok(sink, f"http://{HOST}:{sink_port}/")
         env |= {

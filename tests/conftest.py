@@ -30,6 +30,7 @@ import uvicorn
 from mcp import Client
 from mcp.client._transport import TransportStreams
 from mcp.client.streamable_http import streamable_http_client
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.types import ASGIApp
 
 from arbiter.app import create_app
@@ -197,10 +198,17 @@ class ArbiterServer:
         interceptors: Sequence[Interceptor] = (),
         clock: Callable[[], float] = time.time,  # the in-process limits backend's clock (tests skew it)
         monotonic: Callable[[], float] = time.monotonic,  # upstream token expiry (tests advance it)
+        tracer_provider: TracerProvider | None = None,  # traces on, into the test's exporter
     ) -> None:
         self.port = free_port()
         self.settings = settings.model_copy(update={"port": self.port})
-        self.app = create_app(self.settings, interceptors=interceptors, clock=clock, monotonic=monotonic)
+        self.app = create_app(
+            self.settings,
+            interceptors=interceptors,
+            clock=clock,
+            monotonic=monotonic,
+            tracer_provider=tracer_provider,
+        )
         # The product's own server configuration (keep-alive and all), as `arbiter serve` runs it.
         self.server = uvicorn.Server(
             uvicorn_config(
@@ -337,12 +345,13 @@ def arbiter_factory(sqlite_url: str, tmp_path: Path) -> Iterator[ArbiterFactory]
         policy: str | None = ALLOW_ALL,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        tracer_provider: TracerProvider | None = None,
         **overrides: Any,
     ) -> ArbiterServer:
         # Each test spools audit records (if it ever must) under its own directory, not the checkout.
         overrides["audit"] = {"spool_dir": str(tmp_path / "audit-spool"), **overrides.get("audit", {})}
         settings = Settings(**{"database_url": sqlite_url, "admin_token": ADMIN_TOKEN, **overrides})
-        server = ArbiterServer(settings, interceptors, clock, monotonic).start()
+        server = ArbiterServer(settings, interceptors, clock, monotonic, tracer_provider).start()
         if policy is not None and settings.admin_token is not None:
             server.seed_policy(policy)
         started.append(server)

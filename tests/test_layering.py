@@ -24,7 +24,20 @@ ROOT = "arbiter"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     (
         "base",
-        frozenset({"errors", "settings", "redis_errors", "http_scope", "globs", "naming", "net", "ticks"}),
+        frozenset(
+            {
+                "errors",
+                "settings",
+                "redis_errors",
+                "http_scope",
+                "globs",
+                "naming",
+                "net",
+                "ticks",
+                "telemetry",
+                "admission",
+            }
+        ),
     ),
     ("store", frozenset({"store"})),
     ("auth", frozenset({"auth"})),
@@ -32,7 +45,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("audit", frozenset({"audit"})),
     ("proxy", frozenset({"proxy"})),
     ("runtime", frozenset({"runtime"})),
-    ("surface", frozenset({"admin", "probes", "wellknown"})),
+    ("surface", frozenset({"admin", "probes", "wellknown", "metrics_route"})),
     ("app", frozenset({"app", "serving", "migrations"})),
     ("demo", frozenset({"demo"})),
     ("cli", frozenset({"cli"})),
@@ -315,7 +328,7 @@ def test_checker_reports_peers_and_allows_lower_layers() -> None:
         "src/arbiter/limits/limiter.py:1 imports arbiter.policies.engine: limits and policies are peers "
         "in layer rules and may not import each other; limits may import base, store, auth"
     ]
-    assert unmapped([*fake, "arbiter.telemetry.spans"]) == ["arbiter.telemetry.spans"]
+    assert unmapped([*fake, "arbiter.gateway.spans"]) == ["arbiter.gateway.spans"]
 
 
 def test_checker_finds_cycles_however_they_are_imported() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
@@ -12,6 +12,8 @@ import anyio
 from fastapi import FastAPI
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
@@ -24,8 +26,10 @@ from arbiter.admin import limits as admin_limits
 from arbiter.admin import openapi as admin_openapi
 from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
+from arbiter.admission import Admission
 from arbiter.audit.events import record_policy_change
 from arbiter.audit.record import renderer_for
+from arbiter.audit.redact import Redactor
 from arbiter.audit.retention import run_retention
 from arbiter.audit.signing import Signer, hmac_key
 from arbiter.audit.store import AuditStore
@@ -38,6 +42,7 @@ from arbiter.auth.secrets import SecretBox
 from arbiter.errors import ArbiterError
 from arbiter.limits.factory import build_limiter, build_redis
 from arbiter.limits.store import LimitStore
+from arbiter.metrics_route import metrics_router
 from arbiter.net.egress import Egress
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
@@ -48,7 +53,9 @@ from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
 from arbiter.proxy.interceptors.limits import Limits
+from arbiter.proxy.interceptors.metrics import ClientMetrics, ServerMetrics
 from arbiter.proxy.interceptors.resolve import Resolve
+from arbiter.proxy.interceptors.tracing import traced
 from arbiter.proxy.pipeline import Interceptor, Pipeline
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.registry import UpstreamRegistry
@@ -57,6 +64,8 @@ from arbiter.runtime import Runtime
 from arbiter.settings import Settings, load_settings
 from arbiter.store.db import create_engine, session_factory
 from arbiter.store.schema import require_head
+from arbiter.telemetry.metrics import Metrics
+from arbiter.telemetry.tracing import TRACER_NAME, build_tracer_provider
 from arbiter.ticks import Every, ticks
 
 log = logging.getLogger(__name__)
@@ -79,13 +88,19 @@ class ArbiterApp(FastAPI):
     """
 
     mcp_endpoint: McpEndpoint | None = None
+    # Draining (SIGTERM) and the /mcp in-flight limit: refused with 503 + Retry-After (admission.py).
+    admission: Admission  # set by create_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        admission = self.admission
+        if admission.draining and admission.refuses(scope):
+            await admission.refuse_draining(scope, receive, send)
+            return
         if scope["path"] == "/mcp" and self.mcp_endpoint is not None:
-            await self.mcp_endpoint(scope, receive, send)  # answers its own errors
+            await admission.serve_mcp(self.mcp_endpoint, scope, receive, send)  # answers its own errors
             return
         started = False
 
@@ -111,11 +126,14 @@ def create_app(
     interceptors: Sequence[Interceptor] = (),
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
     """Build an Arbiter app. ``interceptors`` run between the limits and forward steps, in order.
 
     ``clock`` (epoch seconds) drives the in-process limits backend; the Redis one uses Redis's clock.
     ``monotonic`` (seconds, only differences count) drives the expiry of upstream OAuth tokens.
+    ``tracer_provider`` turns traces on with that provider (tests pass one with an in-memory exporter);
+    without it, ``telemetry.traces`` decides, and the app builds and shuts down its own.
     """
     settings = settings or load_settings()
     _quiet_sdk_logging()
@@ -133,6 +151,7 @@ def create_app(
         caller_sessions_max=settings.upstream.caller_sessions_max,
         caller_session_idle_s=settings.upstream.caller_session_idle_s,
         egress=egress,
+        policy=settings.upstream,  # deadlines, breakers, bulkheads, retries (docs/resilience.md)
     )
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
@@ -149,18 +168,33 @@ def create_app(
     audit = _audit_writer(settings, engine)
     limiter = build_limiter(settings.limits, LimitStore(sessions), redis, clock)
     authorize = Authorize(policy)
-    pipeline = Pipeline(
+    metrics = _metrics(settings, audit, policy, pool)  # None: telemetry.metrics is off
+    # Traces: an injected provider (tests) or the one telemetry.traces asks for; None when off.
+    owned_provider = (
+        None if tracer_provider is not None else build_tracer_provider(settings.telemetry, arbiter_version())
+    )
+    provider = tracer_provider or owned_provider
+    tracer = provider.get_tracer(TRACER_NAME, arbiter_version()) if provider is not None else None
+    pipeline = _pipeline(
+        tracer,
+        pool,
+        settings,
         [
+            *([ServerMetrics(metrics)] if metrics is not None else []),
             Audit(audit),
             Resolve(catalog),
             authorize,
             Limits(limiter),
             *interceptors,
+            *([ClientMetrics(metrics)] if metrics is not None else []),
             Forward(catalog, pool),
-        ]
+        ],
     )
-    mcp_server = build_mcp_server(pipeline, catalog, arbiter_version(), authorize.tool_visible)
     mcp_cfg = settings.mcp
+    error_results = mcp_cfg.tool_errors == "result"
+    mcp_server = build_mcp_server(
+        pipeline, catalog, arbiter_version(), authorize.tool_visible, error_results=error_results
+    )
     manager = StreamableHTTPSessionManager(
         app=mcp_server,
         json_response=mcp_cfg.json_response,
@@ -229,6 +263,8 @@ def create_app(
             if redis is not None:
                 await redis.aclose()
             await engine.dispose()
+            if owned_provider is not None:  # exports what is still batched (bounded by its own timeouts)
+                await anyio.to_thread.run_sync(owned_provider.shutdown)
 
     app = ArbiterApp(
         title="Arbiter admin API",
@@ -243,6 +279,7 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.runtime = runtime
+    app.admission = app.state.admission = Admission(max_in_flight=mcp_cfg.max_in_flight)
     app.include_router(admin_upstreams.router, prefix="/admin/v1", tags=["upstreams"])
     app.include_router(admin_keys.router, prefix="/admin/v1", tags=["api-keys"])
     app.include_router(admin_policies.router, prefix="/admin/v1", tags=["policies"])
@@ -250,12 +287,15 @@ def create_app(
     app.include_router(admin_limits.router, prefix="/admin/v1", tags=["limits"])
     app.include_router(admin_openapi.router, prefix="/admin/v1")
     app.include_router(probes.router)
+    if metrics is not None:
+        app.include_router(metrics_router(metrics, settings.telemetry.metrics_token))
     app.include_router(wellknown.router)
     app.mcp_endpoint = McpEndpoint(
         manager,
         max_body_bytes=mcp_cfg.max_body_bytes,
         body_timeout_s=mcp_cfg.body_timeout_s,
         authenticator=authenticator,
+        time_authentication=tracer is not None,
         security=TransportSecuritySettings(
             enable_dns_rebinding_protection=mcp_cfg.dns_rebinding_protection,
             allowed_hosts=mcp_cfg.allowed_hosts,
@@ -268,6 +308,7 @@ def create_app(
             authorize.tool_visible,
             json_response=mcp_cfg.json_response,
             server_info=lambda: mcp_server.server_info_stamp,
+            error_results=error_results,
         ),
     )
 
@@ -285,6 +326,39 @@ def _audit_writer(settings: Settings, engine: AsyncEngine) -> AuditWriter:
         log.warning("audit.signing_key is unset: audit checkpoints are not signed")
     renderer = renderer_for(cfg.redact, key)
     return AuditWriter(AuditStore(engine, signer, cfg, renderer.render), renderer.render, cfg)
+
+
+def _metrics(
+    settings: Settings, audit: AuditWriter, policy: LivePolicy, pool: UpstreamPool
+) -> Metrics | None:
+    if not settings.telemetry.metrics:
+        return None
+    metrics = Metrics()  # a registry of this app's own
+    audit.on_write = metrics.audit_write
+    # The circuit breakers' states, where the pool reports them: {upstream: "closed"|"open"|"half_open"}.
+    circuit_states: Callable[[], Mapping[str, str]] | None = getattr(pool, "circuit_states", None)
+    metrics.read_at_scrape(
+        audit_queue=lambda: audit.queued,
+        policy_version=lambda: policy.engine.version,
+        upstreams_up=lambda: {name: pool.healthy(name) for name in pool.names()},
+        circuit_states=circuit_states,
+    )
+    return metrics
+
+
+def _pipeline(
+    tracer: Tracer | None, pool: UpstreamPool, settings: Settings, steps: list[Interceptor]
+) -> Pipeline:
+    """The governance pipeline; with traces on, a tracing step first and spans around the steps."""
+    if tracer is None:
+        return Pipeline(steps)  # traces off: not one tracing step, no tracing work per call
+
+    def upstream_url(name: str) -> str | None:
+        client = pool.current(name)
+        return client.spec.url if client is not None else None
+
+    redactor = Redactor(settings.audit.redact) if settings.telemetry.trace_arguments else None
+    return Pipeline(traced(steps, tracer, upstream_url, redactor))
 
 
 def _jwt_verifier(settings: Settings) -> JwtVerifier | None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-import uvicorn
 
 from arbiter.errors import ArbiterError, InvalidInput
 from arbiter.settings import load_settings
@@ -29,19 +28,21 @@ def serve(
 ) -> None:
     """Run Arbiter (the database must be migrated: `arbiter migrate`)."""
     from arbiter.app import create_app
-    from arbiter.serving import uvicorn_config
+    from arbiter.serving import graceful_server, uvicorn_config
+    from arbiter.telemetry.logs import configure_logging
 
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.telemetry.log_format or "json", settings.log_level)
+    app = create_app(settings)
     config = uvicorn_config(
-        create_app(settings),
+        app,
         settings,
         host=host or settings.host,
         port=port if port is not None else settings.port,
+        log_config=None,  # uvicorn's own lines go through the same handler, in the same format
     )
-    uvicorn.Server(config).run()
+    # SIGTERM: readyz 503 and new requests refused at once, in-flight ones finish (serving.py).
+    graceful_server(config, app.state.admission, settings).run()
 
 
 @cli.command()
@@ -66,8 +67,9 @@ def demo(
 ) -> None:
     """Start two demo upstream MCP servers and Arbiter in front of them, on SQLite, in one command."""
     from arbiter.demo.runner import run_demo
+    from arbiter.telemetry.logs import configure_logging
 
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(load_settings().telemetry.log_format or "text", logging.WARNING)
     asyncio.run(run_demo(port, info_file, state_dir))
 
 

@@ -91,6 +91,22 @@ class UpstreamUnavailable(ArbiterError):
         return cls(f"upstream {upstream!r} is unavailable", upstream=upstream)
 
 
+class UpstreamTimeout(UpstreamUnavailable):
+    """The call's deadline passed before the upstream answered (the upstream request is cancelled)."""
+
+    code = "upstream_timeout"
+    http_status = 504
+    jsonrpc_code = -31010
+
+    @classmethod
+    def after(cls, upstream: str, deadline_s: float) -> UpstreamTimeout:
+        return cls(
+            f"upstream {upstream!r} did not answer within {deadline_s:g} s",
+            upstream=upstream,
+            deadline_s=deadline_s,
+        )
+
+
 class UpstreamProtocolError(ArbiterError):
     """The upstream answered with something that is not valid MCP."""
 
@@ -161,6 +177,22 @@ class AuditUnavailable(ArbiterError):
     code = "audit_unavailable"
     http_status = 503
     jsonrpc_code = -31005
+
+
+class Overloaded(ArbiterError):
+    """More requests are being answered than ``mcp.max_in_flight``: refused at once rather than queued."""
+
+    code = "overloaded"
+    http_status = 503
+    jsonrpc_code = -31020
+
+
+class ShuttingDown(ArbiterError):
+    """This replica is stopping (SIGTERM): new requests are refused so they go to another one."""
+
+    code = "shutting_down"
+    http_status = 503
+    jsonrpc_code = -31021
 
 
 class AuditChainBroken(ArbiterError):

@@ -20,6 +20,9 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
+    if request.app.state.admission.draining:
+        # Stopping (SIGTERM): out of the load balancer at once, while in-flight requests finish.
+        return JSONResponse({"status": "draining"}, status_code=503, headers={"retry-after": "1"})
     checks: dict[str, str] = {}
     try:
         with anyio.fail_after(2):

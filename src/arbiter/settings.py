@@ -144,6 +144,11 @@ class UpstreamFields(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     call_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     enabled: bool = True
+    # Calls in flight to this upstream at once (its bulkhead); unset: upstream.max_concurrency.
+    max_concurrency: int | None = Field(default=None, gt=0, le=100_000)
+    # Another upstream serving the same tools (a replica, a second region): calls go there while this
+    # one's circuit is open or when a call fails before it reached this upstream (docs/resilience.md).
+    fallback: str | None = Field(default=None, examples=["crm-replica"])
 
     @field_validator("name")
     @classmethod
@@ -151,6 +156,19 @@ class UpstreamFields(BaseModel):
         if not UPSTREAM_NAME_RE.match(v):
             raise ValueError("must match ^[a-z][a-z0-9-]{0,31}$ (lowercase letters, digits, '-')")
         return v
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, v: str | None) -> str | None:
+        if v is not None and not UPSTREAM_NAME_RE.match(v):
+            raise ValueError("must name an upstream (^[a-z][a-z0-9-]{0,31}$)")
+        return v
+
+    @model_validator(mode="after")
+    def _not_own_fallback(self) -> UpstreamFields:
+        if self.fallback == self.name:
+            raise ValueError("an upstream cannot be its own fallback")
+        return self
 
 
 class UpstreamConfig(UpstreamFields):
@@ -182,6 +200,12 @@ class McpSettings(BaseModel):
     # A body must arrive whole within this long; a client trickling bytes holds nothing open for longer.
     body_timeout_s: float = Field(default=30.0, gt=0)
     json_response: bool = True
+    # How tools/call refusals the model can act on (upstream down, policy, limits) reach the agent: a tool
+    # result with isError (agent frameworks hand it to the model), or a JSON-RPC error (which ends most
+    # agents' runs). See docs/resilience.md.
+    tool_errors: Literal["result", "jsonrpc"] = "result"
+    # Requests on /mcp being answered at once; more are refused at once (503 + Retry-After), not queued.
+    max_in_flight: int = Field(default=1024, gt=0)
     # Handshake-era sessions are cheaper per call; stateless mode suits replicas without sticky routing.
     stateless_legacy: bool = False
     session_idle_timeout_s: float = Field(default=1800.0, gt=0)
@@ -208,6 +232,22 @@ class UpstreamPolicy(BaseModel):
     idle_connection_s: float = Field(default=4.0, gt=0)
     # A reconnect attempt after a failure waits at least this long, so a dead upstream costs little.
     reconnect_backoff_s: float = Field(default=2.0, ge=0)
+    # Resilience (docs/resilience.md). The circuit breaker: this many consecutive transport failures or
+    # timeouts of one upstream open its circuit (0: never), refusing calls at once for breaker_open_s;
+    # then one probe call decides.
+    breaker_threshold: int = Field(default=5, ge=0)
+    breaker_open_s: float = Field(default=30.0, gt=0, le=3600)
+    # The bulkhead: calls in flight per upstream (an upstream's max_concurrency overrides it); up to
+    # max_waiting more wait for a slot, each at most queue_timeout_s; the rest are refused at once.
+    max_concurrency: int = Field(default=64, gt=0, le=100_000)
+    max_waiting: int = Field(default=64, ge=0)
+    queue_timeout_s: float = Field(default=1.0, ge=0)
+    # Retries of safe requests (never reached the upstream, reads, tools marked idempotent): at most
+    # retry_attempts tries in all, within the call's deadline, and per upstream at most retry_ratio of
+    # its requests plus retry_min_per_s.
+    retry_attempts: int = Field(default=3, ge=1, le=10)
+    retry_ratio: float = Field(default=0.2, ge=0, le=1)
+    retry_min_per_s: float = Field(default=3.0, ge=0)
     # Environment variables the admin API may name as an upstream secret (glob patterns). ARBITER_*
     # never: that would let an admin send Arbiter's own secrets to an upstream of their choosing.
     secret_env_allowlist: list[str] = Field(default_factory=lambda: ["*"])
@@ -459,6 +499,28 @@ class LimitSettings(BaseModel):
     usage_flush_interval_s: float = Field(default=5.0, gt=0, le=3600)
 
 
+class TelemetrySettings(BaseModel):
+    """Traces, metrics and logs (see docs/observability.md)."""
+
+    # off: no tracer at all and no tracing work per call; otlp: OTLP over HTTP to otlp_endpoint;
+    # console: spans printed to stdout (for trying it out).
+    traces: Literal["off", "otlp", "console"] = "off"
+    # The collector's traces URL (OTLP/HTTP). Unset: the exporter's own default
+    # (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or http://localhost:4318/v1/traces).
+    otlp_endpoint: str | None = None
+    service_name: str = Field(default="arbiter", min_length=1, max_length=200)
+    # Share of new traces recorded; a trace continued from the caller follows the caller's decision.
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Put tool-call arguments on spans, redacted exactly as in the audit log. Off: never.
+    trace_arguments: bool = False
+    # Log lines: JSON (one object a line) or readable text. Unset: the CLI chooses (serve: json, demo: text).
+    log_format: Literal["json", "text"] | None = None
+    # Prometheus metrics at GET /metrics. Off: no route and no metrics work per call.
+    metrics: bool = True
+    # When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (401 otherwise).
+    metrics_token: SecretStr | None = None
+
+
 class Settings(BaseSettings):
     """Arbiter's configuration: environment ``ARBITER_*`` over an optional YAML/JSON config file."""
 
@@ -482,6 +544,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # How long a stopping Arbiter waits for open connections (e.g. agents' SSE streams) before closing them.
     shutdown_grace_s: int = Field(default=10, ge=1)
+    # On SIGTERM, how long Arbiter keeps accepting connections but answers 503 (readyz too) before it stops
+    # listening, so a load balancer (Kubernetes endpoints) stops sending it traffic first. Then in-flight
+    # requests get shutdown_grace_s to finish. 0: stop listening at once.
+    drain_delay_s: float = Field(default=0.0, ge=0, le=300)
     # How long an idle keep-alive connection stays open. Well above clients' own expiry (httpx: 5 s) so
     # a client reusing a connection never races the server closing it; clients are told a shorter time.
     keep_alive_s: int = Field(default=75, ge=2)
@@ -493,6 +559,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     # Skip the "database is at head" check; only for tools that manage the schema themselves.
     check_schema: bool = True
 

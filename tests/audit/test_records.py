@@ -14,6 +14,7 @@ from mcp.shared.exceptions import MCPError
 from tests.audit.helpers import Record, of_kind, verify, wait_for
 from tests.conftest import ArbiterFactory, ArbiterServer, UpstreamProc
 from tests.policies.conftest import MODERN, MODERN_META, new_key
+from tests.refusals import refusal_of
 
 POLICY = """\
 p, role:support, *, kb/*, call, allow
@@ -103,7 +104,9 @@ def test_denied_call_leaves_one_record_naming_the_rule(
     server, key, _ = audited
     args = {"customer_id": "C-1001", "subject": "refund", "priority": "high"}
     resp = _call(server, key, "crm__create_ticket", args)
-    assert resp.json()["error"]["data"]["reason"] == "policy_denied", resp.text
+    # Answered as a tool result the model reads; the record is what the pipeline decided, as before.
+    assert (refusal_of(resp.json()) or {}).get("reason") == "policy_denied", resp.text
+    assert resp.json()["result"]["isError"] is True
     records = _mcp(wait_for(server, lambda rs: len(_mcp(rs)) >= 1))
     assert len(records) == 1
     rec = records[0]
@@ -137,7 +140,7 @@ async def test_upstream_failure_leaves_one_record(audited: tuple[ArbiterServer, 
     server, key, crm = audited
     crm.kill()
     resp = _call(server, key, "crm__get_customer", {"customer_id": "C-1001"})
-    assert resp.json()["error"]["data"]["reason"] == "upstream_unavailable"
+    assert (refusal_of(resp.json()) or {}).get("reason") == "upstream_unavailable", resp.text
     records = _mcp(wait_for(server, lambda rs: len(_mcp(rs)) >= 1))
     assert len(records) == 1
     rec = records[0]

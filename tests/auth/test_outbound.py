@@ -26,7 +26,6 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 from mcp.server import MCPServer
-from mcp.shared.exceptions import MCPError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -37,6 +36,7 @@ from arbiter.auth.outbound import GRANT_TOKEN_EXCHANGE
 from arbiter.proxy.body import replay_body
 from tests.auth.jwks import ISSUER, MINTED, RESOURCE, JwksServer, SigningKey, claims, mint, rsa_key
 from tests.conftest import ArbiterFactory, ArbiterServer, serve_in_thread
+from tests.refusals import tool_refusal
 
 SECRETS: list[str] = []  # every secret or token the tests hand out or configure; none may be logged
 CLIENT_ID = "arbiter-gateway"
@@ -615,17 +615,17 @@ async def test_token_exchange_gives_each_caller_their_own_upstream_token(
     # An API key cannot be exchanged: the call is refused, and nothing reaches the upstream.
     recorder.seen.clear()
     async with server.client() as client:
-        with pytest.raises(MCPError) as err:
-            await client.session.call_tool("crm__whoami", {})
-    assert err.value.data == {"reason": "caller_token_required", "upstream": "crm"}
+        refused = await client.session.call_tool("crm__whoami", {})
+    refusal = tool_refusal(refused)
+    assert refusal["reason"] == "caller_token_required" and refusal["upstream"] == "crm"
     assert recorder.calls() == []
 
     # The authorization server may refuse a caller: that caller gets a clear refusal, others carry on.
     tokens.refuse_subjects.add("mallory")
     async with server.client(token=jwt_for("mallory", idp_key)) as client:
-        with pytest.raises(MCPError) as err:
-            await client.session.call_tool("crm__whoami", {})
-    assert err.value.data == {"reason": "token_exchange_refused", "upstream": "crm"}
+        refused = await client.session.call_tool("crm__whoami", {})
+    refusal = tool_refusal(refused)
+    assert refusal["reason"] == "token_exchange_refused" and refusal["upstream"] == "crm"
     assert (await call(server, "crm", token=bob)).is_error is False
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,21 @@ class DemoArbiter:
 
 @pytest.fixture(scope="session")
 def demo_arbiter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoArbiter]:
+    """``arbiter demo --port 0 --info-file ...`` in a subprocess, shared by the session's tests."""
+    with run_demo(tmp_path_factory.mktemp("demo")) as demo:
+        yield demo
+
+
+@pytest.fixture
+def own_demo(tmp_path: Path) -> Iterator[DemoArbiter]:
+    """An ``arbiter demo`` of this test's own, which it may break (e.g. kill an upstream)."""
+    with run_demo(tmp_path) as demo:
+        yield demo
+
+
+@contextmanager
+def run_demo(work: Path) -> Iterator[DemoArbiter]:
     """``arbiter demo --port 0 --info-file ...`` in a subprocess; waits for the info file."""
-    work = tmp_path_factory.mktemp("demo")
     info_file = work / "info.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
     proc = subprocess.Popen(
@@ -62,18 +76,20 @@ def demo_arbiter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoArbit
     assert info_file.stat().st_mode & 0o077 == 0, "the info file holds the admin token: owner-only"
     info = json.loads(info_file.read_text())
     assert {"mcp_url", "admin_url", "admin_token", "api_keys"} <= set(info)
-    yield DemoArbiter(
-        mcp_url=str(info["mcp_url"]),
-        admin_url=str(info["admin_url"]),
-        admin_token=str(info["admin_token"]),
-        token=str(info["api_keys"]["support-agent"]),  # pyright: ignore[reportIndex]
-        info=info,
-    )
-    proc.terminate()  # SIGTERM, as a service manager stops it
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield DemoArbiter(
+            mcp_url=str(info["mcp_url"]),
+            admin_url=str(info["admin_url"]),
+            admin_token=str(info["admin_token"]),
+            token=str(info["api_keys"]["support-agent"]),  # pyright: ignore[reportIndex]
+            info=info,
+        )
+    finally:
+        proc.terminate()  # SIGTERM, as a service manager stops it
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     # Its demo upstreams stop with it rather than outliving it.
     upstreams: dict[str, str] = info["upstreams"]  # type: ignore[assignment]
     for url in upstreams.values():

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class DemoArbiter(Protocol):
 
     mcp_url: str
     token: str | None
+    info: dict[str, object]
 
 
 @dataclass
@@ -157,3 +159,26 @@ async def test_support_agent_on_langchain_mcp(demo_arbiter: DemoArbiter, tmp_pat
 async def test_support_agent_on_legacy_adapters(demo_arbiter: DemoArbiter, tmp_path: Path) -> None:
     python = await legacy_python()
     await run_agent(python, "legacy_adapters_agent.py", demo_arbiter, tmp_path)
+
+
+async def test_support_agent_carries_on_when_its_crm_is_down(own_demo: DemoArbiter, tmp_path: Path) -> None:
+    """The CRM upstream is killed: the agent still completes its run from the knowledge base, and the model
+    was told in words why the customer lookup failed (a tool result, not a JSON-RPC error ending the run)."""
+    pids: dict[str, int] = own_demo.info["upstream_pids"]  # type: ignore[assignment]
+    os.kill(pids["crm"], signal.SIGKILL)
+    result = await run(
+        [sys.executable, str(EXAMPLES / "support_agent.py"), "--mcp-url", own_demo.mcp_url],
+        limit_s=AGENT_TIMEOUT_S,
+        env=agent_env(own_demo.token),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.describe()
+    transcript, marker, answer = result.stdout.partition("Answer:\n")
+    assert marker, result.describe()
+    (crm_line,) = [
+        line for line in transcript.splitlines() if line.startswith("Tool result crm__get_customer")
+    ]
+    assert "[error]" in crm_line, result.describe()
+    assert "crm is unavailable right now; try again" in crm_line and "answer without it" in crm_line, crm_line
+    assert "single sign-on" in answer, result.describe()  # from the knowledge base, which still answered
+    assert "could not look up the customer record" in answer and "Acme Logistics" not in answer

@@ -21,6 +21,7 @@ from arbiter.limits.factory import build_redis
 from arbiter.limits.rules import BudgetPeriod
 from tests.conftest import ADMIN_TOKEN, ArbiterServer, ServerProc, service_unavailable
 from tests.policies.conftest import MODERN, MODERN_META, redis_url
+from tests.refusals import refusal_of
 
 __all__ = ["ADMIN_TOKEN", "redis_url"]
 
@@ -95,8 +96,20 @@ class Reply:
 
     @property
     def reason(self) -> str | None:
-        error = self.body.get("error")
-        return (error.get("data") or {}).get("reason") if error else None
+        refusal = refusal_of(self.body)
+        return refusal.get("reason") if refusal is not None else None
+
+    @property
+    def refusal(self) -> dict[str, Any]:
+        """The refusal's details, from a tool result with isError (the default) or a JSON-RPC error."""
+        refusal = refusal_of(self.body)
+        assert refusal is not None, self.body
+        return refusal
+
+    @property
+    def tool_error(self) -> bool:
+        """Refused as a tool result the model reads (mcp.tool_errors: result), not a JSON-RPC error."""
+        return bool(self.body.get("result", {}).get("isError")) and self.reason is not None
 
     @property
     def error(self) -> dict[str, Any]:

@@ -164,4 +164,4 @@ async def test_in_process_budget_spend_survives_a_restart(
         first.stop()  # writes what it charged on the way out
         second = arbiter_factory(database_url=first.settings.database_url, policy=None)
         refused = await call(http, second, key, SEARCH, {"query": "again"})
-    assert refused.reason == "budget_exceeded" and refused.error["data"]["spent"] == 2
+    assert refused.reason == "budget_exceeded" and refused.refusal["spent"] == 2

@@ -54,11 +54,11 @@ async def test_burst_of_one_and_a_half_times_the_limit_admits_exactly_the_limit(
     assert len(admitted) == 20
     assert _forwarded(recorder) == 20
     assert len(refused) == 10 and {r.reason for r in refused} == {"rate_limited"}
-    error = refused[0].error
-    assert error["code"] == -31004
-    assert error["data"]["rule_id"] == rule["id"]
+    assert all(r.tool_error for r in refused)  # handed to the model as a failed tool result
+    data = refused[0].refusal
+    assert data["rule_id"] == rule["id"]
     # Retry after about one refill interval (72 min), never 0.
-    assert 0 < error["data"]["retry_after_s"] <= 72 * 60
+    assert 0 < data["retry_after_s"] <= 72 * 60
 
 
 async def test_most_specific_rule_per_scope_applies_and_other_scopes_still_count(
@@ -97,7 +97,7 @@ async def test_a_role_rule_does_not_lift_a_cap_on_one_tool(
     doc = {"doc_id": "sso-setup"}
     assert (await call(http, server, server.agent_key, "kb__get_doc", doc)).ok
     capped = await call(http, server, server.agent_key, "kb__get_doc", doc)
-    assert capped.reason == "rate_limited" and capped.error["data"]["rule_id"] == cap["id"]
+    assert capped.reason == "rate_limited" and capped.refusal["rule_id"] == cap["id"]
     assert (await call(http, server, server.agent_key, SEARCH, {"query": "x"})).ok  # the role's 60 only
 
 
@@ -121,8 +121,8 @@ async def test_budget_admits_exactly_what_it_holds_under_100_concurrent_calls(
     assert _forwarded(recorder) == 10  # nothing over budget reached the upstream
     refused = [r for r in replies if not r.ok]
     assert {r.reason for r in refused} == {"budget_exceeded"}
-    data = refused[0].error["data"]
-    assert refused[0].error["code"] == -31006
+    data = refused[0].refusal
+    assert refused[0].tool_error
     assert data["budget_id"] == budget["id"] and data["limit"] == 25 and data["cost"] == 2.5
     usage = _usage(server, group_by="tenant")
     assert usage["totals"] == {"calls": 10, "limited": 90, "cost": 25.0}
@@ -160,7 +160,7 @@ async def test_a_duplicate_of_a_request_that_ran_is_refused_and_not_run_again(
     assert _forwarded(recorder) == 3
     over = await call(http, server, key, SEARCH, {"query": "new"}, meta={IDEMPOTENCY_META: "another"})
     assert over.reason == "budget_exceeded"
-    assert over.error["data"]["spent"] == 3
+    assert over.refusal["spent"] == 3
     # Without a key, stateless requests are each new (their ids are unique only per client): refused.
     assert (await call(http, server, key, SEARCH, {"query": "sso"})).reason == "budget_exceeded"
     usage = _usage(server, group_by="tenant")
@@ -200,7 +200,7 @@ async def test_a_retry_after_a_refunded_failure_is_a_new_request_charged_once(
     # ... once: a copy of it now is a duplicate, and the budget has nothing left for a new request.
     assert (await call(http, server, key, SEARCH, {"query": "sso"}, meta=same)).reason == "duplicate_request"
     over = await call(http, server, key, SEARCH, {"query": "new"})
-    assert over.reason == "budget_exceeded" and over.error["data"]["spent"] == 1
+    assert over.reason == "budget_exceeded" and over.refusal["spent"] == 1
     assert _forwarded(ran) == 1
 
 
@@ -224,7 +224,7 @@ async def test_the_same_key_with_other_arguments_or_from_another_caller_is_anoth
     assert copy.reason == "duplicate_request"
     # Both of test-agent's requests were charged: its budget of 2 is spent.
     over = await call(http, server, server.agent_key, SEARCH, {"query": "c"}, meta=same)
-    assert over.reason == "budget_exceeded" and over.error["data"]["spent"] == 2
+    assert over.reason == "budget_exceeded" and over.refusal["spent"] == 2
 
 
 class Gate:
@@ -310,8 +310,8 @@ async def test_loop_breaker_trips_on_the_n_plus_first_identical_call_only(
         http, server, key, SEARCH, dict(reversed(same.items()))
     )  # same arguments, other order
     assert tripped.reason == "repeated_call"
-    assert tripped.error["code"] == -31007
-    assert 0 < tripped.error["data"]["retry_after_s"] <= 600
+    assert tripped.tool_error
+    assert 0 < tripped.refusal["retry_after_s"] <= 600
     assert (await call(http, server, key, SEARCH, {"query": "password reset", "limit": 3})).ok
     # Another caller making the same call is not in this caller's loop.
     other = new_key(server, "other-agent", ["agent"])

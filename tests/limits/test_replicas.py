@@ -169,7 +169,7 @@ async def test_a_replica_whose_clock_is_five_minutes_off_changes_nothing(
     assert sum(r.ok for r in replies) == 10
     for refused in (r for r in replies if not r.ok):
         assert refused.reason == "rate_limited"
-        assert 0 < refused.error["data"]["retry_after_s"] <= 6.001
+        assert 0 < refused.refusal["retry_after_s"] <= 6.001
     budget = [
         await call(
             http, skewed if i % 2 else on_time, on_time.agent_key, "kb__get_doc", {"doc_id": "sso-setup"}
@@ -177,4 +177,4 @@ async def test_a_replica_whose_clock_is_five_minutes_off_changes_nothing(
         for i in range(8)
     ]
     assert [r.ok for r in budget] == [True] * 6 + [False] * 2
-    assert budget[-1].error["data"]["spent"] == 6
+    assert budget[-1].refusal["spent"] == 6

@@ -6,11 +6,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import ArbiterFactory, ArbiterServer, Recorder, UpstreamProc
 from tests.policies.conftest import new_key, policy_version, rpc_http
+from tests.refusals import tool_refusal
 
 POLICY = """\
 p, role:support, *, kb/*, call, allow
@@ -170,6 +172,12 @@ def _tickets(result: Any) -> list[str]:
     return [t["subject"] for t in result.structured_content["tickets"]]
 
 
+def _text(result: types.CallToolResult) -> str:
+    block = result.content[0]
+    assert isinstance(block, types.TextContent)
+    return block.text
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_visible_but_denied_call_is_policy_denied_and_never_forwarded(
     governed: Governed, mode: str
@@ -178,13 +186,15 @@ async def test_a_visible_but_denied_call_is_policy_denied_and_never_forwarded(
     version = policy_version(server)
     refused, granted = f"refused {uuid.uuid4().hex}", f"granted {uuid.uuid4().hex}"
     async with server.client(mode, governed.support) as client:  # pyright: ignore[reportArgumentType]
-        with pytest.raises(MCPError) as err:
-            await client.session.call_tool(
-                "crm__create_ticket", {"customer_id": "C-1003", "subject": refused, "priority": "high"}
-            )
-        assert err.value.code == -31001
-        assert err.value.data == {"reason": "policy_denied", "policy_version": version}
-        assert "crm__create_ticket" in err.value.message
+        denied = await client.session.call_tool(
+            "crm__create_ticket", {"customer_id": "C-1003", "subject": refused, "priority": "high"}
+        )
+        assert tool_refusal(denied) == {
+            "reason": "policy_denied",
+            "message": "the policy does not allow you to call crm__create_ticket",
+            "policy_version": version,
+        }
+        assert "crm__create_ticket" in _text(denied) and refused not in _text(denied)
         assert _forwarded(recorder) == []
         # The same tool with arguments the condition accepts goes through (so the refusal was the policy's).
         created = await client.call_tool(
@@ -193,16 +203,17 @@ async def test_a_visible_but_denied_call_is_policy_denied_and_never_forwarded(
         assert created.is_error is False
         assert _forwarded(recorder) == ["crm__create_ticket"]
         tickets = _tickets(await client.call_tool("crm__list_tickets", {"customer_id": "C-1001"}))
-        with pytest.raises(MCPError) as other:  # the conditional allow does not cover C-1003's list
-            await client.session.call_tool("crm__list_tickets", {"customer_id": "C-1003"})
-        assert other.value.code == -31001
+        # The conditional allow does not cover C-1003's list.
+        other = await client.session.call_tool("crm__list_tickets", {"customer_id": "C-1003"})
+        assert tool_refusal(other)["reason"] == "policy_denied"
     async with server.client(mode, governed.sales) as sales:  # pyright: ignore[reportArgumentType]
         in_crm = _tickets(await sales.call_tool("crm__list_tickets", {"customer_id": "C-1003"}))
-        with pytest.raises(MCPError) as cond_deny:  # a conditional deny: listed, and refused when it matches
-            await sales.session.call_tool(
-                "crm__create_ticket", {"customer_id": "C-1003", "subject": refused, "priority": "high"}
-            )
-        assert cond_deny.value.data == {"reason": "policy_denied", "policy_version": version}
+        # A conditional deny: listed, and refused when it matches.
+        cond_deny = await sales.session.call_tool(
+            "crm__create_ticket", {"customer_id": "C-1003", "subject": refused, "priority": "high"}
+        )
+        assert tool_refusal(cond_deny)["reason"] == "policy_denied"
+        assert tool_refusal(cond_deny)["policy_version"] == version
         with pytest.raises(MCPError) as listed_only:  # visible through `list`, not readable
             await sales.read_resource("arbiter://kb/kb://index")
         assert listed_only.value.code == -31001

@@ -23,7 +23,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from arbiter.auth.outbound import CredentialSpec, TokenSource, UpstreamAuthFailed
@@ -34,6 +33,7 @@ from arbiter.net.urlcheck import check_upstream_url, parse_address, refusal, res
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 from arbiter.settings import Settings, UpstreamPolicy
 from tests.conftest import ArbiterFactory, UpstreamProc
+from tests.refusals import tool_refusal
 
 ELSEWHERE = "10.1.2.3"  # never connected to: the hook refuses it before any socket is opened
 
@@ -410,10 +410,10 @@ async def test_an_upstream_whose_name_moves_after_registration_is_refused(
             egress.resolver = names
             kb.kill()
             kb = UpstreamProc("arbiter.demo.kb", port=kb.port).start()
-            with caplog.at_level(logging.WARNING), pytest.raises(MCPError) as err:
-                await client.session.call_tool("kb__get_doc", {"doc_id": "sso-setup"})
-            assert err.value.code == -31002
-            assert err.value.data == {"reason": "upstream_unavailable", "upstream": "kb"}
+            with caplog.at_level(logging.WARNING):
+                failed = await client.session.call_tool("kb__get_doc", {"doc_id": "sso-setup"})
+            refusal = tool_refusal(failed)
+            assert refusal["reason"] == "upstream_unavailable" and refusal["upstream"] == "kb"
             assert "localhost" in names.asked
             assert (
                 f"'localhost' resolves to a refused address: {ELSEWHERE} is not in upstream.allowed_networks"
@@ -438,9 +438,9 @@ async def test_a_replica_with_a_narrower_setting_refuses_what_another_registered
     # Same database, stricter operator: the registry row is served, but its connection is refused.
     second = arbiter_factory(upstream={"denied_networks": ["127.0.0.0/8"], "reconnect_backoff_s": 0.0})
     async with second.client("2026-07-28") as client:
-        with pytest.raises(MCPError) as err:
-            await client.session.call_tool("kb__get_doc", {"doc_id": "sso-setup"})
-    assert err.value.data == {"reason": "upstream_unavailable", "upstream": "kb"}
+        failed = await client.session.call_tool("kb__get_doc", {"doc_id": "sso-setup"})
+    refusal = tool_refusal(failed)
+    assert refusal["reason"] == "upstream_unavailable" and refusal["upstream"] == "kb"
     assert "127.0.0.1 is in upstream.denied_networks (127.0.0.0/8)" in caplog.text
     async with first.client("2026-07-28") as client:  # the first replica's setting lets it through
         assert (await client.call_tool("kb__get_doc", {"doc_id": "sso-setup"})).is_error is False

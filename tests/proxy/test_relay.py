@@ -229,7 +229,7 @@ def _sse(*messages: object) -> bytes:
 def test_a_broken_answer_is_an_upstream_error_and_arbiter_keeps_serving(
     arbiter_factory: ArbiterFactory, answer: object, code: int, reason: str | None
 ) -> None:
-    server = arbiter_factory()
+    server = arbiter_factory(mcp={"tool_errors": "jsonrpc"})  # about the error codes themselves
     broken = Broken(_odd_upstream(json_response=True, stateless=True))
     with serve_in_thread(broken) as port:
         server.register("odd", f"http://127.0.0.1:{port}/mcp")

@@ -103,6 +103,9 @@ class UpstreamUpdate(BaseModel):
     call_timeout_s: float | None = Field(default=None, gt=0, le=3600)
     enabled: bool | None = None
     credential: CredentialIn | None = None
+    # null sets them back to none (the upstream.max_concurrency default; no fallback)
+    max_concurrency: int | None = Field(default=None, gt=0, le=100_000)
+    fallback: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,31}$")
 
 
 class CatalogCounts(BaseModel):
@@ -123,12 +126,41 @@ class UpstreamOut(BaseModel):
     enabled: bool
     source: Literal["api", "config"]
     status: Literal["connected", "idle", "down", "disabled"]
+    # Whether agents see its tools now: false while it is down (tools/list then names it in
+    # _meta["arbiter/unavailable"] to callers who could see one of its tools) or disabled.
+    listed: bool
     last_error: str | None
     created_at: datetime
     updated_at: datetime
     last_refresh_at: datetime | None
     catalog: CatalogCounts
     credential: CredentialOut
+    max_concurrency: int | None = None
+    fallback: str | None = None
+    # The circuit breaker's state in this replica (None: disabled, not running here).
+    circuit: Literal["closed", "open", "half_open"] | None = None
+
+
+class ToolSettingsIn(BaseModel):
+    """What a security admin decides about one upstream tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idempotent: bool = Field(
+        default=False,
+        description="A call that reached the upstream and failed may be sent again. The upstream's own "
+        "idempotentHint is never enough: only this says so.",
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=3600, description="This tool's deadline; unset: the upstream's call_timeout_s"
+    )
+
+
+class ToolSettingsOut(ToolSettingsIn):
+    upstream: str
+    tool: str
+    updated_at: datetime | None = None
+    updated_by: str | None = None
 
 
 class CatalogEntryOut(BaseModel):

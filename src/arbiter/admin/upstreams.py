@@ -17,6 +17,8 @@ from arbiter.admin.schemas import (
     CatalogCounts,
     CatalogEntryOut,
     CredentialOut,
+    ToolSettingsIn,
+    ToolSettingsOut,
     UpstreamCreate,
     UpstreamOut,
     UpstreamUpdate,
@@ -27,7 +29,8 @@ from arbiter.naming import exposed_target
 from arbiter.proxy.catalog import KIND_FIELDS
 from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition
 from arbiter.proxy.registry import UpstreamRegistry
-from arbiter.store.models import CatalogItem, Upstream
+from arbiter.proxy.retries import ToolSetting
+from arbiter.store.models import CatalogItem, ToolSettingRow, Upstream
 
 
 class _NoEchoRoute(APIRoute):
@@ -55,6 +58,7 @@ router = APIRouter(route_class=_NoEchoRoute)
 def _out(reg: UpstreamRegistry, row: Upstream, counts: dict[int, Counter[str]]) -> UpstreamOut:
     assert row.id is not None
     per_kind = counts.get(row.id, Counter[str]())
+    status = reg.status(row)
     return UpstreamOut(
         id=row.id,
         name=row.name,
@@ -65,13 +69,17 @@ def _out(reg: UpstreamRegistry, row: Upstream, counts: dict[int, Counter[str]]) 
         call_timeout_s=row.call_timeout_s,
         enabled=row.enabled,
         source="config" if row.source == "config" else "api",
-        status=reg.status(row),  # pyright: ignore[reportArgumentType]
+        status=status,  # pyright: ignore[reportArgumentType]
+        listed=status in ("connected", "idle"),
         last_error=row.last_error,
         created_at=row.created_at,
         updated_at=row.updated_at,
         last_refresh_at=row.last_refresh_at,
         catalog=CatalogCounts(**{field: per_kind[kind] for kind, field in KIND_FIELDS.items()}),
         credential=CredentialOut.model_validate(CredentialSpec.from_json(row.credential).public()),
+        max_concurrency=row.max_concurrency,
+        fallback=row.fallback,
+        circuit=reg.circuit(row.name),
     )
 
 
@@ -88,6 +96,8 @@ def _definition(body: UpstreamCreate) -> UpstreamDefinition:
         call_timeout_s=body.call_timeout_s,
         enabled=body.enabled,
         credential=credential_input(body.credential),
+        max_concurrency=body.max_concurrency,
+        fallback=body.fallback,
     )
 
 
@@ -99,6 +109,14 @@ def _changes(body: UpstreamUpdate) -> UpstreamChanges:
         call_timeout_s=body.call_timeout_s,
         enabled=body.enabled,
         credential=credential_input(body.credential) if body.credential is not None else None,
+        max_concurrency=body.max_concurrency,
+        fallback=body.fallback,
+        # An explicit null sets it back to none.
+        clear=frozenset(
+            f
+            for f in ("max_concurrency", "fallback")
+            if f in body.model_fields_set and getattr(body, f) is None
+        ),
     )
 
 
@@ -178,3 +196,40 @@ async def catalog(
     return [
         _entry(name, item) for name, item in await reg.catalog_items() if kind is None or item.kind == kind
     ]
+
+
+def _tool_out(upstream: str, tool: str, stored: ToolSettingRow | None) -> ToolSettingsOut:
+    if stored is None:
+        return ToolSettingsOut(upstream=upstream, tool=tool)
+    return ToolSettingsOut(
+        upstream=upstream,
+        tool=tool,
+        idempotent=stored.idempotent,
+        timeout_s=stored.timeout_s,
+        updated_at=stored.updated_at,
+        updated_by=stored.updated_by,
+    )
+
+
+@router.get("/upstreams/{upstream_id}/tools/{tool}/settings", response_model=ToolSettingsOut)
+async def get_tool_settings(upstream_id: RowId, tool: str, reg: Registry, _: Reader) -> ToolSettingsOut:
+    """What is set for one of the upstream's tools (its own name, not the exposed one)."""
+    row, stored = await reg.tool_setting(upstream_id, tool)
+    return _tool_out(row.name, tool, stored)
+
+
+@router.put("/upstreams/{upstream_id}/tools/{tool}/settings", response_model=ToolSettingsOut)
+async def put_tool_settings(
+    upstream_id: RowId, tool: str, body: ToolSettingsIn, reg: Registry, caller: Admin, request: Request
+) -> ToolSettingsOut:
+    """Mark a tool idempotent (calls that reached the upstream and failed may then be retried) or give
+    it a deadline of its own. In force on this replica at once, on the others at their next reconcile."""
+    async with change(request, caller, "upstream.tool_settings", f"{upstream_id}/{tool}") as audit:
+        row, stored = await reg.tool_setting(upstream_id, tool)
+        audit.before = _tool_out(row.name, tool, stored).model_dump(mode="json")
+        setting = ToolSetting(idempotent=body.idempotent, timeout_s=body.timeout_s)
+        out = _tool_out(
+            row.name, tool, await reg.put_tool_setting(upstream_id, tool, setting, caller.subject)
+        )
+        audit.after = out.model_dump(mode="json")
+    return out

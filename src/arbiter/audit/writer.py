@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -59,6 +60,8 @@ class AuditWriter:
         self.stored = 0
         self.refused = 0  # requests refused because nothing could be recorded
         self.dropped = 0  # records that could not be kept at all (see offer())
+        # Told how long each batch write to the store took, in seconds, failed ones too (metrics).
+        self.on_write: Callable[[float], None] | None = None
 
     @property
     def store(self) -> AuditStore:
@@ -72,6 +75,11 @@ class AuditWriter:
     def refusing(self) -> bool:
         """Whether ``reserve()`` would refuse now (store down in fail-closed mode, or the queue full)."""
         return self._state == "unavailable" or self._pending >= self._cfg.queue_max
+
+    @property
+    def queued(self) -> int:
+        """Records reserved, queued or held (not yet stored or spooled)."""
+        return self._pending
 
     def status(self) -> dict[str, object]:
         return {
@@ -201,8 +209,13 @@ class AuditWriter:
         """Store the held batch. A retry skips ids already stored: the write that failed may have
         committed before its deadline cut it short."""
         try:
-            with anyio.fail_after(self._cfg.write_timeout_s):
-                await self._store.append(self._held, dedupe=self._held_tried)
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(self._cfg.write_timeout_s):
+                    await self._store.append(self._held, dedupe=self._held_tried)
+            finally:
+                if self.on_write is not None:
+                    self.on_write(time.perf_counter() - started)
         except _STORE_ERRORS as exc:
             self._held_tried = True
             self._failed(exc)

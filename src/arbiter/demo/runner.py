@@ -13,13 +13,12 @@ from importlib.resources import files
 from pathlib import Path
 
 import httpx
-import uvicorn
 from pydantic import SecretStr
 
 from arbiter.app import create_app
 from arbiter.audit.signing import generate_key
 from arbiter.runtime import Runtime
-from arbiter.serving import uvicorn_config
+from arbiter.serving import graceful_server, uvicorn_config
 from arbiter.settings import Settings, load_settings
 from arbiter.store import schema
 
@@ -81,8 +80,11 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
         port = port or free_port()
         settings = configured.model_copy(update={"port": port})
         app = create_app(settings)
-        server = uvicorn.Server(
-            uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
+        server = graceful_server(
+            # log_config=None: uvicorn's lines go through the handler `arbiter demo` configured.
+            uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning", log_config=None),
+            app.state.admission,
+            settings,
         )
         serving = asyncio.create_task(server.serve())
         while not server.started:
@@ -115,6 +117,8 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
             "admin_token": admin_token,  # the security-admin role's API key
             "api_keys": keys,
             "upstreams": {name: f"http://127.0.0.1:{p}/mcp" for name, p in ports.items()},
+            # So a script (or test) can stop one, e.g. to see what agents get while an upstream is down.
+            "upstream_pids": {name: proc.pid for name, proc in zip(ports, procs, strict=True)},
             "database_url": database_url,
             # Pin this when verifying an exported audit bundle offline (`arbiter audit verify --file`).
             "audit_public_key": app.state.runtime.audit.store.signer.public_b64,

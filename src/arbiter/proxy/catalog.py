@@ -25,6 +25,8 @@ KIND_FIELDS = {
     "prompt": "prompts",
 }
 _MAX_PAGES = 100
+# In a tools/list result's _meta: the upstreams that are down, whose tools are missing from the list.
+UNAVAILABLE_META = "arbiter/unavailable"
 # Catalog rows key entries by name/URI in a bounded column; an upstream offering longer ones is odd.
 MAX_NAME_LENGTH = 1024
 log = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class Views:
     prompts: list[dict[str, Any]]
     # exposed tool name -> input schema, for the SDK's Mcp-Param header validation
     input_schemas: dict[str, dict[str, Any]]
+    # Upstreams hidden because they are down -> their own tool names: tools/list names them as missing
+    # to callers who could see one of those tools (see interceptors/forward.py and authorize.py).
+    unavailable_tools: dict[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
 
 
 class Catalog:
@@ -113,8 +118,11 @@ class Catalog:
         templates: list[dict[str, Any]] = []
         prompts: list[dict[str, Any]] = []
         schemas: dict[str, dict[str, Any]] = {}
+        unavailable: dict[str, tuple[str, ...]] = {}
         for name in sorted(self._snaps):
             if name in self._hidden:
+                if self._snaps[name].tools:
+                    unavailable[name] = tuple(self._snaps[name].tools)
                 continue
             snap = self._snaps[name]
             for tool_name, tool in snap.tools.items():
@@ -131,7 +139,7 @@ class Catalog:
                 )
             for prompt_name, prompt in snap.prompts.items():
                 prompts.append({**prompt, "name": exposed_name(name, prompt_name)})
-        self.views = Views(tools, resources, templates, prompts, schemas)
+        self.views = Views(tools, resources, templates, prompts, schemas, unavailable)
 
 
 async def discover(upstream: str, session: ClientSession) -> UpstreamCatalog:

@@ -37,6 +37,8 @@ class UpstreamDefinition:
     call_timeout_s: float = 30.0
     enabled: bool = True
     credential: CredentialInput | None = None
+    max_concurrency: int | None = None
+    fallback: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,12 @@ class UpstreamChanges:
     call_timeout_s: float | None = None
     enabled: bool | None = None
     credential: CredentialInput | None = None
+    # Resilience; ``clear`` names those of them set back to none (no own bulkhead size, no fallback).
+    max_concurrency: int | None = None
+    fallback: str | None = None
+    clear: frozenset[str] = frozenset()
 
-    def fields(self) -> dict[str, str | float | bool]:
+    def fields(self) -> dict[str, str | float | bool | None]:
         """The changed columns of the upstream's row (the credential aside)."""
         values = {
             "transport": self.transport,
@@ -58,5 +64,9 @@ class UpstreamChanges:
             "connect_timeout_s": self.connect_timeout_s,
             "call_timeout_s": self.call_timeout_s,
             "enabled": self.enabled,
+            "max_concurrency": self.max_concurrency,
+            "fallback": self.fallback,
         }
-        return {k: v for k, v in values.items() if v is not None}
+        changed: dict[str, str | float | bool | None] = {k: v for k, v in values.items() if v is not None}
+        changed.update(dict.fromkeys(self.clear & {"max_concurrency", "fallback"}))
+        return changed

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -57,6 +58,7 @@ class McpEndpoint:
         max_body_bytes: int,
         body_timeout_s: float,
         authenticator: Authenticator,
+        time_authentication: bool = False,
         security: TransportSecuritySettings,
         audit: AuditWriter,
         front: ModernFront | None = None,
@@ -67,6 +69,7 @@ class McpEndpoint:
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout_s
         self._auth = authenticator
+        self._time_auth = time_authentication  # traces on: authentication gets a span (its times)
         self._security = TransportSecurityMiddleware(security)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,6 +97,7 @@ class McpEndpoint:
             return
         headers = request.headers  # parsed once, for every check below
         authorization = headers.get("authorization")
+        auth_started = time.time_ns() if self._time_auth else 0
         try:
             principal = await self._auth.authenticate(authorization, scope.get("query_string", b""))
         except (Unauthorized, InsufficientScope, CredentialInQuery) as exc:
@@ -105,6 +109,8 @@ class McpEndpoint:
             await _audit_unavailable(watch)
             return
         exchange = Exchange(principal)
+        if self._time_auth:
+            exchange.auth_ns = (auth_started, time.time_ns())
         if principal.auth_method == "jwt":
             # For token-exchange upstreams only (auth/outbound.py): the caller's JWT, masked (SecretStr),
             # is the RFC 8693 subject token. Nothing else reads it, and it is never logged or forwarded.

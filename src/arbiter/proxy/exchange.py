@@ -35,6 +35,8 @@ class Exchange:
     refusal_reason: str | None = None  # the endpoint's own reason for a refusal it answered
     client_gone: bool = False  # the client went away while its body was being read
     audited: bool = False  # the pipeline's audit step owns this request's record
+    # When traces are on: when authentication started and ended (epoch ns), for its span.
+    auth_ns: tuple[int, int] | None = None
 
 
 def exchange_of(scope: Mapping[str, Any]) -> Exchange | None:

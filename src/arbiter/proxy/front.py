@@ -73,8 +73,10 @@ class ModernFront:
         *,
         json_response: bool,
         server_info: Callable[[], dict[str, Any]],
+        error_results: bool = True,
     ) -> None:
         self._pipeline = pipeline
+        self._error_results = error_results  # mcp.tool_errors == "result" (see server.answer)
         self._catalog = catalog
         self._tool_visible = tool_visible
         self._json_response = json_response
@@ -147,7 +149,7 @@ class ModernFront:
             exchange=exchange,
         )
         try:
-            result = await answer(self._pipeline, call)
+            result = await answer(self._pipeline, call, error_results=self._error_results)
         except MCPError as exc:
             error = exc.error.model_dump(mode="json", exclude_none=True)
             await _reply(send, rid, error=error)

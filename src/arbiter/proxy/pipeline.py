@@ -56,6 +56,14 @@ class CallContext:
     decision: Decision | None = None
     cost: float | None = None  # limits: the units charged to a tool call (0.0 when refunded)
     sent: bool = False  # forward: handed to the upstream, so the tool may run from then on
+    fallback: str | None = None  # forward: the fallback upstream that took the call instead (resilience)
+    # forward, on tools/list while upstreams are down: each one's own tool names (authorize then names
+    # only those the caller could see a tool of). None: every upstream is listed.
+    unavailable: Mapping[str, Sequence[str]] | None = None
+    # Tracing (proxy/interceptors/tracing.py, only when traces are on): this request's trace id (32 hex),
+    # and the W3C context (traceparent, tracestate) the upstream call carries in _meta and HTTP headers.
+    trace_id: str | None = None
+    trace_context: dict[str, str] | None = None
     started: float = field(default_factory=time.perf_counter)
     # The open slot for third-party interceptors to hand facts to one another; Arbiter's own steps use
     # the typed fields above.

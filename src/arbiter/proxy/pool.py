@@ -4,25 +4,51 @@ One ``UpstreamClient`` per enabled upstream, built and closed in the app lifespa
 through ``request``, which routes it to the upstream's shared connection or, for a token-exchange
 upstream, to the caller's own. The pool holds each upstream's health (what its client last learnt);
 the registry and the readiness probe read it here, and the catalog is told when it changes.
+
+Each upstream also has a guard (docs/resilience.md): one deadline per call (the upstream's
+``call_timeout_s`` or the tool's own), covering the wait for a slot, retries and a fallback; a circuit
+breaker; a bulkhead; a retry budget; and the fallback upstream a call goes to when this one cannot take
+it. Health (did the last connect work?) and the circuit (how did the last calls end?) are separate: a
+new connection after a failure closes the circuit, since it proves the upstream is back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from mcp.shared.exceptions import MCPError
 from pydantic import SecretStr
 
 from arbiter.auth.outbound import CallerTokenRequired, Outbound, OutboundAuth
 from arbiter.auth.secrets import SecretBox
-from arbiter.errors import UpstreamUnavailable
+from arbiter.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from arbiter.net.egress import Egress
+from arbiter.proxy.breaker import Breaker, State
+from arbiter.proxy.bulkhead import Bulkhead
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.relay import UpstreamRequest
-from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
+from arbiter.proxy.retries import READS, RetryBudget, ToolSetting, backoff
+from arbiter.proxy.upstream import ConnectFailed, NotConnected, SessionGone, UpstreamClient, UpstreamSpec
+from arbiter.settings import UpstreamPolicy
+
+# Failures after which the request cannot have reached the upstream: safe to send again, or elsewhere.
+_NEVER_SENT = (ConnectFailed, SessionGone)
+# Failures that say nothing about the upstream's reachability (it was not tried, or it answered).
+_NEUTRAL = (NotConnected, SessionGone)
+
+
+@dataclass(slots=True)
+class _Guard:
+    breaker: Breaker | None  # None: upstream.breaker_threshold is 0
+    bulkhead: Bulkhead
+    budget: RetryBudget
+    fallback: str | None
 
 
 class UpstreamPool:
@@ -37,9 +63,16 @@ class UpstreamPool:
         caller_sessions_max: int = 256,
         caller_session_idle_s: float = 300.0,
         egress: Egress | None = None,
+        policy: UpstreamPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_health = on_health
         self._clients: dict[str, UpstreamClient] = {}
+        self._guards: dict[str, _Guard] = {}
+        self._policy = policy or UpstreamPolicy()
+        self._clock = clock  # the breakers' and retry budgets' (deadlines use time.monotonic, as anyio)
+        # upstream -> its own tool name -> what a security admin set (tool_settings); empty: nothing set.
+        self._tool_settings: dict[str, dict[str, ToolSetting]] = {}
         self._max_connections = max_connections
         self._idle_connection_s = idle_connection_s
         self._backoff = reconnect_backoff_s
@@ -84,6 +117,29 @@ class UpstreamPool:
     def down(self) -> list[str]:
         return sorted(name for name, client in self._clients.items() if not client.healthy)
 
+    def circuit_states(self) -> dict[str, str]:
+        """Each upstream's circuit: ``closed``, ``open`` or ``half_open`` (for metrics and the admin API)."""
+        return {
+            name: guard.breaker.state if guard.breaker is not None else "closed"
+            for name, guard in sorted(self._guards.items())
+        }
+
+    def circuit(self, name: str) -> State | None:
+        guard = self._guards.get(name)
+        if guard is None:
+            return None
+        return guard.breaker.state if guard.breaker is not None else "closed"
+
+    def set_tool_settings(self, settings: Mapping[str, Mapping[str, ToolSetting]]) -> None:
+        """Replace every tool's settings (the registry loads them from ``tool_settings``)."""
+        self._tool_settings = {up: dict(tools) for up, tools in settings.items() if tools}
+
+    def tool_setting(self, name: str, request: UpstreamRequest) -> ToolSetting | None:
+        tools = self._tool_settings.get(name) if self._tool_settings else None
+        if tools is None or request.method != "tools/call":
+            return None
+        return tools.get(request.params.get("name"))  # pyright: ignore[reportArgumentType]
+
     async def request(
         self,
         name: str,
@@ -91,19 +147,145 @@ class UpstreamPool:
         *,
         caller: SecretStr | None = None,
         on_send: Callable[[], None] | None = None,
+        on_fallback: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Send ``request`` to upstream ``name``: on its shared connection, or on the caller's own for a
-        token-exchange upstream (``caller`` is the caller's access token, read for those alone)."""
-        client = self.get(name)
+        token-exchange upstream (``caller`` is the caller's access token, read for those alone).
+
+        Under one deadline, through the upstream's circuit breaker and bulkhead, retried when safe; sent
+        to its fallback (``on_fallback`` is told its name) when the circuit is open or the call failed
+        before it reached the upstream. A passed deadline raises ``UpstreamTimeout``."""
+        client = self._clients.get(name)
+        if client is None:
+            raise UpstreamUnavailable.of(name)
+        guard = self._guards[name]
+        setting = self.tool_setting(name, request)
+        timeout = (
+            setting.timeout_s if setting is not None and setting.timeout_s else client.spec.call_timeout_s
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            return await self._guarded(
+                name, client, guard, setting, request, caller, on_send, deadline, timeout
+            )
+        except UpstreamUnavailable as exc:
+            fallback = guard.fallback
+            if fallback is None or not _before_upstream(exc):
+                raise
+            other = self._clients.get(fallback)
+            if other is None:
+                raise
+            if on_fallback is not None:
+                on_fallback(fallback)
+            return await self._guarded(
+                fallback,
+                other,
+                self._guards[fallback],
+                self.tool_setting(fallback, request),
+                request,
+                caller,
+                on_send,
+                deadline,
+                timeout,
+            )
+
+    async def _guarded(
+        self,
+        name: str,
+        client: UpstreamClient,
+        guard: _Guard,
+        setting: ToolSetting | None,
+        request: UpstreamRequest,
+        caller: SecretStr | None,
+        on_send: Callable[[], None] | None,
+        deadline: float,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        breaker = guard.breaker
+        probe = breaker.admit() if breaker is not None else False
+        bulkhead = guard.bulkhead
+        if not bulkhead.try_acquire():
+            try:
+                await bulkhead.acquire(deadline)
+            except UpstreamUnavailable:
+                if probe and breaker is not None:
+                    breaker.release()
+                if time.monotonic() >= deadline:
+                    raise UpstreamTimeout.after(name, timeout_s) from None
+                raise
+        guard.budget.earn()
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise UpstreamTimeout.after(name, timeout_s)
+                    result = await self._send(name, client, request, caller, on_send, remaining)
+                except (UpstreamUnavailable, MCPError, UpstreamProtocolError) as exc:
+                    if breaker is not None:
+                        _judge(breaker, exc, probe)
+                        probe = False
+                    if isinstance(exc, UpstreamTimeout):
+                        raise UpstreamTimeout.after(name, timeout_s) from exc
+                    delay = backoff(attempt - 1)
+                    if time.monotonic() + delay >= deadline or not self._retry(
+                        exc, attempt, request, setting, guard
+                    ):
+                        raise
+                    await anyio.sleep(delay)
+                    if breaker is not None:
+                        probe = breaker.admit()  # the circuit may have opened meanwhile
+                    continue
+                if breaker is not None and (probe or breaker.failures):
+                    breaker.success()
+                    probe = False
+                return result
+        finally:
+            if probe and breaker is not None:
+                breaker.release()  # cancelled, or an error that is no upstream outcome
+            bulkhead.release()
+
+    def _retry(
+        self,
+        exc: Exception,
+        attempt: int,
+        request: UpstreamRequest,
+        setting: ToolSetting | None,
+        guard: _Guard,
+    ) -> bool:
+        """Whether a failed attempt is sent again: safe to, tries and retry budget left."""
+        if attempt >= self._policy.retry_attempts or not isinstance(exc, UpstreamUnavailable):
+            return False
+        if isinstance(exc, _NEVER_SENT):
+            pass  # it never reached the upstream
+        elif isinstance(exc, NotConnected) or exc.details.get("circuit") or exc.details.get("bulkhead"):
+            return False  # nothing was tried (backoff, open circuit): trying again now would not either
+        elif not (request.method in READS or (setting is not None and setting.idempotent)):
+            return False  # it may have run: a tools/call runs once unless an admin said it is idempotent
+        if guard.breaker is not None and guard.breaker.opened_at is not None:
+            return False
+        return guard.budget.spend()
+
+    async def _send(
+        self,
+        name: str,
+        client: UpstreamClient,
+        request: UpstreamRequest,
+        caller: SecretStr | None,
+        on_send: Callable[[], None] | None,
+        remaining: float,
+    ) -> dict[str, Any]:
         if client.callers is None:
-            return await client.request(request, on_send=on_send)
+            return await client.request(request, deadline_s=remaining, on_send=on_send)
         if caller is None:
             raise CallerTokenRequired(
                 f"upstream {name!r} acts on behalf of the caller and needs an OAuth access token to "
                 "exchange; API keys cannot be exchanged",
                 upstream=name,
             )
-        return await client.callers.request(caller, request, None, on_send)
+        return await client.callers.request(caller, request, remaining, on_send)
 
     async def put(self, spec: UpstreamSpec) -> UpstreamClient:
         """Add or replace an upstream's client; a changed spec retires the old client and its connection."""
@@ -114,11 +296,13 @@ class UpstreamPool:
         client = self._client(spec, self._outbound.shared(spec.name, spec.credential), self._callers(spec))
         client.on_health = self._report
         self._clients[spec.name] = client
+        self._guards[spec.name] = self._guard(spec)
         if old is not None:
             await old.aclose()
         return client
 
     async def remove(self, name: str) -> None:
+        self._guards.pop(name, None)
         client = self._clients.pop(name, None)
         if client is not None:
             await client.aclose()
@@ -158,8 +342,56 @@ class UpstreamPool:
                 if client.callers is not None:
                     await client.callers.sweep()
 
+    def _guard(self, spec: UpstreamSpec) -> _Guard:
+        p = self._policy
+        breaker = None
+        if p.breaker_threshold:
+            breaker = Breaker(
+                spec.name, threshold=p.breaker_threshold, open_s=p.breaker_open_s, clock=self._clock
+            )
+        return _Guard(
+            breaker=breaker,
+            bulkhead=Bulkhead(
+                spec.name,
+                limit=spec.max_concurrency or p.max_concurrency,
+                max_waiting=p.max_waiting,
+                wait_s=p.queue_timeout_s,
+            ),
+            budget=RetryBudget(ratio=p.retry_ratio, min_per_s=p.retry_min_per_s, clock=self._clock),
+            fallback=spec.fallback,
+        )
+
     def _report(self, client: UpstreamClient, healthy: bool) -> None:
         # A retired client (replaced or removed meanwhile) may still finish a request or a connect
         # attempt; what it learns says nothing about the upstream's current definition.
-        if self._on_health is not None and self._clients.get(client.spec.name) is client:
+        if self._clients.get(client.spec.name) is not client:
+            return
+        if healthy:  # a new connection after a failure: the upstream is back, so is its circuit
+            guard = self._guards.get(client.spec.name)
+            if guard is not None and guard.breaker is not None:
+                guard.breaker.reset()
+        if self._on_health is not None:
             self._on_health(client.spec.name, healthy)
+
+
+def _before_upstream(exc: UpstreamUnavailable) -> bool:
+    """Whether a failed call never reached the upstream (so another upstream may take it)."""
+    if isinstance(exc, UpstreamTimeout):
+        return False
+    return isinstance(exc, NotConnected | ConnectFailed | SessionGone) or bool(
+        exc.details.get("circuit") or exc.details.get("bulkhead")
+    )
+
+
+def _judge(breaker: Breaker, exc: Exception, probe: bool) -> None:
+    """Tell the breaker how an attempt ended: transport failures and timeouts count, the upstream's own
+    answers (JSON-RPC errors, even malformed ones) prove it is there, and the rest says nothing."""
+    if isinstance(exc, MCPError | UpstreamProtocolError):
+        breaker.success()
+    elif isinstance(exc, _NEUTRAL) or (
+        isinstance(exc, UpstreamUnavailable) and (exc.details.get("circuit") or exc.details.get("bulkhead"))
+    ):
+        if probe:
+            breaker.release()
+    else:
+        breaker.failure()

@@ -19,16 +19,18 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from arbiter.auth.outbound import CredentialSpec
 from arbiter.auth.secrets import SecretBox
-from arbiter.errors import ArbiterError, Conflict, NotFound
+from arbiter.errors import ArbiterError, Conflict, InvalidInput, NotFound
 from arbiter.net.urlcheck import check_upstream_url
+from arbiter.proxy.breaker import State
 from arbiter.proxy.catalog import Catalog, UpstreamCatalog
 from arbiter.proxy.credentials import credential_to_store
 from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition
 from arbiter.proxy.pool import UpstreamPool
+from arbiter.proxy.retries import ToolSetting
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 from arbiter.settings import UpstreamConfig, UpstreamPolicy
 from arbiter.store import upstreams as repo
-from arbiter.store.models import CatalogItem, Upstream, utcnow
+from arbiter.store.models import CatalogItem, ToolSettingRow, Upstream, utcnow
 
 log = logging.getLogger(__name__)
 _DB_DEADLINE_S = 30.0
@@ -45,6 +47,8 @@ def spec_of(row: Upstream, config: UpstreamConfig | None = None) -> UpstreamSpec
         connect_timeout_s=row.connect_timeout_s,
         call_timeout_s=row.call_timeout_s,
         credential=CredentialSpec.from_json(row.credential),
+        max_concurrency=row.max_concurrency,
+        fallback=row.fallback,
     )
 
 
@@ -95,6 +99,7 @@ class UpstreamRegistry:
                     del rows[name]
             await db.commit()
             items = await repo.present_items(db)
+            self._pool.set_tool_settings(await _tool_settings(db))
         for row in rows.values():
             if row.enabled:
                 assert row.id is not None
@@ -108,6 +113,7 @@ class UpstreamRegistry:
                 rows = {
                     r.name: r for r in (await db.exec(select(Upstream).where(col(Upstream.enabled)))).all()
                 }
+                self._pool.set_tool_settings(await _tool_settings(db))
             for name in set(self._pool.names()) - set(rows):
                 log.info("upstream %s was disabled or removed elsewhere; dropping it", name)
                 await self._deactivate(name)
@@ -182,6 +188,8 @@ class UpstreamRegistry:
                 call_timeout_s=data.call_timeout_s,
                 enabled=data.enabled,
                 credential=credential.to_json(),
+                max_concurrency=data.max_concurrency,
+                fallback=data.fallback,
             )
             snap = await self._try_spec(row, previous=None) if row.enabled else None
             row = await self._save(row, snap, new=True)
@@ -196,6 +204,8 @@ class UpstreamRegistry:
         async with self._lock:
             async with self._db() as db:
                 row = await repo.editable(db, upstream_id)
+            if changes.get("fallback") == row.name:
+                raise InvalidInput("an upstream cannot be its own fallback", field="fallback")
             previous = self._spec(row) if row.enabled else None
             moved = changes.get("url", row.url) != row.url
             if patch.credential is not None or moved:
@@ -243,6 +253,43 @@ class UpstreamRegistry:
                     raise NotFound(f"no upstream with id {upstream_id}")
                 query = query.where(col(CatalogItem.upstream_id) == upstream_id)
             return [(name, item) for name, item in (await db.exec(query)).all()]
+
+    async def tool_setting(self, upstream_id: int, tool: str) -> tuple[Upstream, ToolSettingRow | None]:
+        """An upstream and what is set for one of its tools (None: nothing, the upstream's defaults)."""
+        async with self._db() as db:
+            row = await db.get(Upstream, upstream_id)
+            if row is None:
+                raise NotFound(f"no upstream with id {upstream_id}")
+            query = select(ToolSettingRow).where(
+                ToolSettingRow.upstream == row.name, ToolSettingRow.tool == tool
+            )
+            return row, (await db.exec(query)).first()
+
+    async def put_tool_setting(
+        self, upstream_id: int, tool: str, setting: ToolSetting, by: str
+    ) -> ToolSettingRow:
+        """Set one tool's settings; in force here at once, on other replicas at their next reconcile."""
+        async with self._db() as db:
+            row = await db.get(Upstream, upstream_id)
+            if row is None:
+                raise NotFound(f"no upstream with id {upstream_id}")
+            query = select(ToolSettingRow).where(
+                ToolSettingRow.upstream == row.name, ToolSettingRow.tool == tool
+            )
+            stored = (await db.exec(query)).first() or ToolSettingRow(upstream=row.name, tool=tool)
+            stored.idempotent = setting.idempotent
+            stored.timeout_s = setting.timeout_s
+            stored.updated_at = utcnow()
+            stored.updated_by = by[:200]
+            db.add(stored)
+            await db.commit()
+            await db.refresh(stored)
+            self._pool.set_tool_settings(await _tool_settings(db))
+            return stored
+
+    def circuit(self, name: str) -> State | None:
+        """The upstream's circuit in this replica (None when it does not run here)."""
+        return self._pool.circuit(name)
 
     def status(self, row: Upstream) -> str:
         if not row.enabled:
@@ -343,3 +390,10 @@ class UpstreamRegistry:
             if row is not None:
                 row.last_error = message[:1000]
                 await db.commit()
+
+
+async def _tool_settings(db: AsyncSession) -> dict[str, dict[str, ToolSetting]]:
+    out: dict[str, dict[str, ToolSetting]] = {}
+    for row in (await db.exec(select(ToolSettingRow))).all():
+        out.setdefault(row.upstream, {})[row.tool] = ToolSetting(row.idempotent, row.timeout_s)
+    return out

@@ -16,16 +16,18 @@ retried: a new connection that fails without an answer may have carried the requ
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
 
 import aiohttp
+import anyio
 import mcp_types as types
 import orjson
 from mcp.shared.exceptions import MCPError
@@ -49,6 +51,7 @@ SESSION_HEADER = "mcp-session-id"
 _PROTOCOL_HEADER = "mcp-protocol-version"
 _MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event (a large tool result); the SDK's default is 1 MiB
 _MAX_BODY_BYTES = 64 * 1024 * 1024  # one JSON answer
+_CANCEL_TIMEOUT_S = 5.0  # a best-effort notifications/cancelled; nobody waits for it
 # What a request written to a pooled connection meets when the peer had closed it: no answer at all.
 _UNANSWERED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
 # No connection to the upstream could be made at all.
@@ -113,6 +116,8 @@ class UpstreamRequest:
     method: str
     params: dict[str, Any]
     input_schema: Mapping[str, Any] | None = None
+    # W3C trace context (traceparent, tracestate) when traces are on; also in params._meta (forward.py).
+    trace_context: Mapping[str, str] | None = None
 
 
 class RelayFailure(Exception):
@@ -138,6 +143,8 @@ class MalformedAnswer(ValueError):
 Observer = Callable[[dict[str, Any]], None]
 Credential = Callable[[], dict[str, str]]
 Renewal = Callable[[dict[str, str]], Awaitable[dict[str, str] | None]]
+# Runs a coroutine function in the background (the client's task group): the cancellation notice.
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
 class Relay:
@@ -158,8 +165,10 @@ class Relay:
         session_id: str | None,
         credential: Credential | None = None,
         renew: Renewal | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         self._url = url
+        self._spawn = spawn
         self._http = http
         self._fresh_http = fresh_http
         self._credential = credential
@@ -206,24 +215,54 @@ class Relay:
                 {**cast(dict[str, Any], meta), **self._envelope} if isinstance(meta, dict) else self._envelope
             )
             params = {**params, "_meta": envelope}
+        if request.trace_context:
+            headers = {**headers, **request.trace_context}
         content = encode({"jsonrpc": "2.0", "id": rid, "method": request.method, "params": params})
         sent = self._credential() if self._credential is not None else {}
         if on_send is not None:
             on_send()
-        response = await self._post(content, {**headers, **sent} if sent else headers)
         try:
-            if response.status == 401 and self._renew is not None:
-                fresh = await self._renew(sent)
-                if fresh is not None:
-                    response.release()
-                    response = await self._post(content, {**headers, **fresh})
-            return await self._answer(response, rid, on_message)
-        except aiohttp.ClientPayloadError as exc:
-            raise Interrupted(f"the answer was cut off ({type(exc).__name__})") from None
-        except aiohttp.ClientError as exc:
-            raise Interrupted(type(exc).__name__) from None
-        finally:
-            response.release()
+            response = await self._post(content, {**headers, **sent} if sent else headers)
+            try:
+                if response.status == 401 and self._renew is not None:
+                    fresh = await self._renew(sent)
+                    if fresh is not None:
+                        response.release()
+                        response = await self._post(content, {**headers, **fresh})
+                return await self._answer(response, rid, on_message)
+            except aiohttp.ClientPayloadError as exc:
+                raise Interrupted(f"the answer was cut off ({type(exc).__name__})") from None
+            except aiohttp.ClientError as exc:
+                raise Interrupted(type(exc).__name__) from None
+            finally:
+                response.release()  # unread: the connection is closed, which ends the upstream's stream
+        except asyncio.CancelledError:
+            # The call's deadline passed (or its agent went away) with the request out: tell the upstream
+            # to stop, in the background, so the agent's answer does not wait for it.
+            if self._spawn is not None:
+                self._spawn(lambda: self.cancel(rid))
+            raise
+
+    async def cancel(self, rid: str, reason: str = "the caller's deadline passed") -> None:
+        """Send ``notifications/cancelled`` for request ``rid``, best effort: on the request's own session
+        in the handshake era, as a POST of its own in the 2026-07-28 era."""
+        if self._http.closed:
+            return
+        params: dict[str, Any] = {"requestId": rid, "reason": reason}
+        headers = self._headers
+        if self._modern:
+            headers = {**headers, MCP_METHOD_HEADER: "notifications/cancelled"}
+            params["_meta"] = self._envelope
+        content = encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
+        sent = self._credential() if self._credential is not None else {}
+        try:
+            with anyio.fail_after(_CANCEL_TIMEOUT_S):
+                async with self._http.post(
+                    self._url, data=content, headers={**headers, **sent}, allow_redirects=False
+                ) as response:
+                    await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.debug("notifications/cancelled for %s not delivered: %s", rid, type(exc).__name__)
 
     async def _post(self, content: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         if self._http.closed:  # the connection was closed meanwhile (the upstream changed or went away)

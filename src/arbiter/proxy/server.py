@@ -28,6 +28,7 @@ from arbiter.errors import ArbiterError
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.exchange import CALLER, exchange_of
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, Pipeline, Result
+from arbiter.proxy.tool_errors import as_tool_result
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,13 @@ async def _watch(receive: Receive, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def answer(pipeline: Pipeline, call: CallContext) -> Result:
+async def answer(pipeline: Pipeline, call: CallContext, *, error_results: bool = True) -> Result:
     """Run ``call`` through the pipeline and shape its result for the agent; failures as ``MCPError``.
 
-    Shared by the SDK's handlers and the direct 2026-07-28 path (``front.py``), so both answer alike.
+    With ``error_results`` (``mcp.tool_errors: result``), a ``tools/call`` refusal the model can act on is
+    answered as an ``isError`` tool result instead (``tool_errors.py``); the pipeline, and so the audit
+    record, saw the refusal as it was. Shared by the SDK's handlers and the direct 2026-07-28 path
+    (``front.py``), so both answer alike.
     """
     http = call.http_request
     try:
@@ -81,7 +85,10 @@ async def answer(pipeline: Pipeline, call: CallContext) -> Result:
         else:
             result = await pipeline(call)
     except ArbiterError as exc:
-        raise exc.to_mcp_error() from None
+        converted = as_tool_result(exc, call) if error_results and call.method == "tools/call" else None
+        if converted is None:
+            raise exc.to_mcp_error() from None
+        result = converted
     except MCPError:
         raise  # the upstream's own JSON-RPC error, passed through unchanged
     except Exception:
@@ -115,11 +122,14 @@ def build_mcp_server(
     catalog: Catalog,
     version: str,
     tool_visible: Callable[[Principal, str], bool] = lambda principal, name: True,
+    *,
+    error_results: bool = True,
 ) -> Server[Any]:
     """A server that answers every proxied method through ``pipeline``.
 
     ``tool_visible(principal, exposed_name)`` says whether the caller may see a tool: only then does the
     SDK check the call's ``Mcp-Param-*`` headers, so a hidden tool answers exactly like a missing one.
+    ``error_results``: see ``answer``.
     """
 
     async def handle(ctx: ServerRequestContext[Any, Any], params: BaseModel | None) -> Result:
@@ -136,7 +146,7 @@ def build_mcp_server(
             client_info=_client_info(ctx),
             exchange=exchange,
         )
-        return await answer(pipeline, call)
+        return await answer(pipeline, call, error_results=error_results)
 
     async def ping(
         ctx: ServerRequestContext[Any, Any], params: types.RequestParams | None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import TypeAdapter
 
 from arbiter.auth.outbound import CredentialSpec, OutboundAuth, UpstreamAuthFailed
-from arbiter.errors import UpstreamProtocolError, UpstreamUnavailable
+from arbiter.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from arbiter.net.egress import Egress, GuardedTransport, connector
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
@@ -56,6 +56,20 @@ _RAW_RESULT: Any = TypeAdapter(dict[str, Any])
 T = TypeVar("T")
 
 
+# How a call failed before it reached the upstream (the pool's retry, breaker and fallback read these;
+# agents see plain ``upstream_unavailable``).
+class NotConnected(UpstreamUnavailable):
+    """Nothing was tried: the reconnect backoff holds after a failure, or the client is retired."""
+
+
+class ConnectFailed(UpstreamUnavailable):
+    """No connection to the upstream could be opened: the request never left Arbiter."""
+
+
+class SessionGone(UpstreamUnavailable):
+    """The upstream answered that it forgot our session (it restarted): the request never ran."""
+
+
 @dataclass(frozen=True)
 class UpstreamSpec:
     """What the pool needs to reach one upstream (built from the registry row)."""
@@ -69,6 +83,8 @@ class UpstreamSpec:
     connect_timeout_s: float = 10.0
     call_timeout_s: float = 30.0
     credential: CredentialSpec = field(default_factory=CredentialSpec)
+    max_concurrency: int | None = None  # the pool's bulkhead for it (None: upstream.max_concurrency)
+    fallback: str | None = None  # the pool sends calls there when this one cannot take them
 
 
 class _Connection:
@@ -202,7 +218,8 @@ class UpstreamClient:
         if isinstance(exc, SessionLost):
             conn.session_lost = True
         elif isinstance(exc, Unreachable):
-            return self._unavailable(str(exc), conn)  # the upstream is down: reconnect, report it
+            # The upstream is down: reconnect, report it. The request never left.
+            return self._unavailable(str(exc), conn, ConnectFailed)
         elif isinstance(exc, Interrupted):
             # One request's connection failed mid-answer (after the relay's retry of an unanswered one):
             # that request fails; the upstream answered, so it stays up and the connection stays open.
@@ -210,10 +227,10 @@ class UpstreamClient:
         if conn.session_lost:
             return self._session_lost(conn)
         if isinstance(exc, TimeoutError):
-            return self._unavailable(f"{method} timed out after {deadline:g}s", None)
+            return self._timeout(method, deadline)
         if isinstance(exc, MCPError):
             if exc.code == types.REQUEST_TIMEOUT:  # a slow upstream, not a broken connection: keep it
-                return self._unavailable(f"{method} timed out after {deadline:g}s", None)
+                return self._timeout(method, deadline)
             return self._unavailable(exc.message, conn) if exc.code == types.CONNECTION_CLOSED else exc
         if isinstance(
             exc, OSError | httpx2.TransportError | anyio.BrokenResourceError | anyio.ClosedResourceError
@@ -235,15 +252,23 @@ class UpstreamClient:
         self._conn = None
         return True
 
+    def _timeout(self, method: str, deadline: float) -> UpstreamTimeout:
+        # A slow upstream, not a gone one: it stays listed and its connection stays open.
+        self.last_error = f"{method} timed out after {deadline:g}s"
+        log.warning("upstream %s: %s", self.spec.name, self.last_error)
+        return UpstreamTimeout.after(self.spec.name, deadline)
+
     def _session_lost(self, conn: _Connection) -> UpstreamUnavailable:
         # The upstream answered (it restarted and forgot us): drop the session so the next request opens
         # a new one at once. No backoff and no "down": the upstream is there.
         self._drop(conn)
         self.last_error = "the upstream lost our session (it restarted)"
         log.warning("upstream %s: %s", self.spec.name, self.last_error)
-        return UpstreamUnavailable.of(self.spec.name)
+        return SessionGone.of(self.spec.name)
 
-    def _unavailable(self, why: str, conn: _Connection | None) -> UpstreamUnavailable:
+    def _unavailable(
+        self, why: str, conn: _Connection | None, kind: type[UpstreamUnavailable] = UpstreamUnavailable
+    ) -> UpstreamUnavailable:
         # With a connection: it broke, so drop it and report the upstream down. Without one (a deadline
         # passed): the upstream is slow, not gone, and stays listed.
         if conn is not None and self._drop(conn):
@@ -254,7 +279,7 @@ class UpstreamClient:
             why = f"connection refused by Arbiter: {refused}"
         self.last_error = why
         log.warning("upstream %s unavailable: %s", self.spec.name, why)
-        return UpstreamUnavailable.of(self.spec.name)
+        return kind.of(self.spec.name)
 
     async def _connection(self) -> _Connection:
         conn = self._conn
@@ -264,7 +289,7 @@ class UpstreamClient:
             if self._conn is not None and not self._conn.broken:
                 return self._conn
             if self._closed or (self._last_failure and time.monotonic() - self._last_failure < self._backoff):
-                raise UpstreamUnavailable.of(self.spec.name)
+                raise NotConnected.of(self.spec.name)
             if self._egress is not None:
                 self._egress.refused = None
             try:
@@ -287,15 +312,18 @@ class UpstreamClient:
                         f"upstream {self.spec.name!r} refused Arbiter's credential (HTTP {status})",
                         upstream=self.spec.name,
                     ) from exc
-                raise UpstreamUnavailable.of(self.spec.name) from exc
+                raise ConnectFailed.of(self.spec.name) from exc
             if self._closed:  # retired while connecting (the upstream was changed or removed)
                 conn.close.set()
-                raise UpstreamUnavailable.of(self.spec.name)
+                raise NotConnected.of(self.spec.name)
             self._conn = conn
             self.last_error = None
             self.connects += 1
             self._report(True)
             return conn
+
+    def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._tg.start_soon(work)
 
     def _refused(self) -> str | None:
         return self._egress.refused if self._egress is not None else None
@@ -334,6 +362,7 @@ class UpstreamClient:
                         session_id=conn.session_id,
                         credential=self._auth.headers if self._auth is not None else None,
                         renew=self._auth.renewed if self._auth is not None else None,
+                        spawn=self._spawn,
                     )
                 task_status.started(conn)
                 started = True

@@ -40,6 +40,27 @@ class Upstream(SQLModel, table=True):
     # Arbiter's outbound credential (auth/outbound.py ``CredentialSpec.to_json``): non-secret settings,
     # and for its secret either an environment variable's name or a Fernet token, never the value.
     credential: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(sa.JSON, nullable=True))
+    # Resilience (proxy/pool.py): its bulkhead (None: upstream.max_concurrency) and its fallback's name.
+    max_concurrency: int | None = Field(default=None, sa_column=sa.Column(sa.Integer, nullable=True))
+    fallback: str | None = Field(default=None, sa_column=sa.Column(sa.String(32), nullable=True))
+
+
+class ToolSettingRow(SQLModel, table=True):
+    """What a security admin decided about one upstream tool: whether a call that reached the upstream may
+    be sent again (``idempotent``), and its own deadline. Keyed by names, so it outlives re-registration."""
+
+    __tablename__ = "tool_settings"  # pyright: ignore[reportAssignmentType]
+    __table_args__ = (sa.UniqueConstraint("upstream", "tool", name="uq_tool_settings"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    upstream: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    tool: str = Field(sa_column=sa.Column(sa.String(1024), nullable=False))
+    idempotent: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
+    timeout_s: float | None = Field(default=None, sa_column=sa.Column(sa.Float, nullable=True))
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
+    )
+    updated_by: str = Field(default="", sa_column=sa.Column(sa.String(200), nullable=False))
 
 
 class CatalogItem(SQLModel, table=True):

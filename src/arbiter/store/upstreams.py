@@ -102,6 +102,8 @@ def apply_config(row: Upstream, cfg: UpstreamConfig, credential: dict[str, Any] 
     row.connect_timeout_s = cfg.connect_timeout_s
     row.call_timeout_s = cfg.call_timeout_s
     row.enabled = cfg.enabled
+    row.max_concurrency = cfg.max_concurrency
+    row.fallback = cfg.fallback
     row.credential = credential
     row.source = "config"
     row.updated_at = utcnow()

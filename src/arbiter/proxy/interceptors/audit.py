@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from mcp.shared.exceptions import MCPError
@@ -19,6 +20,7 @@ from arbiter.audit.writer import AuditWriter
 from arbiter.errors import ArbiterError, RequestRejected, UnknownTarget
 from arbiter.http_scope import client_ip, trace_id
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
+from arbiter.telemetry.tracing import TRACEPARENT, meta_context, trace_id_of
 
 
 class Audit:
@@ -38,7 +40,29 @@ class Audit:
             error = exc
             raise
         finally:
-            self._writer.submit(mcp_event(ctx, result, error))
+            event = mcp_event(ctx, result, error)
+            if event.trace_id is not None and isinstance(error, ArbiterError):
+                with_trace_id(error, event.trace_id)
+            self._writer.submit(event)
+
+
+def with_trace_id(error: ArbiterError, tid: str) -> None:
+    """Name the trace in an error the agent gets (``data.trace_id``), so it can be found from either end.
+    Not on an unknown target: that answer must stay exactly what a missing tool gets."""
+    if not isinstance(error, UnknownTarget):
+        error.details.setdefault("trace_id", tid)
+
+
+def request_trace_id(ctx: CallContext, scope: Mapping[str, Any] | None) -> str | None:
+    """This request's trace id: Arbiter's own span's when traces are on, else the caller's
+    ``traceparent`` (HTTP header, or ``params._meta`` in 2026-07-28), if any."""
+    if ctx.trace_id is not None:
+        return ctx.trace_id
+    found = trace_id(scope)
+    if found is None and "_meta" in ctx.params:
+        carrier = meta_context(ctx.params)
+        found = trace_id_of(carrier[TRACEPARENT]) if carrier is not None else None
+    return found
 
 
 def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | None) -> Event:
@@ -57,6 +81,8 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
             "error_code": error.to_mcp_error().error.code,
             "message": error.message,
         }
+        if "circuit" in error.details:  # refused by the upstream's open circuit breaker
+            outcome["circuit"] = error.details["circuit"]
     elif isinstance(error, MCPError):  # the upstream's own JSON-RPC error
         decision, reason = "allow", "upstream_error"
         outcome = {"status": "error", "error_code": error.error.code, "message": error.error.message}
@@ -66,6 +92,8 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
     else:
         decision, reason = "error", "internal_error"
         outcome = {"status": "error", "error_code": INTERNAL_ERROR}
+    if ctx.fallback is not None:
+        outcome["fallback"] = ctx.fallback
     policy = ctx.decision
     http = ctx.http_request
     scope = http.scope if http is not None else None
@@ -84,7 +112,7 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
         outcome=outcome,
         latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
         cost=ctx.cost,
-        trace_id=trace_id(scope),
+        trace_id=request_trace_id(ctx, scope),
         request_id=ctx.request_id,
         protocol_version=ctx.protocol_version,
         client_info=ctx.client_info,

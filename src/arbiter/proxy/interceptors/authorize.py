@@ -4,7 +4,8 @@ caller may not see is answered as if it did not exist; a visible but refused cal
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from arbiter.auth.principal import Principal
 from arbiter.errors import PolicyDenied
@@ -12,6 +13,7 @@ from arbiter.naming import split_name, split_uri
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.rules import USE_ACTION
+from arbiter.proxy.catalog import UNAVAILABLE_META
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.targets import not_found
 
@@ -57,6 +59,8 @@ class Authorize:
         result = await call_next(ctx)
         if listing is not None:
             _filter(result, listing, engine, sub)
+            if ctx.unavailable:
+                _narrow_unavailable(result, ctx.unavailable, engine, sub)
         return result
 
 
@@ -72,3 +76,25 @@ def _filter(result: Result, listing: tuple[str, str, bool, str], engine: PolicyE
         if parts is not None and engine.visible(sub, f"{parts[0]}/{parts[1]}", use):
             kept.append(item)
     result[key] = kept
+
+
+def _narrow_unavailable(
+    result: Result, unavailable: Mapping[str, Sequence[str]], engine: PolicyEngine, sub: Subject
+) -> None:
+    """Name a down upstream only to a caller who could see one of its tools: the list must not reveal an
+    upstream the caller has nothing to see on."""
+    named = [
+        upstream
+        for upstream, tools in unavailable.items()
+        if any(engine.visible(sub, f"{upstream}/{tool}", "call") for tool in tools)
+    ]
+    meta: Any = result.get("_meta")
+    if not isinstance(meta, dict):
+        return
+    meta = cast(dict[str, Any], meta)
+    if named:
+        meta[UNAVAILABLE_META] = sorted(named)
+        return
+    meta.pop(UNAVAILABLE_META, None)
+    if not meta:
+        del result["_meta"]

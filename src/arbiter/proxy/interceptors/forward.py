@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from arbiter.naming import exposed_uri
-from arbiter.proxy.catalog import Catalog
+from arbiter.proxy.catalog import UNAVAILABLE_META, Catalog
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.relay import UpstreamRequest
@@ -15,6 +15,10 @@ _SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 
 def _sent(ctx: CallContext) -> None:
     ctx.sent = True  # handed to the upstream: the tool may run from now on
+
+
+def _fell_back(ctx: CallContext, upstream: str) -> None:
+    ctx.fallback = upstream  # the primary could not take the call; the audit record names where it went
 
 
 class Forward:
@@ -27,7 +31,11 @@ class Forward:
         # Lists are fresh list objects over shared entries: interceptors may filter them, not edit entries.
         match ctx.method:
             case "tools/list":
-                return {"tools": list(views.tools)}
+                listed: Result = {"tools": list(views.tools)}
+                if views.unavailable_tools:  # upstreams down; the authorize step narrows this per caller
+                    ctx.unavailable = views.unavailable_tools
+                    listed["_meta"] = {UNAVAILABLE_META: sorted(views.unavailable_tools)}
+                return listed
             case "resources/list":
                 return {"resources": list(views.resources)}
             case "resources/templates/list":
@@ -39,7 +47,8 @@ class Forward:
 
     async def _forward(self, ctx: CallContext) -> Result:
         assert ctx.upstream is not None and ctx.target is not None, "resolve runs before forward"
-        # Only the progress token crosses over; the rest of _meta is the agent's envelope, not the upstream's.
+        # Only the progress token crosses over (and, with traces on, Arbiter's own trace context); the
+        # rest of _meta is the agent's envelope, not the upstream's.
         meta: Any = ctx.params.get("_meta")
         progress: Any = cast(dict[str, Any], meta).get("progressToken") if isinstance(meta, dict) else None
         params: dict[str, Any]
@@ -57,13 +66,22 @@ class Forward:
                 schema = ctx.definition.get("inputSchema")
         if progress is not None:
             params["_meta"] = {"progressToken": progress}
+        trace = ctx.trace_context  # set by the tracing step (traces on): the upstream call's own span
+        if trace is not None:
+            params["_meta"] = {**params.get("_meta", {}), **trace}
         request = UpstreamRequest(
-            ctx.method, params, cast(dict[str, Any], schema) if isinstance(schema, dict) else None
+            ctx.method, params, cast(dict[str, Any], schema) if isinstance(schema, dict) else None, trace
         )
         # The caller's own token goes along for an upstream that exchanges it (RFC 8693), and only the
         # pool reads it, for those alone; every other upstream gets Arbiter's credential.
         caller = ctx.exchange.caller_token if ctx.exchange is not None else None
-        result = await self._pool.request(ctx.upstream, request, caller=caller, on_send=lambda: _sent(ctx))
+        result = await self._pool.request(
+            ctx.upstream,
+            request,
+            caller=caller,
+            on_send=lambda: _sent(ctx),
+            on_fallback=lambda upstream: _fell_back(ctx, upstream),
+        )
         _strip_upstream_identity(result)
         if ctx.method == "resources/read":
             _rename_contents(result, ctx.upstream)

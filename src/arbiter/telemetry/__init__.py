@@ -1,0 +1,1 @@
+"""OpenTelemetry for Arbiter: tracing (MCP semantic conventions), structured logs and metrics."""
