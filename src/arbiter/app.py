@@ -295,7 +295,7 @@ def create_app(
         max_body_bytes=mcp_cfg.max_body_bytes,
         body_timeout_s=mcp_cfg.body_timeout_s,
         authenticator=authenticator,
-        time_authentication=tracer is not None,
+        time_authentication=tracer is not None and settings.telemetry.trace_steps,
         security=TransportSecuritySettings(
             enable_dns_rebinding_protection=mcp_cfg.dns_rebinding_protection,
             allowed_hosts=mcp_cfg.allowed_hosts,
@@ -331,7 +331,14 @@ def _audit_writer(settings: Settings, engine: AsyncEngine) -> AuditWriter:
 def _metrics(
     settings: Settings, audit: AuditWriter, policy: LivePolicy, pool: UpstreamPool
 ) -> Metrics | None:
-    if not settings.telemetry.metrics:
+    telemetry = settings.telemetry
+    if not telemetry.metrics:
+        return None
+    if telemetry.metrics_token is None and not telemetry.metrics_public:
+        log.warning(
+            "metrics are not served: set telemetry.metrics_token (ARBITER_TELEMETRY__METRICS_TOKEN), or "
+            "telemetry.metrics_public=true if only the scraper can reach this port"
+        )
         return None
     metrics = Metrics()  # a registry of this app's own
     audit.on_write = metrics.audit_write
@@ -358,7 +365,8 @@ def _pipeline(
         return client.spec.url if client is not None else None
 
     redactor = Redactor(settings.audit.redact) if settings.telemetry.trace_arguments else None
-    return Pipeline(traced(steps, tracer, upstream_url, redactor))
+    step_spans = settings.telemetry.trace_steps
+    return Pipeline(traced(steps, tracer, upstream_url, redactor, step_spans=step_spans))
 
 
 def _jwt_verifier(settings: Settings) -> JwtVerifier | None:

@@ -509,16 +509,26 @@ class TelemetrySettings(BaseModel):
     # (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or http://localhost:4318/v1/traces).
     otlp_endpoint: str | None = None
     service_name: str = Field(default="arbiter", min_length=1, max_length=200)
-    # Share of new traces recorded; a trace continued from the caller follows the caller's decision.
+    # Share of new traces recorded; a trace continued from the caller follows the caller's decision
+    # when follow_caller_sampling is on, else the ratio decides for it too (an agent cannot then force
+    # every one of its calls to be recorded and exported).
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    follow_caller_sampling: bool = True
+    # A span for each pipeline step (authenticate, authorize, limits, audit) under the SERVER span. Off:
+    # the SERVER and CLIENT spans only, two spans a call instead of six.
+    trace_steps: bool = True
     # Put tool-call arguments on spans, redacted exactly as in the audit log. Off: never.
     trace_arguments: bool = False
     # Log lines: JSON (one object a line) or readable text. Unset: the CLI chooses (serve: json, demo: text).
     log_format: Literal["json", "text"] | None = None
     # Prometheus metrics at GET /metrics. Off: no route and no metrics work per call.
     metrics: bool = True
-    # When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (401 otherwise).
+    # GET /metrics requires `Authorization: Bearer <metrics_token>` (401 otherwise). Metrics name every
+    # tool that was called, hidden ones included, and /metrics shares its port with /mcp: without a token
+    # they are served only if metrics_public says so (a port only the scraper reaches), and otherwise
+    # not at all (no route, no work per call; a warning at start-up says why).
     metrics_token: SecretStr | None = None
+    metrics_public: bool = False
 
 
 class Settings(BaseSettings):

@@ -9,7 +9,10 @@ from collections.abc import Callable, Mapping
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from arbiter.proxy.interceptors.metrics import ClientMetrics, ServerMetrics
+from arbiter.proxy.catalog import Catalog, UpstreamCatalog
+from arbiter.proxy.interceptors.metrics import ClientMetrics, ServerMetrics, labels_of
+from arbiter.proxy.interceptors.resolve import Resolve
+from arbiter.proxy.pipeline import CallContext
 from arbiter.runtime import Runtime
 from arbiter.telemetry.metrics import Metrics
 from tests.conftest import ALLOW_ALL, ArbiterFactory, ArbiterServer, UpstreamProc
@@ -19,6 +22,7 @@ Labels = frozenset[tuple[str, str]]
 Samples = dict[tuple[str, Labels], float]
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
+PUBLIC = {"metrics_public": True}  # served without a token (a port only the scraper reaches)
 # A conditional deny: the tool stays visible, so the call is refused as policy_denied (not unknown).
 POLICY = ALLOW_ALL + 'p, *, *, crm/delete_customer, call, deny, r.args.customer_id == "C-1001"\n'
 SECRET_ARG = "C-1001"  # an argument value: never a label
@@ -73,7 +77,7 @@ async def test_metrics_move_as_calls_happen(
 ) -> None:
     spare = UpstreamProc("arbiter.demo.crm").start()  # this one dies during the test
     try:
-        server = arbiter_factory(policy=POLICY)
+        server = arbiter_factory(policy=POLICY, telemetry=PUBLIC)
         server.register("crm", crm_upstream.url)
         server.register("spare", spare.url)
         admin_post(
@@ -178,14 +182,20 @@ async def test_the_token_protects_metrics(arbiter_factory: ArbiterFactory) -> No
 async def test_metrics_off_means_no_route_and_no_metrics_steps(
     arbiter_factory: ArbiterFactory, crm_upstream: UpstreamProc
 ) -> None:
-    on = arbiter_factory()
+    on = arbiter_factory(telemetry=PUBLIC)
     off = arbiter_factory(telemetry={"metrics": False})
+    # On, but neither a token nor metrics_public: metrics would name hidden tools to any agent on the
+    # /mcp port, so they are not served, and not recorded either.
+    unprotected = arbiter_factory()
     off.register("crm", crm_upstream.url)
-    steps = {type(step) for step in _runtime(off).pipeline.interceptors}
-    assert not steps & {ServerMetrics, ClientMetrics}
+    for server in (off, unprotected):
+        steps = {type(step) for step in _runtime(server).pipeline.interceptors}
+        assert not steps & {ServerMetrics, ClientMetrics}
     assert {ServerMetrics, ClientMetrics} <= {type(step) for step in _runtime(on).pipeline.interceptors}
     async with httpx.AsyncClient(timeout=30) as http:
         assert (await http.get(f"{off.base_url}/metrics")).status_code == 404
+        assert (await http.get(f"{unprotected.base_url}/metrics")).status_code == 404
+        assert (await http.get(f"{on.base_url}/metrics")).status_code == 200
         assert (await call(http, off, off.agent_key, "crm__get_customer", {"customer_id": SECRET_ARG})).ok
 
 
@@ -231,7 +241,7 @@ def test_circuit_states_are_read_at_scrape_time() -> None:
 async def test_circuit_state_and_breaker_refusals(arbiter_factory: ArbiterFactory) -> None:
     spare = UpstreamProc("arbiter.demo.crm").start()
     try:
-        server = arbiter_factory(upstream={"breaker_threshold": 1, "breaker_open_s": 600})
+        server = arbiter_factory(upstream={"breaker_threshold": 1, "breaker_open_s": 600}, telemetry=PUBLIC)
         server.register("spare", spare.url)
         circuit = "arbiter_upstream_circuit_state"
         found = samples(scrape_text(server))
@@ -254,3 +264,25 @@ async def test_circuit_state_and_breaker_refusals(arbiter_factory: ArbiterFactor
         )
     finally:
         spare.kill()
+
+
+async def test_spellings_of_one_resource_share_one_series() -> None:
+    # Dot segments, escapes and a differently cased scheme all resolve to one catalog entry; the agent's
+    # spelling must not become a label, or any agent could grow the series (and memory) without bound.
+    catalog = Catalog()
+    uri = "docs://handbook/intro"
+    catalog.put(UpstreamCatalog("docs", resources={uri: {"uri": uri, "name": "intro"}}))
+    resolve = Resolve(catalog)
+
+    async def end(ctx: CallContext) -> dict[str, object]:
+        return {}
+
+    labels: set[tuple[str, str, str]] = set()
+    spellings = ["", "./", "zz/../", "%69"]
+    for prefix in spellings:
+        sent = f"arbiter://docs/docs://handbook/{prefix}{'ntro' if prefix == '%69' else 'intro'}"
+        ctx = CallContext(method="resources/read", params={"uri": sent})
+        await resolve(ctx, end)
+        assert ctx.definition is not None, sent
+        labels.add(labels_of(ctx, None))
+    assert labels == {("resources/read", "docs", "arbiter://docs/docs://handbook/intro")}

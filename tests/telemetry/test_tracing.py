@@ -5,10 +5,12 @@ span exporter on the app's own tracer provider and through what the upstream rec
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -19,12 +21,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from arbiter.app import create_app
 from arbiter.proxy.body import replay_body
 from arbiter.proxy.interceptors.tracing import Step, Tracing, UpstreamCall
-from arbiter.settings import Settings
+from arbiter.settings import Settings, TelemetrySettings
+from arbiter.telemetry.tracing import build_tracer_provider, trace_id_of
 from tests.conftest import ADMIN_TOKEN, ALLOW_ALL, ArbiterFactory, ArbiterServer, serve_in_thread
 from tests.refusals import refusal_of
 
@@ -35,6 +39,7 @@ MODERN = "2026-07-28"
 AGENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 AGENT_SPAN = "00f067aa0ba902b7"
 AGENT_PARENT = f"00-{AGENT_TRACE}-{AGENT_SPAN}-01"
+_PROPAGATOR = TraceContextTextMapPropagator()
 # A conditional deny keeps the tool visible: the call is refused as policy_denied, not unknown.
 POLICY = ALLOW_ALL + 'p, *, *, rec/echo, call, deny, r.args.text == "forbidden"\n'
 
@@ -149,7 +154,7 @@ def modern_call(
     header: str | None = None,
     meta: str | None = None,
     name: str = "rec__echo",
-    status: int = 200,
+    status: int | None = 200,
 ) -> dict[str, Any]:
     """A raw 2026-07-28 tools/call, with a traceparent in the HTTP header and/or ``params._meta``."""
     envelope: dict[str, Any] = {
@@ -170,7 +175,8 @@ def modern_call(
     if header is not None:
         headers["traceparent"] = header
     resp = httpx.post(server.mcp_url, json=body, headers=headers, timeout=30)
-    assert resp.status_code == status, resp.text
+    if status is not None:
+        assert resp.status_code == status, resp.text
     out: dict[str, Any] = resp.json()
     return out
 
@@ -370,3 +376,71 @@ def test_an_unsampled_request_records_no_span_but_still_propagates_its_trace(
     assert int(seen.header.rsplit("-", 1)[1], 16) & 1 == 0  # the sampled flag is off
     assert audited_trace_ids(server, trace_id)  # the audit record names the trace the upstream saw
     assert not exporter.get_finished_spans()
+
+
+def test_a_stdio_upstream_is_sent_the_client_span_as_its_parent(arbiter_factory: ArbiterFactory) -> None:
+    # The SDK's client (stdio and SSE upstreams) injects the *current* context into the request's _meta
+    # itself: the CLIENT span must be current then, or the upstream would hang off the SERVER span.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    script = Path(__file__).with_name("stdio_trace.py")
+    stdio = {"name": "st", "transport": "stdio", "command": [sys.executable, str(script)]}
+    server = arbiter_factory(tracer_provider=provider, upstreams=[stdio])
+
+    def discovered() -> bool:  # config upstreams are discovered in the background at start-up
+        with server.admin() as admin:
+            [listed] = [u for u in admin.get("/upstreams").json() if u["name"] == "st"]
+        return bool(listed.get("catalog", {}).get("tools"))
+
+    wait_for(discovered, timeout=60)
+    out = modern_call(server, {}, header=AGENT_PARENT, name="st__traceparent")
+    assert "result" in out, out
+    seen = out["result"]["structuredContent"]["result"]
+    trace_id, parent_id = trace_of(seen)
+    assert trace_id == AGENT_TRACE
+    spans = [s for s in exporter.get_finished_spans() if _tid(s) == AGENT_TRACE]
+    [client] = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert _sid(client) == parent_id
+
+
+def test_a_trace_id_must_be_exactly_32_hex_digits() -> None:
+    good = f"00-{AGENT_TRACE}-{AGENT_SPAN}-01"
+    assert trace_id_of(good) == AGENT_TRACE
+    assert trace_id_of(good.upper()) == AGENT_TRACE  # hex case does not matter
+    for bad_id in ("+" + "0" * 30 + "1", " " + "1" * 31, "_" + "1" * 31, "g" * 32, "0" * 32):
+        assert trace_id_of(f"00-{bad_id}-{AGENT_SPAN}-01") is None, bad_id
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_callers_decide_sampling_only_when_trusted_to(follow: bool) -> None:
+    settings = TelemetrySettings(traces="console", sample_ratio=0.0, follow_caller_sampling=follow)
+    provider = build_tracer_provider(settings, "test")
+    assert provider is not None
+    try:
+        parent = _PROPAGATOR.extract({"traceparent": AGENT_PARENT})  # the caller says: sampled
+        with provider.get_tracer("t").start_as_current_span("s", context=parent) as span:
+            assert span.is_recording() is follow
+            assert span.get_span_context().trace_id == int(AGENT_TRACE, 16)  # continued either way
+    finally:
+        provider.shutdown()
+
+
+def test_without_step_spans_only_the_server_and_client_spans_are_made(
+    arbiter_factory: ArbiterFactory, upstream: tuple[TraceRecorder, str]
+) -> None:
+    recorder, url = upstream
+    recorder.calls.clear()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = arbiter_factory(tracer_provider=provider, policy=POLICY, telemetry={"trace_steps": False})
+    server.register("rec", url)
+    modern_call(server, {"text": "lean"}, header=AGENT_PARENT)
+    [seen] = recorder.calls
+    _, parent_id = trace_of(seen.header)
+    spans = wait_for(lambda: [s for s in exporter.get_finished_spans() if _tid(s) == AGENT_TRACE])
+    kinds = sorted(str(s.kind) for s in spans)
+    assert kinds == sorted([str(SpanKind.SERVER), str(SpanKind.CLIENT)]), [s.name for s in spans]
+    [client] = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert _sid(client) == parent_id  # the upstream still continues Arbiter's CLIENT span

@@ -7,6 +7,7 @@ never share spans. With ``telemetry.traces = "off"`` there is no provider at all
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 
 from arbiter.settings import TelemetrySettings
 
@@ -22,6 +23,7 @@ from arbiter.settings import TelemetrySettings
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 TRACER_NAME = "arbiter"
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def build_tracer_provider(settings: TelemetrySettings, version: str) -> TracerProvider | None:
@@ -34,8 +36,9 @@ def build_tracer_provider(settings: TelemetrySettings, version: str) -> TracerPr
         else ConsoleSpanExporter(service_name=settings.service_name)
     )
     provider = TracerProvider(
-        # A caller's sampling decision (its traceparent's flag) wins; new traces are sampled at the ratio.
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+        # New traces are sampled at the ratio. A caller's own decision (its traceparent's flag) wins only
+        # if the operator trusts callers with it: otherwise any agent could have every call recorded.
+        sampler=_sampler(settings),
         # Built here, not from OTEL_* variables: only settings.py reads the environment.
         resource=Resource({"service.name": settings.service_name, "service.version": version}),
         shutdown_on_exit=False,
@@ -48,14 +51,19 @@ def trace_id_of(traceparent: object) -> str | None:
     """The trace id of a W3C ``traceparent`` value (``00-<32 hex>-<16 hex>-<2 hex>``), if well formed."""
     if not isinstance(traceparent, str) or len(traceparent) < 55:
         return None
-    tid = traceparent[3:35]
-    if traceparent[2] != "-" or traceparent[35] != "-" or tid == "0" * 32:
+    tid = traceparent[3:35].lower()
+    # Exactly 32 hex digits: int(..., 16) would also take a sign, spaces or underscores.
+    if traceparent[2] != "-" or traceparent[35] != "-" or tid == "0" * 32 or not _TRACE_ID.fullmatch(tid):
         return None
-    try:
-        int(tid, 16)
-    except ValueError:
-        return None
-    return tid.lower()
+    return tid
+
+
+def _sampler(settings: TelemetrySettings) -> Sampler:
+    ratio = TraceIdRatioBased(settings.sample_ratio)
+    if not settings.follow_caller_sampling:
+        # The ratio decides for every trace, the callers' included (their trace ids stay continued).
+        return ParentBased(ratio, remote_parent_sampled=ratio, remote_parent_not_sampled=ratio)
+    return ParentBased(ratio)
 
 
 def meta_context(params: Mapping[str, Any]) -> dict[str, str] | None:

@@ -23,6 +23,7 @@ from arbiter.errors import (
     UnknownTarget,
     UpstreamUnavailable,
 )
+from arbiter.naming import exposed_name, exposed_uri
 from arbiter.proxy.pipeline import LIST_METHODS, TARGET_KEYS, CallContext, CallNext, Result
 from arbiter.telemetry.metrics import Metrics
 
@@ -56,9 +57,13 @@ def labels_of(ctx: CallContext, error: BaseException | None) -> tuple[str, str, 
         return method, "", ""
     if ctx.upstream is None or isinstance(error, UnknownTarget):
         return method, "", UNKNOWN
-    if ctx.definition is None:
+    if ctx.definition is None or ctx.target is None:
         return method, ctx.upstream, TEMPLATED
-    return method, ctx.upstream, ctx.exposed or UNKNOWN
+    # The catalog's spelling, never the agent's: many spellings of one resource URI (dot segments,
+    # escapes) resolve to the same entry, and each would otherwise make a new series.
+    if method == "resources/read":
+        return method, ctx.upstream, exposed_uri(ctx.upstream, ctx.target)
+    return method, ctx.upstream, exposed_name(ctx.upstream, ctx.target)
 
 
 class ServerMetrics:

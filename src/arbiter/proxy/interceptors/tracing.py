@@ -53,15 +53,21 @@ def traced(
     tracer: Tracer,
     upstream_url: UpstreamUrl,
     redactor: Redactor | None = None,
+    *,
+    step_spans: bool = True,
 ) -> list[Interceptor]:
     """``steps`` with ``Tracing`` first and Arbiter's own working steps wrapped in spans.
 
     ``upstream_url(name)`` gives an upstream's URL (for ``server.address``/``server.port``); ``redactor``,
-    when given, puts the redacted arguments of tool calls on the SERVER span (opt-in only).
+    when given, puts the redacted arguments of tool calls on the SERVER span (opt-in only). Without
+    ``step_spans`` (``telemetry.trace_steps``) only the SERVER and CLIENT spans are made: each span costs
+    its making and its export, so a third of the spans costs about a third.
     """
     out: list[Interceptor] = [Tracing(tracer, redactor)]
     for step in steps:
-        if isinstance(step, Audit):
+        if not step_spans:
+            out.append(UpstreamCall(tracer, step, upstream_url) if isinstance(step, Forward) else step)
+        elif isinstance(step, Audit):
             out.append(Step(tracer, "arbiter.audit", step, after=_ALL_METHODS))
         elif isinstance(step, Authorize):
             # A single target is decided before calling on; a list is filtered after.
@@ -211,8 +217,12 @@ class UpstreamCall:
             f"{ctx.method} {ctx.target}", kind=SpanKind.CLIENT, attributes=attributes
         )
         carrier = {}
-        _PROPAGATOR.inject(carrier, context=set_span_in_context(span))
+        current = set_span_in_context(span)
+        _PROPAGATOR.inject(carrier, context=current)
         ctx.trace_context = carrier
+        # Current while the upstream is called: the SDK's client (stdio and SSE upstreams) injects the
+        # current context into the request's _meta itself, and must inject this span's, not the SERVER's.
+        token = otel_context.attach(current)
         try:
             result = await self._forward(ctx, call_next)
             if result.get("isError") is True:
@@ -222,6 +232,7 @@ class UpstreamCall:
             _record_error(span, exc)
             raise
         finally:
+            otel_context.detach(token)
             span.end()
 
 
