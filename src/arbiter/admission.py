@@ -26,6 +26,8 @@ _ALWAYS = frozenset({"/healthz", "/readyz", "/metrics"})
 _RETRY_AFTER_S = 1  # another replica (draining), or the same one a moment later (overloaded)
 _DISCARD_MAX_BYTES = 1024 * 1024
 _DISCARD_TIMEOUT_S = 5.0
+_LISTEN = (b"mcp-method", b"subscriptions/listen")  # the header a 2026-07-28 listen request must carry
+_MODERN = (b"mcp-protocol-version", b"2026-07-28")
 
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -33,12 +35,15 @@ Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 class Admission:
     """The gate in front of every HTTP request (``ArbiterApp``)."""
 
-    __slots__ = ("draining", "in_flight", "max_in_flight")
+    __slots__ = ("draining", "in_flight", "listen_streams", "max_in_flight")
 
     def __init__(self, max_in_flight: int) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight = 0  # /mcp requests being answered now (long-lived GET streams excluded)
         self.draining = False
+        # 2026-07-28 subscriptions/listen streams live as long as the agent listens, like a GET stream:
+        # not counted (bounded by notifications.max_listeners). Set only when they are served.
+        self.listen_streams = False
 
     def drain(self) -> None:
         """From now on refuse new requests (readyz says so too); those in flight carry on."""
@@ -53,7 +58,7 @@ class Admission:
 
     async def serve_mcp(self, app: Asgi, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a /mcp request through ``app`` unless ``max_in_flight`` are being answered already."""
-        if scope["method"] == "GET":
+        if scope["method"] == "GET" or (self.listen_streams and _is_listen(scope)):
             # A handshake-era session's event stream: open for the session's life, bounded by
             # mcp.max_sessions, not a request being answered.
             await app(scope, receive, send)
@@ -67,6 +72,13 @@ class Admission:
             await app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+
+def _is_listen(scope: Scope) -> bool:
+    # At 2026-07-28 the SDK refuses a request whose Mcp-Method header disagrees with its body, so the
+    # header cannot smuggle another method past the in-flight limit.
+    headers = scope["headers"]
+    return _LISTEN in headers and _MODERN in headers
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, exc: ArbiterError, *, close: bool) -> None:

@@ -7,9 +7,11 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from mcp.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from opentelemetry.sdk.trace import TracerProvider
@@ -52,14 +54,19 @@ from arbiter.proxy.front import ModernFront
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
+from arbiter.proxy.interceptors.input_rounds import InputRounds
 from arbiter.proxy.interceptors.limits import Limits
 from arbiter.proxy.interceptors.metrics import ClientMetrics, ServerMetrics
 from arbiter.proxy.interceptors.resolve import Resolve
 from arbiter.proxy.interceptors.tracing import traced
+from arbiter.proxy.listeners import install as install_listeners
+from arbiter.proxy.notifications import NotificationHub
 from arbiter.proxy.pipeline import Interceptor, Pipeline
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.registry import UpstreamRegistry
+from arbiter.proxy.request_state import RequestStateSeal
 from arbiter.proxy.server import build_mcp_server
+from arbiter.proxy.upstream_watch import UpstreamWatch
 from arbiter.runtime import Runtime
 from arbiter.settings import Settings, load_settings
 from arbiter.store.db import create_engine, session_factory
@@ -152,6 +159,7 @@ def create_app(
         caller_session_idle_s=settings.upstream.caller_session_idle_s,
         egress=egress,
         policy=settings.upstream,  # deadlines, breakers, bulkheads, retries (docs/resilience.md)
+        ask_agents=settings.mcp.relay_server_requests,  # elicitation, sampling, roots (docs/protocol.md)
     )
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
@@ -184,6 +192,7 @@ def create_app(
             Audit(audit),
             Resolve(catalog),
             authorize,
+            InputRounds(_request_state_seal(settings), max_rounds=settings.mcp.input_rounds_max),
             Limits(limiter),
             *interceptors,
             *([ClientMetrics(metrics)] if metrics is not None else []),
@@ -193,7 +202,12 @@ def create_app(
     mcp_cfg = settings.mcp
     error_results = mcp_cfg.tool_errors == "result"
     mcp_server = build_mcp_server(
-        pipeline, catalog, arbiter_version(), authorize.tool_visible, error_results=error_results
+        pipeline,
+        catalog,
+        arbiter_version(),
+        authorize.tool_visible,
+        error_results=error_results,
+        relay_requests=mcp_cfg.relay_server_requests,
     )
     manager = StreamableHTTPSessionManager(
         app=mcp_server,
@@ -205,6 +219,8 @@ def create_app(
         max_sessions=mcp_cfg.max_sessions,
         max_request_body_size=mcp_cfg.max_body_bytes,
     )
+    # List changes and resource subscriptions, relayed (docs/protocol.md). Off: no handlers, none advertised.
+    notifications = _notifications(settings, catalog, authorize, registry, pool, mcp_server)
     runtime = Runtime(
         settings,
         engine,
@@ -238,6 +254,9 @@ def create_app(
                         await keys.reload()
                         await policy.reload()
                         await limiter.start()
+                        if notifications is not None:
+                            tg.start_soon(notifications[0].run, stopping)
+                            tg.start_soon(notifications[1].run, stopping)
                         tg.start_soon(_guarded, registry.discover_new, "start-up discovery")
                         tg.start_soon(policy.run, stopping)
                         tg.start_soon(limiter.run, stopping)
@@ -280,6 +299,7 @@ def create_app(
     )
     app.state.runtime = runtime
     app.admission = app.state.admission = Admission(max_in_flight=mcp_cfg.max_in_flight)
+    app.admission.listen_streams = notifications is not None
     app.include_router(admin_upstreams.router, prefix="/admin/v1", tags=["upstreams"])
     app.include_router(admin_keys.router, prefix="/admin/v1", tags=["api-keys"])
     app.include_router(admin_policies.router, prefix="/admin/v1", tags=["policies"])
@@ -328,6 +348,12 @@ def _audit_writer(settings: Settings, engine: AsyncEngine) -> AuditWriter:
     return AuditWriter(AuditStore(engine, signer, cfg, renderer.render), renderer.render, cfg)
 
 
+def _request_state_seal(settings: Settings) -> RequestStateSeal:
+    # Keyed from secret_key, so every replica opens what another sealed; unset: this process's own key.
+    key = settings.secret_key.get_secret_value() if settings.secret_key is not None else None
+    return RequestStateSeal.of(key, ttl_s=settings.mcp.request_state_ttl_s)
+
+
 def _metrics(
     settings: Settings, audit: AuditWriter, policy: LivePolicy, pool: UpstreamPool
 ) -> Metrics | None:
@@ -367,6 +393,24 @@ def _pipeline(
     redactor = Redactor(settings.audit.redact) if settings.telemetry.trace_arguments else None
     step_spans = settings.telemetry.trace_steps
     return Pipeline(traced(steps, tracer, upstream_url, redactor, step_spans=step_spans))
+
+
+def _notifications(
+    settings: Settings,
+    catalog: Catalog,
+    authorize: Authorize,
+    registry: UpstreamRegistry,
+    pool: UpstreamPool,
+    server: Server[Any],
+) -> tuple[NotificationHub, UpstreamWatch] | None:
+    """The hub fanning upstream changes out to agents and the watchers hearing the upstreams, installed
+    on ``server``; None when ``notifications.enabled`` is off."""
+    cfg = settings.notifications
+    if not cfg.enabled:
+        return None
+    hub = NotificationHub(catalog, authorize.may_use, registry.refresh_one, cfg)
+    install_listeners(server, hub, send_timeout_s=cfg.send_timeout_s)
+    return hub, UpstreamWatch(pool, hub, cfg)
 
 
 def _jwt_verifier(settings: Settings) -> JwtVerifier | None:

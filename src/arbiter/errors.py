@@ -226,3 +226,22 @@ class AmbiguousResourceUri(RequestRejected):
     code = "ambiguous_resource_uri"
     http_status = 400
     jsonrpc_code = INVALID_PARAMS
+
+
+class InvalidRequestState(RequestRejected):
+    """A multi-round-trip retry's ``requestState`` is not one Arbiter minted for this caller, upstream,
+    target and arguments, or it expired: refused as invalid params before the upstream sees it. The wire
+    message is the same whatever failed (the audit record says which), so it is no oracle."""
+
+    code = "invalid_request_state"
+    http_status = 400
+    jsonrpc_code = INVALID_PARAMS
+
+
+class InputUnavailable(RequestRejected):
+    """The upstream needs input (``input_required``) the calling client cannot give: it declared none of
+    the kinds asked for, or it speaks the handshake era."""
+
+    code = "input_unavailable"
+    http_status = 422
+    jsonrpc_code = -31030

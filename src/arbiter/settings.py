@@ -204,6 +204,16 @@ class McpSettings(BaseModel):
     # result with isError (agent frameworks hand it to the model), or a JSON-RPC error (which ends most
     # agents' runs). See docs/resilience.md.
     tool_errors: Literal["result", "jsonrpc"] = "result"
+    # Put an upstream's requests during a call (elicitation, sampling, roots; handshake era) to the agent
+    # whose call it is, when that agent declared the capability; off: the upstream is told they are not
+    # relayed, and Arbiter declares none of them to upstreams. See docs/protocol.md.
+    relay_server_requests: bool = True
+    # How long an upstream's input_required round may wait for the agent's retry: the lifetime of the
+    # requestState Arbiter seals around the upstream's (keyed from secret_key; see docs/protocol.md).
+    request_state_ttl_s: float = Field(default=600.0, gt=0, le=86_400)
+    # A handshake-era agent cannot take input_required: Arbiter asks it over its session and retries the
+    # upstream itself, at most this many rounds per call. 0: such calls fail with input_unavailable.
+    input_rounds_max: int = Field(default=10, ge=0, le=100)
     # Requests on /mcp being answered at once; more are refused at once (503 + Retry-After), not queued.
     max_in_flight: int = Field(default=1024, gt=0)
     # Handshake-era sessions are cheaper per call; stateless mode suits replicas without sticky routing.
@@ -215,6 +225,26 @@ class McpSettings(BaseModel):
     allowed_origins: list[str] = Field(
         default_factory=lambda: ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
     )
+
+
+class NotificationSettings(BaseModel):
+    """List changes and resource subscriptions relayed from upstreams to agents (docs/protocol.md)."""
+
+    # Off: no list_changed, resources/subscribe or subscriptions/listen, and none advertised.
+    enabled: bool = True
+    # A storm of an upstream's list_changed refreshes its catalog at most once per this interval.
+    refresh_interval_s: float = Field(default=1.0, ge=0, le=300)
+    # Notifications waiting per agent session or listen stream; beyond it new ones are dropped (logged).
+    buffer: int = Field(default=256, gt=0, le=100_000)
+    # Agent sessions and listen streams told of changes at once; further listen requests are refused.
+    max_listeners: int = Field(default=10_000, gt=0)
+    # An agent that does not take a notification within this long misses it (the others do not wait).
+    send_timeout_s: float = Field(default=5.0, gt=0)
+    # How often the upstream watchers look for new, changed or reconnected upstreams.
+    watch_interval_s: float = Field(default=2.0, gt=0)
+    # Arbiter's own subscriptions/listen to a 2026-07-28 upstream: retried after this, doubling to the max.
+    listen_backoff_s: float = Field(default=1.0, gt=0)
+    listen_backoff_max_s: float = Field(default=30.0, gt=0)
 
 
 class UpstreamPolicy(BaseModel):
@@ -515,7 +545,7 @@ class TelemetrySettings(BaseModel):
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     follow_caller_sampling: bool = True
     # A span for each pipeline step (authenticate, authorize, limits, audit) under the SERVER span. Off:
-    # the SERVER and CLIENT spans only, two spans a call instead of six.
+    # the SERVER and CLIENT spans only, for about a third of the tracing cost per call.
     trace_steps: bool = True
     # Put tool-call arguments on spans, redacted exactly as in the audit log. Off: never.
     trace_arguments: bool = False
@@ -563,6 +593,7 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(default=75, ge=2)
     config_file: Path | None = None
     mcp: McpSettings = Field(default_factory=McpSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     upstream: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
     upstreams: list[UpstreamConfig] = Field(default_factory=list[UpstreamConfig])

@@ -1,9 +1,12 @@
 """Pooled upstream connections that the upstream closed while idle: no call fails because of one.
 
 Agents pause between tool calls (the model thinks); servers close idle keep-alive connections after a few
-seconds. A request that meets a connection the upstream is closing was never answered, so it never
-reached the upstream's application: Arbiter sends it again on a fresh connection, and neither the
-session nor the upstream's health suffers.
+seconds. A request that meets a connection the upstream is closing is never answered; Arbiter cannot tell
+that from an upstream that ran it and then reset the connection, so it sends it again on a fresh
+connection only when that is safe (a read, or a tool a security admin marked idempotent: here
+``get_customer``), and neither the session nor the upstream's health suffers. A tool nobody marked runs
+at most once (tests/proxy/test_guard_review.py); Arbiter's own idle expiry (``upstream.idle_connection_s``,
+4 s) keeps the stale case rare against servers closing after 5 s.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from tests.conftest import (
 )
 
 CALL = ("crm__get_customer", {"customer_id": "C-1001"})
+
+
+def _mark_idempotent(server: ArbiterServer, upstream: dict[str, object]) -> None:
+    """A security admin says ``get_customer`` may run twice (it reads): safe to send again."""
+    with server.admin() as admin:
+        url = f"/upstreams/{upstream['id']}/tools/get_customer/settings"
+        assert admin.put(url, json={"idempotent": True}).status_code == 200
 
 
 class StaleAfterIdle:
@@ -137,7 +147,7 @@ async def test_requests_on_connections_the_upstream_closed_are_sent_again(
     # Arbiter's own idle expiry far beyond the upstream's: every stale connection is offered for reuse.
     server = arbiter_factory(upstream={"idle_connection_s": 600})
     with StaleAfterIdle(crm_upstream.port, idle_s=0.2) as stale:
-        server.register("crm", f"http://127.0.0.1:{stale.port}/mcp")
+        _mark_idempotent(server, server.register("crm", f"http://127.0.0.1:{stale.port}/mcp"))
         failures: list[str] = []
         for _ in range(4):
             failures += await _burst(server, 20)
@@ -158,7 +168,7 @@ async def test_bursts_separated_by_the_upstreams_idle_timeout_all_succeed(
     server = arbiter_factory()
     app = build_server().streamable_http_app(stateless_http=True, json_response=True)
     with serve_in_thread(app, timeout_keep_alive=1) as port:
-        server.register("crm", f"http://127.0.0.1:{port}/mcp")
+        _mark_idempotent(server, server.register("crm", f"http://127.0.0.1:{port}/mcp"))
         failures: list[str] = []
         for _ in range(3):
             failures += await _burst(server, 40)

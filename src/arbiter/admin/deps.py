@@ -63,6 +63,20 @@ def require(area: str, action: str) -> Callable[..., Awaitable[Principal]]:
     return check
 
 
+async def security_admin(
+    request: Request,
+    caller: Annotated[Principal, Depends(principal)],
+    rt: Annotated[Runtime, Depends(runtime)],
+) -> Principal:
+    """Only a security admin (a role in ``auth.admin_roles``, or the break-glass token): for changes no
+    policy may delegate, such as marking a tool safe to run twice."""
+    if caller.auth_method == "break_glass" or caller.roles & set(rt.settings.auth.admin_roles):
+        return caller
+    refused = Forbidden("only a security admin may do this")
+    rt.audit.offer(forbidden_event(refused, caller, request.scope, f"{request.method} {request.url.path}"))
+    raise refused
+
+
 def registry(rt: Annotated[Runtime, Depends(runtime)]) -> UpstreamRegistry:
     return rt.registry
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from arbiter.admin.credentials import credential_input
-from arbiter.admin.deps import Registry, change, require
+from arbiter.admin.deps import Registry, change, require, security_admin
 from arbiter.admin.params import RowId
 from arbiter.admin.schemas import (
     CatalogCounts,
@@ -51,6 +51,7 @@ class _NoEchoRoute(APIRoute):
 
 Reader = Annotated[Principal, Depends(require("upstreams", "admin:read"))]
 Admin = Annotated[Principal, Depends(require("upstreams", "admin:write"))]
+SecurityAdmin = Annotated[Principal, Depends(security_admin)]
 
 router = APIRouter(route_class=_NoEchoRoute)
 
@@ -220,10 +221,17 @@ async def get_tool_settings(upstream_id: RowId, tool: str, reg: Registry, _: Rea
 
 @router.put("/upstreams/{upstream_id}/tools/{tool}/settings", response_model=ToolSettingsOut)
 async def put_tool_settings(
-    upstream_id: RowId, tool: str, body: ToolSettingsIn, reg: Registry, caller: Admin, request: Request
+    upstream_id: RowId,
+    tool: str,
+    body: ToolSettingsIn,
+    reg: Registry,
+    caller: SecurityAdmin,
+    request: Request,
 ) -> ToolSettingsOut:
     """Mark a tool idempotent (calls that reached the upstream and failed may then be retried) or give
-    it a deadline of its own. In force on this replica at once, on the others at their next reconcile."""
+    it a deadline of its own; security admins only (``auth.admin_roles``), whatever the policy grants.
+    In force on this replica at once, on the others at their next reconcile. Deleted with the upstream,
+    and when its URL changes (another server)."""
     async with change(request, caller, "upstream.tool_settings", f"{upstream_id}/{tool}") as audit:
         row, stored = await reg.tool_setting(upstream_id, tool)
         audit.before = _tool_out(row.name, tool, stored).model_dump(mode="json")

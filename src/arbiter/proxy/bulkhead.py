@@ -73,7 +73,7 @@ class Bulkhead:
 
     def _refusal(self) -> UpstreamUnavailable:
         return UpstreamUnavailable(
-            f"upstream {self.name!r} is saturated ({self.in_use} calls in flight); try again shortly",
+            f"upstream {self.name!r} is saturated; try again shortly",  # no counts: they are ours to know
             upstream=self.name,
             retry_after_s=1,
             bulkhead="full",

@@ -36,6 +36,8 @@ class Session(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def backoff_left(self) -> float: ...
+
 
 S = TypeVar("S", bound=Session)
 
@@ -65,6 +67,11 @@ class CallerSessions(Generic[S]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def backoff_left(self, token: SecretStr) -> float:
+        """Seconds until the caller's session may try to connect again after a failed connect."""
+        entry = self._entries.get(hashlib.sha256(token.get_secret_value().encode()).hexdigest())
+        return entry.client.backoff_left() if entry is not None else 0.0
 
     def clients(self) -> list[S]:
         """The open per-caller clients, least recently used first."""

@@ -82,15 +82,22 @@ class Catalog:
         self._snaps: dict[str, UpstreamCatalog] = {}
         self._hidden: set[str] = set()
         self.views = Views([], [], [], [], {})
+        # Told (upstream, before, after) when an upstream's snapshot changes (proxy/notifications.py).
+        self.on_change: Callable[[str, UpstreamCatalog | None, UpstreamCatalog | None], None] | None = None
 
     def put(self, snap: UpstreamCatalog) -> None:
+        before = self._snaps.get(snap.upstream)
         self._snaps[snap.upstream] = snap
         self._rebuild()
+        if self.on_change is not None and before != snap:
+            self.on_change(snap.upstream, before, snap)
 
     def remove(self, upstream: str) -> None:
-        self._snaps.pop(upstream, None)
+        before = self._snaps.pop(upstream, None)
         self._hidden.discard(upstream)
         self._rebuild()
+        if self.on_change is not None and before is not None:
+            self.on_change(upstream, before, None)
 
     def set_hidden(self, upstream: str, hidden: bool) -> None:
         """Hide an upstream's entries from lists (disabled, or down) without forgetting them."""

@@ -48,14 +48,15 @@ from starlette.types import Receive, Send
 from arbiter.auth.principal import Principal
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.exchange import Exchange
-from arbiter.proxy.pipeline import LIST_METHODS, TARGET_KEYS, CallContext, Pipeline
+from arbiter.proxy.pipeline import COMPLETE, LIST_METHODS, TARGET_KEYS, CallContext, Pipeline
 from arbiter.proxy.relay import encode
 from arbiter.proxy.server import answer, visible_input_schema
+from arbiter.proxy.streamed import StreamedAnswer
 
 log = logging.getLogger(__name__)
 
 # What the pipeline answers; everything else goes to the SDK.
-DIRECT_METHODS = frozenset(TARGET_KEYS) | LIST_METHODS
+DIRECT_METHODS = frozenset(TARGET_KEYS) | LIST_METHODS | {COMPLETE}
 _INVALID_BODY = "Body must be a single JSON-RPC request or notification object"
 _SERVER_INFO = "io.modelcontextprotocol/serverInfo"
 # orjson reads integers beyond 64 bits as floats; such bodies take the SDK's path, which keeps them exact.
@@ -146,17 +147,27 @@ class ModernFront:
             http_request=Request(request.scope, receive),
             principal=exchange.principal,
             client_info=_client_info(verdict.client_info),
+            client_capabilities=_capabilities(verdict.client_capabilities),
             exchange=exchange,
         )
+        # What the upstream streams for the call turns the answer into an event stream (streamed.py).
+        streamed = StreamedAnswer(call, send) if has_sse and method in TARGET_KEYS else None
+        call.downstream = streamed
         try:
             result = await answer(self._pipeline, call, error_results=self._error_results)
         except MCPError as exc:
             error = exc.error.model_dump(mode="json", exclude_none=True)
+            if streamed is not None and streamed.started:
+                await streamed.close({"jsonrpc": "2.0", "id": rid, "error": error})
+                return
             await _reply(send, rid, error=error)
             return
         meta: Any = result.get("_meta")
         if meta is None or (isinstance(meta, dict) and cast(dict[str, Any], meta).get(_SERVER_INFO) is None):
             result["_meta"] = {**(cast(dict[str, Any], meta) or {}), _SERVER_INFO: self._server_info()}
+        if streamed is not None and streamed.started:
+            await streamed.close({"jsonrpc": "2.0", "id": rid, "result": result})
+            return
         await _reply(send, rid, result=result)
 
     def _param_headers(
@@ -196,6 +207,11 @@ def _valid_envelope(message: dict[str, Any]) -> bool:
         and isinstance(message.get("method"), str)
         and (params is None or isinstance(params, dict))
     )
+
+
+def _capabilities(raw: Any) -> dict[str, Any] | None:
+    # What the client declared it can do (the envelope's clientCapabilities); the ladder requires it.
+    return cast(dict[str, Any], raw) if isinstance(raw, dict) else None
 
 
 def _client_info(raw: Any) -> dict[str, Any] | None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from arbiter.auth.principal import Principal
 from arbiter.policies.engine import Decision
 from arbiter.proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from arbiter.proxy.downstream import Downstream
 
 Result = dict[str, Any]
 CallNext = Callable[["CallContext"], Awaitable[Result]]
@@ -25,6 +28,8 @@ Interceptor = Callable[["CallContext", CallNext], Awaitable[Result]]
 # Methods that address one target, and the params key naming it.
 TARGET_KEYS: dict[str, str] = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 LIST_METHODS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
+# completion/complete names its target inside params.ref (a prompt or a resource template).
+COMPLETE = "completion/complete"
 
 
 @dataclass(slots=True)
@@ -43,6 +48,7 @@ class CallContext:
     http_request: Request | None = None
     principal: Principal | None = None  # set by authentication for every request on /mcp
     client_info: Mapping[str, Any] | None = None
+    client_capabilities: Mapping[str, Any] | None = None  # what the client declared (this request)
     # Filled by the resolve step for single-target methods:
     exposed: str | None = None  # the name/URI the agent used
     upstream: str | None = None
@@ -60,6 +66,15 @@ class CallContext:
     # forward, on tools/list while upstreams are down: each one's own tool names (authorize then names
     # only those the caller could see a tool of). None: every upstream is listed.
     unavailable: Mapping[str, Sequence[str]] | None = None
+    # Multi-round-trip input (interceptors/input_rounds.py): the upstream's own requestState, opened from
+    # Arbiter's seal on a retry (forward sends it on), and what the audit record says of this round.
+    request_state: str | None = None
+    input_round: dict[str, object] | None = None
+    # Where what the upstream streams for this call goes (proxy/downstream.py; set by server.py and
+    # front.py), and each request the upstream put to the agent during the call (kind, action; the audit
+    # record carries them, never their content).
+    downstream: Downstream | None = None
+    input_rounds: list[dict[str, str]] | None = None
     # Tracing (proxy/interceptors/tracing.py, only when traces are on): this request's trace id (32 hex),
     # and the W3C context (traceparent, tracestate) the upstream call carries in _meta and HTTP headers.
     trace_id: str | None = None

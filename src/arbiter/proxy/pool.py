@@ -6,10 +6,11 @@ upstream, to the caller's own. The pool holds each upstream's health (what its c
 the registry and the readiness probe read it here, and the catalog is told when it changes.
 
 Each upstream also has a guard (docs/resilience.md): one deadline per call (the upstream's
-``call_timeout_s`` or the tool's own), covering the wait for a slot, retries and a fallback; a circuit
-breaker; a bulkhead; a retry budget; and the fallback upstream a call goes to when this one cannot take
-it. Health (did the last connect work?) and the circuit (how did the last calls end?) are separate: a
-new connection after a failure closes the circuit, since it proves the upstream is back.
+``call_timeout_s`` or the tool's own), covering the wait for a slot, a token fetch, connecting, retries
+and a fallback; a circuit breaker; a bulkhead; a retry budget; and the fallback upstream a call goes to
+when this one cannot take it. Health (did the last connect work?) and the circuit (how did the last
+calls end?) are separate: a new connection after a failure closes the circuit, since it proves the
+upstream is back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -25,9 +26,9 @@ from anyio.abc import TaskGroup
 from mcp.shared.exceptions import MCPError
 from pydantic import SecretStr
 
-from arbiter.auth.outbound import CallerTokenRequired, Outbound, OutboundAuth
+from arbiter.auth.outbound import CallerTokenRequired, Outbound, OutboundAuth, UpstreamAuthFailed
 from arbiter.auth.secrets import SecretBox
-from arbiter.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from arbiter.errors import ArbiterError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from arbiter.net.egress import Egress
 from arbiter.proxy.breaker import Breaker, State
 from arbiter.proxy.bulkhead import Bulkhead
@@ -39,8 +40,9 @@ from arbiter.settings import UpstreamPolicy
 
 # Failures after which the request cannot have reached the upstream: safe to send again, or elsewhere.
 _NEVER_SENT = (ConnectFailed, SessionGone)
-# Failures that say nothing about the upstream's reachability (it was not tried, or it answered).
-_NEUTRAL = (NotConnected, SessionGone)
+# Failures that say nothing about the upstream's reachability (it was not tried, or it answered), nor
+# credential refusals: one caller's refused token must not open a circuit every caller shares.
+_NEUTRAL = (NotConnected, SessionGone, UpstreamAuthFailed)
 
 
 @dataclass(slots=True)
@@ -65,7 +67,10 @@ class UpstreamPool:
         egress: Egress | None = None,
         policy: UpstreamPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ask_agents: bool = False,
     ) -> None:
+        # Relay upstreams' requests (elicitation, sampling, roots) to agents: declared on their sessions.
+        self._ask_agents = ask_agents
         self._on_health = on_health
         self._clients: dict[str, UpstreamClient] = {}
         self._guards: dict[str, _Guard] = {}
@@ -164,6 +169,10 @@ class UpstreamPool:
             setting.timeout_s if setting is not None and setting.timeout_s else client.spec.call_timeout_s
         )
         deadline = time.monotonic() + timeout
+        if not request.may_resend and (
+            request.method in READS or (setting is not None and setting.idempotent)
+        ):
+            request = replace(request, may_resend=True)  # safe to send twice (relay.py)
         try:
             return await self._guarded(
                 name, client, guard, setting, request, caller, on_send, deadline, timeout
@@ -177,17 +186,24 @@ class UpstreamPool:
                 raise
             if on_fallback is not None:
                 on_fallback(fallback)
-            return await self._guarded(
-                fallback,
-                other,
-                self._guards[fallback],
-                self.tool_setting(fallback, request),
-                request,
-                caller,
-                on_send,
-                deadline,
-                timeout,
-            )
+            theirs = self.tool_setting(fallback, request)
+            if request.may_resend and request.method not in READS and not (theirs and theirs.idempotent):
+                request = replace(request, may_resend=False)  # marked idempotent on the primary only
+            try:
+                return await self._guarded(
+                    fallback,
+                    other,
+                    self._guards[fallback],
+                    theirs,
+                    request,
+                    caller,
+                    on_send,
+                    deadline,
+                    timeout,
+                )
+            except ArbiterError as failed:
+                _rename(failed, fallback, name)  # the caller knows the tool's own upstream, not the fallback
+                raise
 
     async def _guarded(
         self,
@@ -207,10 +223,10 @@ class UpstreamPool:
         if not bulkhead.try_acquire():
             try:
                 await bulkhead.acquire(deadline)
-            except UpstreamUnavailable:
+            except BaseException as exc:  # refused, or cancelled while waiting: the probe is not made
                 if probe and breaker is not None:
                     breaker.release()
-                if time.monotonic() >= deadline:
+                if isinstance(exc, UpstreamUnavailable) and time.monotonic() >= deadline:
                     raise UpstreamTimeout.after(name, timeout_s) from None
                 raise
         guard.budget.earn()
@@ -230,6 +246,8 @@ class UpstreamPool:
                     if isinstance(exc, UpstreamTimeout):
                         raise UpstreamTimeout.after(name, timeout_s) from exc
                     delay = backoff(attempt - 1)
+                    if isinstance(exc, ConnectFailed):  # wait out the reconnect backoff, if it fits
+                        delay = max(delay, _backoff_left(client, caller))
                     if time.monotonic() + delay >= deadline or not self._retry(
                         exc, attempt, request, setting, guard
                     ):
@@ -262,7 +280,7 @@ class UpstreamPool:
             pass  # it never reached the upstream
         elif isinstance(exc, NotConnected) or exc.details.get("circuit") or exc.details.get("bulkhead"):
             return False  # nothing was tried (backoff, open circuit): trying again now would not either
-        elif not (request.method in READS or (setting is not None and setting.idempotent)):
+        elif not request.may_resend:
             return False  # it may have run: a tools/call runs once unless an admin said it is idempotent
         if guard.breaker is not None and guard.breaker.opened_at is not None:
             return False
@@ -323,6 +341,7 @@ class UpstreamPool:
             auth=auth,
             callers=callers,
             egress=self.egress,
+            ask_agents=self._ask_agents,
         )
 
     def _callers(self, spec: UpstreamSpec) -> CallerSessions[UpstreamClient] | None:
@@ -383,9 +402,27 @@ def _before_upstream(exc: UpstreamUnavailable) -> bool:
     )
 
 
+def _backoff_left(client: UpstreamClient, caller: SecretStr | None) -> float:
+    """Until the connection the call used (the shared one, or the caller's own) may connect again."""
+    if client.callers is not None and caller is not None:
+        return client.callers.backoff_left(caller)
+    return client.backoff_left()
+
+
+def _rename(exc: ArbiterError, fallback: str, primary: str) -> None:
+    """Make ``exc``, raised for the fallback, name the primary upstream (the one the caller's tool
+    belongs to) instead: a refusal must not reveal an upstream the caller may not know."""
+    if exc.details.get("upstream") != fallback:
+        return
+    exc.message = exc.message.replace(repr(fallback), repr(primary))
+    exc.args = (exc.message,)
+    exc.details["upstream"] = primary
+
+
 def _judge(breaker: Breaker, exc: Exception, probe: bool) -> None:
     """Tell the breaker how an attempt ended: transport failures and timeouts count, the upstream's own
-    answers (JSON-RPC errors, even malformed ones) prove it is there, and the rest says nothing."""
+    answers (JSON-RPC errors, even malformed ones) prove it is there, and the rest (nothing tried, a
+    refused credential) says nothing."""
     if isinstance(exc, MCPError | UpstreamProtocolError):
         breaker.success()
     elif isinstance(exc, _NEUTRAL) or (

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
@@ -90,12 +91,16 @@ class UpstreamRegistry:
                 row = rows.get(cfg.name) or Upstream(name=cfg.name, transport=cfg.transport, source="config")
                 if row.source != "config":
                     log.warning("configured upstream %s replaces the API-defined one of that name", cfg.name)
+                server = (row.url, row.command)
                 repo.apply_config(row, cfg, CredentialSpec.from_config(cfg.credential).to_json())
+                if row.id is not None and (row.url, row.command) != server:
+                    await _forget_tool_settings(db, row.name)  # another server: its tools are others
                 db.add(row)
                 rows[cfg.name] = row
             for name, row in list(rows.items()):
                 if row.source == "config" and name not in self._configured:
                     await db.delete(row)  # removed from the operator's configuration
+                    await _forget_tool_settings(db, name)
                     del rows[name]
             await db.commit()
             items = await repo.present_items(db)
@@ -130,6 +135,11 @@ class UpstreamRegistry:
     async def refresh_all(self) -> None:
         """Re-discover every enabled upstream; failures are logged and leave the last catalog in place."""
         await self._discover_each(self._pool.names(), "refresh")
+
+    async def refresh_one(self, name: str) -> None:
+        """Re-discover one upstream now (it said its lists changed); a failure is logged, as in a refresh."""
+        if self._pool.current(name) is not None:
+            await self._discover_each([name], "refresh")
 
     async def discover_new(self) -> None:
         """Discover upstreams never discovered before (e.g. just added to the operator's configuration)."""
@@ -219,7 +229,8 @@ class UpstreamRegistry:
             # Network I/O outside any database session: discovery may take the upstream's full timeouts.
             snap = await self._try_spec(row, previous) if row.enabled else None
             row.updated_at = utcnow()
-            row = await self._save(row, snap, new=False)
+            # A new URL is another server: what an admin said of the old one's tools does not hold.
+            row = await self._save(row, snap, new=False, forget_tool_settings=moved)
             if snap is None:
                 await self._deactivate(row.name)
             return row
@@ -229,7 +240,9 @@ class UpstreamRegistry:
             async with self._db() as db:
                 row = await repo.editable(db, upstream_id)
                 await db.delete(row)  # catalog rows go with it (ON DELETE CASCADE)
+                await _forget_tool_settings(db, row.name)  # keyed by name: gone with it, not inherited
                 await db.commit()
+                self._pool.set_tool_settings(await _tool_settings(db))
             await self._deactivate(row.name)
 
     async def refresh(self, upstream_id: int) -> Upstream:
@@ -311,8 +324,11 @@ class UpstreamRegistry:
         await self._pool.remove(name)
         self._catalog.remove(name)
 
-    async def _save(self, row: Upstream, snap: UpstreamCatalog | None, *, new: bool) -> Upstream:
-        """Store the row and its discovered catalog in one transaction, then serve that catalog."""
+    async def _save(
+        self, row: Upstream, snap: UpstreamCatalog | None, *, new: bool, forget_tool_settings: bool = False
+    ) -> Upstream:
+        """Store the row and its discovered catalog in one transaction, then serve that catalog
+        (``forget_tool_settings``: and delete what was set for its tools)."""
         if snap is not None:
             row.last_refresh_at, row.last_error = utcnow(), None
         async with self._db() as db:
@@ -328,7 +344,11 @@ class UpstreamRegistry:
             if snap is not None:
                 assert row.id is not None
                 await repo.store_catalog(db, row.id, snap.items())
+            if forget_tool_settings:
+                await _forget_tool_settings(db, row.name)
             await db.commit()
+            if forget_tool_settings:
+                self._pool.set_tool_settings(await _tool_settings(db))
         if snap is not None:
             self._catalog.put(snap)
         return row
@@ -390,6 +410,11 @@ class UpstreamRegistry:
             if row is not None:
                 row.last_error = message[:1000]
                 await db.commit()
+
+
+async def _forget_tool_settings(db: AsyncSession, upstream: str) -> None:
+    """Delete what was set for an upstream's tools (the upstream is gone, or is another server now)."""
+    await db.exec(sa.delete(ToolSettingRow).where(col(ToolSettingRow.upstream) == upstream))  # type: ignore[call-overload]
 
 
 async def _tool_settings(db: AsyncSession) -> dict[str, dict[str, ToolSetting]]:

@@ -9,9 +9,12 @@ still owns what it is good at: negotiating the era (``server/discover`` or the `
 handshake, whose session id the relay then sends), discovery, stdio and SSE upstreams.
 
 A connection taken from the pool that the upstream had closed while it sat idle (servers drop idle
-keep-alive connections after a few seconds) fails before any answer arrives: the request never
-reached the upstream's application, so it is sent once more on a fresh connection. Nothing else is
-retried: a new connection that fails without an answer may have carried the request to the upstream.
+keep-alive connections after a few seconds) fails before any answer arrives. That failure cannot be told
+apart from an upstream that read the request, ran it, then reset the connection, so only a request that
+is safe to send twice (``UpstreamRequest.may_resend``: a read, or a tool a security admin marked
+idempotent) is sent once more on a fresh connection; any other fails as ``Interrupted`` (it may have
+run). Pooled connections expire after ``upstream.idle_connection_s`` (below common server timeouts), so
+the stale case is rare. A new connection that fails without an answer is never sent again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapp
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import anyio
@@ -44,6 +47,9 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOC
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from arbiter.proxy.sse import EventTooLarge, events
+
+if TYPE_CHECKING:
+    from arbiter.proxy.downstream import Downstream
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,14 @@ class UpstreamRequest:
     input_schema: Mapping[str, Any] | None = None
     # W3C trace context (traceparent, tracestate) when traces are on; also in params._meta (forward.py).
     trace_context: Mapping[str, str] | None = None
+    # Safe to send twice (a read, or a tool a security admin marked idempotent; the pool sets it): only
+    # then is a request resent after a reused connection failed without an answer.
+    may_resend: bool = False
+    # What the calling agent declared (its initialize, or its 2026-07-28 envelope): the 2026-07-28
+    # envelope declares exactly these to the upstream. None: nothing declared.
+    client_capabilities: Mapping[str, Any] | None = None
+    # Where what the upstream streams for this request goes (progress, logs, its requests to the agent).
+    downstream: Downstream | None = None
 
 
 class RelayFailure(Exception):
@@ -184,7 +198,7 @@ class Relay:
         if session_id is not None and not self._modern:
             self._headers[SESSION_HEADER] = session_id
         # The 2026-07-28 envelope: who is asking, on every request. Arbiter declares no client
-        # capabilities of its own (no sampling, elicitation or roots towards upstreams).
+        # capabilities of its own; a request declares its agent's (``UpstreamRequest.client_capabilities``).
         self._envelope: dict[str, Any] = {
             PROTOCOL_VERSION_META_KEY: protocol_version,
             CLIENT_INFO_META_KEY: _CLIENT_INFO,
@@ -214,6 +228,8 @@ class Relay:
             envelope = (
                 {**cast(dict[str, Any], meta), **self._envelope} if isinstance(meta, dict) else self._envelope
             )
+            if request.client_capabilities:
+                envelope = {**envelope, CLIENT_CAPABILITIES_META_KEY: request.client_capabilities}
             params = {**params, "_meta": envelope}
         if request.trace_context:
             headers = {**headers, **request.trace_context}
@@ -222,14 +238,15 @@ class Relay:
         if on_send is not None:
             on_send()
         try:
-            response = await self._post(content, {**headers, **sent} if sent else headers)
+            resend = request.may_resend
+            response = await self._post(content, {**headers, **sent} if sent else headers, resend)
             try:
                 if response.status == 401 and self._renew is not None:
                     fresh = await self._renew(sent)
                     if fresh is not None:
                         response.release()
-                        response = await self._post(content, {**headers, **fresh})
-                return await self._answer(response, rid, on_message)
+                        response = await self._post(content, {**headers, **fresh}, resend)
+                return await self._answer(response, rid, on_message, request.downstream)
             except aiohttp.ClientPayloadError as exc:
                 raise Interrupted(f"the answer was cut off ({type(exc).__name__})") from None
             except aiohttp.ClientError as exc:
@@ -264,7 +281,22 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             log.debug("notifications/cancelled for %s not delivered: %s", rid, type(exc).__name__)
 
-    async def _post(self, content: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+    async def _reply(self, message: dict[str, Any]) -> None:
+        """Answer a request the upstream made during a call: a JSON-RPC response POSTed on the call's
+        session. Best effort, bounded: an upstream that cannot take it stops waiting at its own timeout."""
+        sent = self._credential() if self._credential is not None else {}
+        try:
+            with anyio.fail_after(_CANCEL_TIMEOUT_S):
+                async with self._http.post(
+                    self._url, data=encode(message), headers={**self._headers, **sent}, allow_redirects=False
+                ) as response:
+                    await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.warning("the answer to an upstream's request was not delivered: %s", type(exc).__name__)
+
+    async def _post(
+        self, content: bytes, headers: Mapping[str, str], may_resend: bool
+    ) -> aiohttp.ClientResponse:
         if self._http.closed:  # the connection was closed meanwhile (the upstream changed or went away)
             raise Interrupted("the connection to the upstream was closed")
         attempt = _Attempt()
@@ -278,8 +310,14 @@ class Relay:
             except _UNANSWERED as exc:
                 if not attempt.reused:
                     raise  # a new connection the upstream took and dropped: it may have run the request
-                # A pooled connection the peer had closed while it sat idle: nothing was answered, so the
-                # upstream's application never saw the request. Once more, on a connection of its own.
+                if not may_resend:
+                    # A pooled connection failed without an answer: closed while idle, or the upstream read
+                    # the request, ran it and reset the connection. Not safe to send twice: it may have run.
+                    raise Interrupted(
+                        f"the connection failed before an answer ({type(exc).__name__})"
+                    ) from None
+                # Likely a pooled connection the peer had closed while it sat idle, and the request is safe
+                # to send twice: once more, on a connection of its own.
                 log.debug(
                     "idle upstream connection closed before answering (%s); sending again", type(exc).__name__
                 )
@@ -315,14 +353,18 @@ class Relay:
         return found
 
     async def _answer(
-        self, response: aiohttp.ClientResponse, rid: str, on_message: Observer | None
+        self,
+        response: aiohttp.ClientResponse,
+        rid: str,
+        on_message: Observer | None,
+        downstream: Downstream | None = None,
     ) -> dict[str, Any]:
         status = response.status
         kind = response.content_type.lower()
         if status == 404 and SESSION_HEADER in response.request_info.headers:
             raise SessionLost("the upstream lost our session (it restarted)")
         if 200 <= status < 300 and kind == "text/event-stream":
-            return await self._from_stream(response, rid, on_message)
+            return await self._from_stream(response, rid, on_message, downstream)
         if kind == "application/json":
             body = await _read_body(response)
             message = _decode(body)
@@ -338,17 +380,31 @@ class Relay:
         raise MalformedAnswer(f"unexpected answer: HTTP {status} {kind or 'without a content type'}")
 
     async def _from_stream(
-        self, response: aiohttp.ClientResponse, rid: str, on_message: Observer | None
+        self,
+        response: aiohttp.ClientResponse,
+        rid: str,
+        on_message: Observer | None,
+        downstream: Downstream | None = None,
     ) -> dict[str, Any]:
         try:
             async for event in events(response.content.iter_any(), _MAX_EVENT_BYTES):
                 if event.type != "message" or not event.data:
                     continue
                 message = _decode(event.data.encode())
-                if "method" not in message and message.get("id") == rid:
-                    return _outcome(message, rid)
+                if "method" not in message:
+                    if message.get("id") == rid:
+                        return _outcome(message, rid)
+                    continue  # no request of ours on this stream has another id
                 if on_message is not None:
                     on_message(message)
+                if downstream is not None:
+                    reply = await downstream.message(message)
+                elif "id" in message:  # a request from the upstream with nobody to put it to
+                    reply = _no_agent(message)
+                else:
+                    continue
+                if reply is not None:
+                    await self._reply(reply)
         except EventTooLarge as exc:
             raise MalformedAnswer(str(exc)) from None
         raise Interrupted("the upstream's event stream ended without a response")
@@ -388,6 +444,11 @@ def _decode(body: bytes) -> dict[str, Any]:
     if not isinstance(decoded, dict):
         raise MalformedAnswer("the upstream's answer is not a JSON-RPC object")
     return cast(dict[str, Any], decoded)
+
+
+def _no_agent(message: dict[str, Any]) -> dict[str, Any]:
+    error = {"code": types.INVALID_REQUEST, "message": "Arbiter cannot put this request to an agent"}
+    return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
 
 
 def _outcome(message: dict[str, Any], rid: str) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Safe means the upstream cannot have run it twice: the request never reached it (a connect failed, the
 upstream forgot our session), or it is a read (``resources/read``, ``prompts/get``), or a security admin
-marked the tool idempotent (``tool_settings``). An upstream's own ``idempotentHint`` is a claim by the
-party being protected against, so it is never enough.
+marked the tool idempotent (``tool_settings``); the pool then sets ``UpstreamRequest.may_resend``, which
+the relay reads too. An upstream's own ``idempotentHint`` is a claim by the party being protected
+against, so it is never enough.
 
 The budget keeps retries from multiplying load on an upstream that is failing: every request earns
 ``ratio`` of a retry, and ``min_per_s`` retries per second are always allowed; a retry spends one.

@@ -25,6 +25,7 @@ from starlette.types import Receive
 
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
+from arbiter.proxy.call_channel import SessionChannel
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.exchange import CALLER, exchange_of
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, Pipeline, Result
@@ -42,6 +43,12 @@ def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
     if info is None:
         return None
     return {"name": info.name, "version": info.version, "title": info.title}
+
+
+def _client_capabilities(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
+    # What the client declared it can do (initialize, or the 2026-07-28 envelope).
+    caps = ctx.session.client_capabilities
+    return caps.model_dump(mode="json", by_alias=True, exclude_none=True) if caps is not None else None
 
 
 async def _unless_disconnected(pipeline: Pipeline, call: CallContext, http: Request) -> Result:
@@ -124,12 +131,14 @@ def build_mcp_server(
     tool_visible: Callable[[Principal, str], bool] = lambda principal, name: True,
     *,
     error_results: bool = True,
+    relay_requests: bool = True,
 ) -> Server[Any]:
     """A server that answers every proxied method through ``pipeline``.
 
     ``tool_visible(principal, exposed_name)`` says whether the caller may see a tool: only then does the
     SDK check the call's ``Mcp-Param-*`` headers, so a hidden tool answers exactly like a missing one.
-    ``error_results``: see ``answer``.
+    ``error_results``: see ``answer``. ``relay_requests`` (``mcp.relay_server_requests``): whether an
+    upstream's requests during a call are put to its agent (``call_channel.py``).
     """
 
     async def handle(ctx: ServerRequestContext[Any, Any], params: BaseModel | None) -> Result:
@@ -144,8 +153,11 @@ def build_mcp_server(
             http_request=http,
             principal=exchange.principal if exchange is not None else None,
             client_info=_client_info(ctx),
+            client_capabilities=_client_capabilities(ctx),
             exchange=exchange,
         )
+        if call.method in TARGET_KEYS:  # what the upstream streams for the call goes back to this agent
+            call.downstream = SessionChannel(call, ctx.session, relay_requests=relay_requests)
         return await answer(pipeline, call, error_results=error_results)
 
     async def ping(
@@ -171,6 +183,7 @@ def build_mcp_server(
         on_read_resource=any_handler,
         on_list_prompts=any_handler,
         on_get_prompt=any_handler,
+        on_completion=any_handler,  # also advertises the completions capability
     )
     # The SDK's OpenTelemetry middleware is a no-op until telemetry lands; drop it from the hot path.
     server.middleware.clear()

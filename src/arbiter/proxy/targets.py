@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, cast
+
 from mcp_types import INVALID_PARAMS
 
 from arbiter.errors import UnknownTarget
@@ -16,3 +19,11 @@ def not_found(method: str, exposed: str) -> UnknownTarget:
         return UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
     kind = "tool" if method == "tools/call" else "prompt"
     return UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
+
+
+def completed_method(params: Mapping[str, Any]) -> str:
+    """The method whose target a ``completion/complete`` names (``ref/prompt``: prompts/get, otherwise
+    resources/read): it is found, authorized and hidden exactly as that method's target is."""
+    ref: Any = params.get("ref")
+    kind: Any = cast(dict[str, Any], ref).get("type") if isinstance(ref, dict) else None
+    return "prompts/get" if kind == "ref/prompt" else "resources/read"

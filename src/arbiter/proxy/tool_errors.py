@@ -42,6 +42,8 @@ _SENTENCES: dict[str, str] = {
     "use the results you have instead of repeating it",
     "limits_unavailable": _OUT.replace("{why}", "limits unavailable"),
     "audit_unavailable": _OUT.replace("{why}", "audit log unavailable"),
+    "input_unavailable": "{tool} needs input from the user that this client cannot ask for; "
+    "answer without it",
 }
 # The reasons converted to a result: documented in docs/resilience.md ("Answers agents can act on").
 RESULT_REASONS = frozenset(_SENTENCES)

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import anyio
@@ -27,10 +27,11 @@ import mcp_types as types
 from anyio.abc import TaskGroup
 from mcp import Client
 from mcp.client._transport import TransportStreams
-from mcp.client.session import ClientSession
+from mcp.client.session import ClientRequestContext, ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from pydantic import TypeAdapter
 
@@ -53,6 +54,13 @@ log = logging.getLogger(__name__)
 
 # The SDK types result adapters for its own models; a plain dict keeps the upstream's answer verbatim.
 _RAW_RESULT: Any = TypeAdapter(dict[str, Any])
+# What an upstream says when its lists or a resource changed (UpstreamClient.on_notification).
+_CHANGE_NOTIFICATIONS = (
+    types.ToolListChangedNotification,
+    types.PromptListChangedNotification,
+    types.ResourceListChangedNotification,
+    types.ResourceUpdatedNotification,
+)
 T = TypeVar("T")
 
 
@@ -115,8 +123,12 @@ class UpstreamClient:
         auth: OutboundAuth | None = None,
         callers: CallerSessions[UpstreamClient] | None = None,
         egress: Egress | None = None,
+        ask_agents: bool = False,
     ) -> None:
         self.spec = spec
+        # Declare elicitation, sampling and roots on the shared session: Arbiter puts such requests to the
+        # agent whose call they belong to (proxy/downstream.py), or answers "not supported" per call.
+        self._ask_agents = ask_agents
         self._tg = task_group
         self._max_connections = max_connections
         self._idle_s = idle_connection_s  # pooled connections idle this long are closed (settings)
@@ -134,10 +146,29 @@ class UpstreamClient:
         self.connects = 0  # how many sessions were opened; tests use it to prove pooling
         self.healthy = True  # False from a failed connect or a broken connection until the next connect
         self.on_health: Callable[[UpstreamClient, bool], None] | None = None
+        # Told (method, params) of the upstream's change notifications on this client's own session:
+        # list_changed and resources/updated (proxy/notifications.py). Called in the SDK's receive loop,
+        # so it must not block.
+        self.on_notification: Callable[[str, dict[str, Any] | None], None] | None = None
 
     @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.broken
+
+    def live_session(self) -> ClientSession | None:
+        """The SDK session of the open connection, if there is one; never connects (nor marks anything
+        down): Arbiter's own subscriptions upstream ride connections that requests opened."""
+        conn = self._conn
+        return conn.session if conn is not None and not conn.broken else None
+
+    async def _notified(self, message: object) -> None:
+        # The SDK client's message handler: server notifications (and transport errors, ignored here).
+        if self.on_notification is None or not isinstance(message, _CHANGE_NOTIFICATIONS):
+            return
+        data: dict[str, Any] = message.model_dump(by_alias=True, mode="json", exclude_none=True)
+        method = data.get("method")
+        if isinstance(method, str):
+            self.on_notification(method, data.get("params"))
 
     async def request(
         self,
@@ -151,20 +182,24 @@ class UpstreamClient:
         upstream's requests to per-caller clients instead.)
 
         ``on_send`` is called just before the request is handed to the upstream: a failure before that
-        point (no connection, no credential) means the upstream never saw the request.
+        point (no connection, no credential) means the upstream never saw the request. ``deadline_s``
+        bounds the whole request: fetching a token, connecting, sending and a retry on a new session.
         """
         deadline = deadline_s or self.spec.call_timeout_s
 
         async def send(conn: _Connection) -> dict[str, Any]:
             if conn.relay is not None:
-                with anyio.fail_after(deadline):
-                    return await conn.relay.request(request, on_send=on_send)
+                return await conn.relay.request(request, on_send=on_send)  # _run holds the deadline
             assert conn.session is not None
             if on_send is not None:
                 on_send()
-            # The SDK's own per-request timeout (REQUEST_TIMEOUT) rather than another cancel scope per call.
+            # The SDK's own per-request timeout (REQUEST_TIMEOUT) too: its clean end of the request; _run's
+            # deadline also bounds the token fetch and the connect before it.
             result: dict[str, Any] = await conn.session.send_request(
-                _sdk_request(request), _RAW_RESULT, request_read_timeout_seconds=deadline
+                _sdk_request(request),
+                _RAW_RESULT,
+                request_read_timeout_seconds=deadline,
+                progress_callback=_progress_relay(request),
             )
             return result
 
@@ -196,21 +231,28 @@ class UpstreamClient:
             await self.callers.aclose()
 
     async def _run(self, method: str, deadline: float, op: Callable[[_Connection], Awaitable[T]]) -> T:
-        """Run ``op`` on the connection, mapping failures; retry once if the upstream forgot our session."""
-        for attempt in (1, 2):
-            if self._auth is not None:
-                # Token fetches happen here, in the caller's task, so their failures reach the caller.
-                await self._auth.ready()
-            conn = await self._connection()
-            try:
-                return await op(conn)
-            except Exception as exc:
-                failure = self._failure(method, conn, deadline, exc)
-                if conn.session_lost and attempt == 1:
-                    continue
-                if failure is exc:  # the upstream's own JSON-RPC error, or something unforeseen: as it is
-                    raise
-                raise failure from exc
+        """Run ``op`` on the connection, mapping failures; retry once if the upstream forgot our session.
+
+        One deadline covers it all (a token fetch, the connect, each attempt): when it passes, the
+        request fails with ``UpstreamTimeout``."""
+        try:
+            with anyio.fail_after(deadline):
+                for attempt in (1, 2):
+                    if self._auth is not None:
+                        # Token fetches happen here, in the caller's task, so their failures reach the caller.
+                        await self._auth.ready()
+                    conn = await self._connection()
+                    try:
+                        return await op(conn)
+                    except Exception as exc:
+                        failure = self._failure(method, conn, deadline, exc)
+                        if conn.session_lost and attempt == 1:
+                            continue
+                        if failure is exc:  # the upstream's own JSON-RPC error, or something unforeseen
+                            raise
+                        raise failure from exc
+        except TimeoutError:  # our deadline (``op``'s own timeouts are mapped above)
+            raise self._timeout(method, deadline) from None
         raise AssertionError("unreachable")  # pragma: no cover - the second attempt returns or raises
 
     def _failure(self, method: str, conn: _Connection, deadline: float, exc: Exception) -> Exception:
@@ -242,6 +284,13 @@ class UpstreamClient:
                 upstream=self.spec.name,
             )
         return exc
+
+    def backoff_left(self) -> float:
+        """Seconds until the reconnect backoff after a failed connect lets a new attempt through (and a
+        hair more: a timer may wake a clock tick early)."""
+        if not self._last_failure:
+            return 0.0
+        return max(0.0, self._last_failure + self._backoff + 0.01 - time.monotonic())
 
     def _drop(self, conn: _Connection) -> bool:
         """Close ``conn`` if it is still this client's connection; whether it was."""
@@ -380,7 +429,7 @@ class UpstreamClient:
             params = StdioServerParameters(
                 command=spec.command[0], args=list(spec.command[1:]), env=spec.env or None, cwd=spec.cwd
             )
-            return Client(params, mode="auto", cache=None)
+            return Client(params, mode="auto", cache=None, message_handler=self._notified, **self._asks())
         assert spec.url is not None
         if spec.transport == "sse":
             transport = sse_client(
@@ -389,7 +438,9 @@ class UpstreamClient:
                 httpx_client_factory=self._sse_http_client,
                 auth=self._auth,
             )
-            return Client(transport, mode="legacy", cache=None)
+            return Client(
+                transport, mode="legacy", cache=None, message_handler=self._notified, **self._asks()
+            )
 
         async def watch_session(response: httpx2.Response) -> None:
             if response.status_code == 404 and SESSION_HEADER in response.request.headers:
@@ -407,7 +458,27 @@ class UpstreamClient:
             auth=self._auth,
             transport=self._transport(),  # when given, it holds the limits above
         )
-        return Client(_http_transport(spec.url, http), mode="auto", cache=None)
+        return Client(
+            _http_transport(spec.url, http),
+            mode="auto",
+            cache=None,
+            message_handler=self._notified,
+            **self._asks(),
+        )
+
+    def _asks(self) -> dict[str, Any]:
+        """The SDK client's callbacks for requests from the upstream, which declare the capabilities to it.
+
+        Those the relay reads in a call's own answer go to that call's agent; what reaches the shared
+        session itself (its standalone stream, stdio, SSE) belongs to no call that Arbiter can tell, and is
+        refused: never put to an agent it may not belong to."""
+        if not self._ask_agents:
+            return {}
+        return {
+            "elicitation_callback": _unattributed,
+            "sampling_callback": _unattributed,
+            "list_roots_callback": _unattributed,
+        }
 
     def _relay_pools(
         self,
@@ -431,6 +502,35 @@ class UpstreamClient:
         )
 
 
+async def _unattributed(context: ClientRequestContext, params: Any = None) -> types.ErrorData:
+    return types.ErrorData(
+        code=types.INVALID_REQUEST,
+        message="Arbiter relays requests to agents only inside the answer to their own call "
+        "on streamable HTTP",
+    )
+
+
+def _progress_relay(request: UpstreamRequest) -> ProgressFnT | None:
+    """For the SDK's session (stdio, SSE upstreams): the call's progress, back under the agent's token.
+
+    The SDK sends its own request id as the token and finds the call by it; the agent knows its own."""
+    downstream = request.downstream
+    meta: Any = request.params.get("_meta")
+    token: Any = cast(dict[str, Any], meta).get("progressToken") if isinstance(meta, dict) else None
+    if downstream is None or token is None:
+        return None
+
+    async def relay(progress: float, total: float | None, message: str | None) -> None:
+        params: dict[str, Any] = {"progressToken": token, "progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None:
+            params["message"] = message
+        await downstream.message({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+
+    return relay
+
+
 def _sdk_request(request: UpstreamRequest) -> types.ClientRequest:
     """The SDK's model of ``request``, for upstreams the relay does not serve (stdio, SSE)."""
     match request.method:
@@ -442,6 +542,8 @@ def _sdk_request(request: UpstreamRequest) -> types.ClientRequest:
             return types.ReadResourceRequest(
                 params=types.ReadResourceRequestParams.model_validate(request.params)
             )
+        case "completion/complete":
+            return types.CompleteRequest(params=types.CompleteRequestParams.model_validate(request.params))
         case _:
             raise ValueError(f"no upstream request for {request.method}")
 

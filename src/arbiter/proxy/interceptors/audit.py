@@ -94,6 +94,10 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
         outcome = {"status": "error", "error_code": INTERNAL_ERROR}
     if ctx.fallback is not None:
         outcome["fallback"] = ctx.fallback
+    if ctx.input_rounds:  # requests the upstream put to the agent during the call: kind and answer only
+        outcome["input_rounds"] = ctx.input_rounds
+    if ctx.input_round is not None:  # a multi-round-trip round: input asked for / given (keys only)
+        outcome.update(ctx.input_round)
     policy = ctx.decision
     http = ctx.http_request
     scope = http.scope if http is not None else None

@@ -14,8 +14,8 @@ from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.rules import USE_ACTION
 from arbiter.proxy.catalog import UNAVAILABLE_META
-from arbiter.proxy.pipeline import CallContext, CallNext, Result
-from arbiter.proxy.targets import not_found
+from arbiter.proxy.pipeline import COMPLETE, CallContext, CallNext, Result
+from arbiter.proxy.targets import completed_method, not_found
 
 # list method -> (result key, the field naming each item, whether it is a URI, the action that uses it)
 _LISTS: dict[str, tuple[str, str, bool, str]] = {
@@ -36,6 +36,16 @@ class Authorize:
         obj = f"{parts[0]}/{parts[1]}" if parts is not None else None
         return obj is not None and self._live.engine.visible(Subject.of(principal), obj, "call")
 
+    def may_use(self, principal: Principal, obj: str, action: str) -> bool | None:
+        """Whether ``principal`` may ``action`` ``obj`` (``<upstream>/<target>``) with no arguments: None
+        when it may not even see it (answered like a missing target), False when it sees it but is
+        refused. Used outside the pipeline (notifications and subscriptions, proxy/notifications.py)."""
+        engine = self._live.engine
+        sub = Subject.of(principal)
+        if not engine.visible(sub, obj, action):
+            return None
+        return engine.decide(sub, obj, action).allowed
+
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         engine = self._live.engine  # one version decides the whole request
         ctx.policy_version = engine.version
@@ -43,13 +53,17 @@ class Authorize:
             raise PolicyDenied("no authenticated caller", policy_version=engine.version)
         sub = Subject.of(ctx.principal)
         use = USE_ACTION.get(ctx.method)
+        like = ctx.method
+        if use is None and like == COMPLETE:  # decided as the get/read of the prompt or template it names
+            like = completed_method(ctx.params)
+            use = USE_ACTION[like]
         if use is not None:
             assert ctx.upstream is not None and ctx.target is not None and ctx.exposed is not None
             obj = f"{ctx.upstream}/{ctx.target}"
             decision = engine.decide(sub, obj, use, ctx.arguments)
             ctx.decision = decision  # the audit record tells auditors the truth
             if not engine.visible(sub, obj, use):
-                raise not_found(ctx.method, ctx.exposed)
+                raise not_found(like, ctx.exposed)
             if not decision.allowed:
                 raise PolicyDenied(
                     f"the policy does not allow you to {use} {ctx.exposed}", policy_version=engine.version

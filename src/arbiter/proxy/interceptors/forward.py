@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from mcp.shared.exceptions import MCPError
+from mcp_types import LOG_LEVEL_META_KEY, METHOD_NOT_FOUND
+
 from arbiter.naming import exposed_uri
 from arbiter.proxy.catalog import UNAVAILABLE_META, Catalog
-from arbiter.proxy.pipeline import CallContext, CallNext, Result
+from arbiter.proxy.pipeline import COMPLETE, CallContext, CallNext, Result
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.relay import UpstreamRequest
 
@@ -55,6 +58,8 @@ class Forward:
         schema: Any = None
         if ctx.method == "resources/read":
             params = {"uri": ctx.target}
+        elif ctx.method == COMPLETE:
+            params = _completion_params(ctx)
         else:
             arguments = ctx.arguments
             if ctx.method == "prompts/get" and arguments:
@@ -64,28 +69,60 @@ class Forward:
                 params["arguments"] = arguments
             if ctx.method == "tools/call" and ctx.definition is not None:
                 schema = ctx.definition.get("inputSchema")
+        if ctx.request_state is not None:  # a retry: the upstream's own state, opened by input_rounds
+            params["requestState"] = ctx.request_state
+        responses: Any = ctx.params.get("inputResponses")
+        if responses is not None and ctx.method != COMPLETE:  # the agent's answers, passed on unchanged
+            params["inputResponses"] = responses
         if progress is not None:
             params["_meta"] = {"progressToken": progress}
+        level: Any = cast(dict[str, Any], meta).get(LOG_LEVEL_META_KEY) if isinstance(meta, dict) else None
+        if level is not None:  # the agent's 2026-07-28 opt-in to this call's log messages
+            params["_meta"] = {**params.get("_meta", {}), LOG_LEVEL_META_KEY: level}
         trace = ctx.trace_context  # set by the tracing step (traces on): the upstream call's own span
         if trace is not None:
             params["_meta"] = {**params.get("_meta", {}), **trace}
         request = UpstreamRequest(
-            ctx.method, params, cast(dict[str, Any], schema) if isinstance(schema, dict) else None, trace
+            ctx.method,
+            params,
+            cast(dict[str, Any], schema) if isinstance(schema, dict) else None,
+            trace,
+            client_capabilities=ctx.client_capabilities,
+            downstream=ctx.downstream,  # what the upstream streams for this call goes to its agent
         )
         # The caller's own token goes along for an upstream that exchanges it (RFC 8693), and only the
         # pool reads it, for those alone; every other upstream gets Arbiter's credential.
         caller = ctx.exchange.caller_token if ctx.exchange is not None else None
-        result = await self._pool.request(
-            ctx.upstream,
-            request,
-            caller=caller,
-            on_send=lambda: _sent(ctx),
-            on_fallback=lambda upstream: _fell_back(ctx, upstream),
-        )
+        try:
+            result = await self._pool.request(
+                ctx.upstream,
+                request,
+                caller=caller,
+                on_send=lambda: _sent(ctx),
+                on_fallback=lambda upstream: _fell_back(ctx, upstream),
+            )
+        except MCPError as exc:
+            if ctx.method == COMPLETE and exc.error.code == METHOD_NOT_FOUND:
+                # Arbiter offers completions for every upstream; one without them has nothing to suggest.
+                return {"completion": {"values": [], "hasMore": False}}
+            raise
         _strip_upstream_identity(result)
         if ctx.method == "resources/read":
             _rename_contents(result, ctx.upstream)
         return result
+
+
+def _completion_params(ctx: CallContext) -> dict[str, Any]:
+    """completion/complete in the upstream's own names: its prompt name or resource template URI."""
+    ref: Any = ctx.params.get("ref")
+    kind: Any = cast(dict[str, Any], ref).get("type") if isinstance(ref, dict) else None
+    key = "name" if kind == "ref/prompt" else "uri"
+    params: dict[str, Any] = {"ref": {"type": kind, key: ctx.target}}
+    for field in ("argument", "context"):
+        value: Any = ctx.params.get(field)
+        if value is not None:
+            params[field] = value
+    return params
 
 
 def _strip_upstream_identity(result: Result) -> None:

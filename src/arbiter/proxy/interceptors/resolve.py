@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from arbiter.errors import UnknownTarget
 from arbiter.naming import split_name, split_uri
 from arbiter.proxy.catalog import Catalog
-from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, CallNext, Result
+from arbiter.proxy.pipeline import COMPLETE, TARGET_KEYS, CallContext, CallNext, Result
 from arbiter.proxy.resource_uri import normalise
-from arbiter.proxy.targets import not_found
+from arbiter.proxy.targets import completed_method, not_found
 
 
 class Resolve:
@@ -29,7 +29,33 @@ class Resolve:
                 self._named(ctx, value, "prompt")
             else:
                 self._resource(ctx, value)
+        elif ctx.method == COMPLETE:
+            self._completion(ctx)
         return await call_next(ctx)
+
+    def _completion(self, ctx: CallContext) -> None:
+        # The prompt or resource template whose argument is completed: found, and hidden, as prompts/get
+        # and resources/read find and hide theirs.
+        ref: Any = ctx.params.get("ref")
+        ref = cast(dict[str, Any], ref) if isinstance(ref, dict) else {}
+        like = completed_method(ctx.params)
+        value: Any = ref.get("name" if like == "prompts/get" else "uri")
+        if not isinstance(value, str) or not value:
+            raise UnknownTarget("params.ref must name a prompt or a resource template")
+        ctx.exposed = value
+        if like == "prompts/get":
+            self._named(ctx, value, "prompt")
+        else:
+            parts = split_uri(value)
+            snap = self._catalog.get(parts[0]) if parts is not None else None
+            if parts is None or snap is None or parts[1] not in snap.resource_templates:
+                raise not_found(like, value)
+            ctx.upstream, ctx.target = parts
+            ctx.definition = snap.resource_templates[parts[1]]
+        # The policy judges the arguments already chosen, as it judges them on prompts/get.
+        context: Any = ctx.params.get("context")
+        args: Any = cast(dict[str, Any], context).get("arguments") if isinstance(context, dict) else None
+        ctx.arguments = cast(dict[str, Any], args) if isinstance(args, dict) else {}
 
     def _named(self, ctx: CallContext, exposed: str, kind: Literal["tool", "prompt"]) -> None:
         parts = split_name(exposed)

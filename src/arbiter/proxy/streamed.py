@@ -1,0 +1,57 @@
+"""A 2026-07-28 answer that turns into an event stream once the upstream streams something for the call.
+
+The direct path (``front.py``) answers JSON. When the upstream sends a message for the call before its
+result (progress, a log message), the answer becomes ``text/event-stream`` at that moment: the message is
+written as an event at once, more may follow, and the response ends with the JSON-RPC response as the last
+event. A call for which nothing is streamed is answered in JSON as before, so the common call pays for one
+small object and nothing else. Only an agent whose ``Accept`` admits ``text/event-stream`` gets a
+``StreamedAnswer``; for others nothing can be streamed and the messages are dropped.
+
+A 2026-07-28 agent has no back channel: a request the upstream puts to it is answered with an error (the
+base class says so); ``input_required`` results (MRTR) are how that era asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.types import Send
+
+from arbiter.proxy.call_channel import CallChannel
+from arbiter.proxy.pipeline import CallContext
+from arbiter.proxy.relay import encode
+
+_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),  # proxies in front of Arbiter must not hold events back
+]
+
+
+class StreamedAnswer(CallChannel):
+    """The answer to one 2026-07-28 request on the direct path, streamed once there is something to stream."""
+
+    __slots__ = ("_closed", "_send_asgi", "started")
+
+    def __init__(self, ctx: CallContext, send: Send) -> None:
+        super().__init__(ctx, relay_requests=False)
+        self._send_asgi = send
+        self.started = False  # the response is an event stream (its status and headers are sent)
+        self._closed = False
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self._closed:  # a late message (another task's progress) after the response: nowhere to go
+            return
+        if not self.started:
+            self.started = True
+            await self._send_asgi({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": True})
+
+    async def close(self, message: dict[str, Any]) -> None:
+        """End the stream with the JSON-RPC response ``message``."""
+        self._closed = True
+        await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": False})
+
+
+def _event(message: dict[str, Any]) -> bytes:
+    return b"event: message\ndata: " + encode(message) + b"\n\n"
