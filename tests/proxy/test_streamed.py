@@ -430,3 +430,51 @@ async def test_langchain_mcp_progress_and_elicitation_work_through_arbiter(
         assert "lc: accept True" in str(await tools["up__confirm"].ainvoke({"item": "lc"}))
     assert progress == [f"agent 7: step {step}" for step in (1, 2, 3)]
     assert asked == ["Really ship lc?"]
+
+
+async def test_a_late_message_never_splits_or_follows_the_end_of_a_streamed_answer() -> None:
+    # Progress comes from other tasks too (the SDK's per-request callback for stdio/SSE upstreams): a
+    # message mid-send when the result is ready must finish before the last event, and one that comes
+    # after it must not be sent at all (a body after the end makes the server raise).
+    from arbiter.proxy.pipeline import CallContext
+    from arbiter.proxy.streamed import StreamedAnswer
+
+    sent: list[dict[str, Any]] = []
+    gate = anyio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.start":
+            await gate.wait()  # the first message is caught mid-send
+
+    log = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "x"}}
+    streamed = StreamedAnswer(CallContext(method="tools/call", params={}), send)
+    finished: list[bool] = []
+
+    async def finish() -> None:
+        finished.append(await streamed.finish({"jsonrpc": "2.0", "id": 1, "result": {}}))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(streamed.message, log)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(finish)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    await streamed.message(log)  # after the end: dropped
+    assert finished == [True]
+    assert [(m["type"], m.get("more_body")) for m in sent] == [
+        ("http.response.start", None),
+        ("http.response.body", True),
+        ("http.response.body", False),
+    ]
+
+    # Nothing streamed before the result: the caller answers in JSON, and nothing is sent after it.
+    quiet: list[dict[str, Any]] = []
+
+    async def record(message: dict[str, Any]) -> None:
+        quiet.append(message)
+
+    unstarted = StreamedAnswer(CallContext(method="tools/call", params={}), record)
+    assert await unstarted.finish({"jsonrpc": "2.0", "id": 2, "result": {}}) is False
+    await unstarted.message(log)
+    assert quiet == []

@@ -157,16 +157,14 @@ class ModernFront:
             result = await answer(self._pipeline, call, error_results=self._error_results)
         except MCPError as exc:
             error = exc.error.model_dump(mode="json", exclude_none=True)
-            if streamed is not None and streamed.started:
-                await streamed.close({"jsonrpc": "2.0", "id": rid, "error": error})
+            if streamed is not None and await streamed.finish({"jsonrpc": "2.0", "id": rid, "error": error}):
                 return
             await _reply(send, rid, error=error)
             return
         meta: Any = result.get("_meta")
         if meta is None or (isinstance(meta, dict) and cast(dict[str, Any], meta).get(_SERVER_INFO) is None):
             result["_meta"] = {**(cast(dict[str, Any], meta) or {}), _SERVER_INFO: self._server_info()}
-        if streamed is not None and streamed.started:
-            await streamed.close({"jsonrpc": "2.0", "id": rid, "result": result})
+        if streamed is not None and await streamed.finish({"jsonrpc": "2.0", "id": rid, "result": result}):
             return
         await _reply(send, rid, result=result)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from starlette.types import Send
 
 from arbiter.proxy.call_channel import CallChannel
@@ -31,26 +32,43 @@ _HEADERS = [
 class StreamedAnswer(CallChannel):
     """The answer to one 2026-07-28 request on the direct path, streamed once there is something to stream."""
 
-    __slots__ = ("_closed", "_send_asgi", "started")
+    __slots__ = ("_closed", "_lock", "_send_asgi", "started")
 
     def __init__(self, ctx: CallContext, send: Send) -> None:
         super().__init__(ctx, relay_requests=False)
         self._send_asgi = send
         self.started = False  # the response is an event stream (its status and headers are sent)
         self._closed = False
+        # Made by the first message, before its first await: messages come from other tasks too (an SDK
+        # progress callback), and the response's pieces must not interleave with its end.
+        self._lock: anyio.Lock | None = None
 
     async def _send(self, message: dict[str, Any]) -> None:
         if self._closed:  # a late message (another task's progress) after the response: nowhere to go
             return
-        if not self.started:
-            self.started = True
-            await self._send_asgi({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": True})
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = anyio.Lock()
+        async with lock:
+            if self._closed:
+                return
+            if not self.started:
+                self.started = True
+                await self._send_asgi({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": True})
 
-    async def close(self, message: dict[str, Any]) -> None:
-        """End the stream with the JSON-RPC response ``message``."""
+    async def finish(self, message: dict[str, Any]) -> bool:
+        """End the stream with the JSON-RPC response ``message`` if it was started; False: nothing was
+        streamed, and the caller answers in JSON. Either way no message is sent after this."""
         self._closed = True
-        await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": False})
+        lock = self._lock
+        if lock is None:  # no message ever came (each makes the lock before awaiting anything)
+            return False
+        async with lock:
+            if not self.started:
+                return False
+            await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": False})
+        return True
 
 
 def _event(message: dict[str, Any]) -> bytes:
