@@ -192,7 +192,11 @@ def create_app(
             Audit(audit),
             Resolve(catalog),
             authorize,
-            InputRounds(_request_state_seal(settings), max_rounds=settings.mcp.input_rounds_max),
+            InputRounds(
+                _request_state_seal(settings),
+                max_rounds=settings.mcp.input_rounds_max,
+                answer_timeout_s=settings.mcp.request_state_ttl_s,  # each question put to the agent
+            ),
             Limits(limiter),
             *interceptors,
             *([ClientMetrics(metrics)] if metrics is not None else []),
@@ -208,6 +212,7 @@ def create_app(
         authorize.tool_visible,
         error_results=error_results,
         relay_requests=mcp_cfg.relay_server_requests,
+        max_requests=mcp_cfg.input_requests_max,
     )
     manager = StreamableHTTPSessionManager(
         app=mcp_server,
@@ -220,7 +225,7 @@ def create_app(
         max_request_body_size=mcp_cfg.max_body_bytes,
     )
     # List changes and resource subscriptions, relayed (docs/protocol.md). Off: no handlers, none advertised.
-    notifications = _notifications(settings, catalog, authorize, registry, pool, mcp_server)
+    notifications = _notifications(settings, catalog, authorize, registry, pool, mcp_server, keys, audit)
     runtime = Runtime(
         settings,
         engine,
@@ -402,14 +407,23 @@ def _notifications(
     registry: UpstreamRegistry,
     pool: UpstreamPool,
     server: Server[Any],
+    keys: ApiKeys,
+    audit: AuditWriter,
 ) -> tuple[NotificationHub, UpstreamWatch] | None:
     """The hub fanning upstream changes out to agents and the watchers hearing the upstreams, installed
     on ``server``; None when ``notifications.enabled`` is off."""
     cfg = settings.notifications
     if not cfg.enabled:
         return None
-    hub = NotificationHub(catalog, authorize.may_use, registry.refresh_one, cfg)
-    install_listeners(server, hub, send_timeout_s=cfg.send_timeout_s)
+    hub = NotificationHub(
+        catalog,
+        authorize.may_use,
+        registry.refresh_one,
+        cfg,
+        identity=authorize.identity,
+        current=keys.current,
+    )
+    install_listeners(server, hub, send_timeout_s=cfg.send_timeout_s, audit=audit)
     return hub, UpstreamWatch(pool, hub, cfg)
 
 

@@ -214,6 +214,11 @@ class McpSettings(BaseModel):
     # A handshake-era agent cannot take input_required: Arbiter asks it over its session and retries the
     # upstream itself, at most this many rounds per call. 0: such calls fail with input_unavailable.
     input_rounds_max: int = Field(default=10, ge=0, le=100)
+    # Questions an upstream may put to the agent during one call (elicitation, sampling, roots: relayed
+    # requests and those of the rounds above alike); beyond it each is refused without asking the agent,
+    # and the audit record counts them. Each question Arbiter asks for those rounds waits at most
+    # request_state_ttl_s for the agent's answer (docs/protocol.md).
+    input_requests_max: int = Field(default=20, ge=0, le=1000)
     # Requests on /mcp being answered at once; more are refused at once (503 + Retry-After), not queued.
     max_in_flight: int = Field(default=1024, gt=0)
     # Handshake-era sessions are cheaper per call; stateless mode suits replicas without sticky routing.
@@ -245,6 +250,17 @@ class NotificationSettings(BaseModel):
     # Arbiter's own subscriptions/listen to a 2026-07-28 upstream: retried after this, doubling to the max.
     listen_backoff_s: float = Field(default=1.0, gt=0)
     listen_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Fairness and bounds (docs/protocol.md "List changes and subscriptions"): listen streams and
+    # handshake sessions told of changes per caller (of max_listeners in all); resources one of them may
+    # subscribe to; resource URIs per subscriptions/listen request Arbiter sends an upstream.
+    max_listeners_per_principal: int = Field(default=100, gt=0)
+    max_subscriptions_per_listener: int = Field(default=100, gt=0, le=10_000)
+    listen_max_resources: int = Field(default=100, gt=0, le=10_000)
+    # Agents subscribing and leaving: the watcher re-subscribes upstream at most once per this window.
+    resubscribe_debounce_s: float = Field(default=0.25, ge=0, le=60)
+    # A catalog change naming more entries than this is judged per caller on the upstream as a whole
+    # (told if the caller may see any of its entries of that kind), not name by name.
+    max_changed_judged: int = Field(default=100, gt=0, le=100_000)
 
 
 class UpstreamPolicy(BaseModel):

@@ -33,6 +33,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from arbiter.auth.apikeys import parse as parse_key
+from arbiter.auth.principal import Principal
+from arbiter.policies.engine import PolicyEngine, Subject
+from arbiter.policies.rules import parse_csv
+from arbiter.proxy.catalog import Catalog, UpstreamCatalog
+from arbiter.proxy.notifications import TOOLS, NotificationHub
+from arbiter.settings import NotificationSettings
+from tests.audit.helpers import of_kind, wait_for
 from tests.conftest import ArbiterFactory, ArbiterServer, serve_in_thread
 
 MODES = ["legacy", "2026-07-28"]
@@ -62,8 +70,9 @@ async def until(condition: Callable[[], bool]) -> None:
 class ChangingUpstream:
     """An MCP server whose tool list grows and whose resources update when the test says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, templates: tuple[str, ...] = (), refuse: frozenset[str] = frozenset()) -> None:
         self.tools = ["open_tool", "secret_tool"]
+        self.refuse = refuse  # resource URIs it refuses to subscribe to (in either era)
         self.bus = InMemorySubscriptionBus()
         # Handshake era: Arbiter's sessions here, told on their GET stream.
         self.sessions: dict[int, ServerSession] = {}
@@ -71,6 +80,7 @@ class ChangingUpstream:
         self.listening: list[frozenset[str]] = []  # 2026-07-28: open listen streams' resources
         self.lists = 0  # tools/list requests answered
         self.listens = 0  # subscriptions/listen requests taken
+        self.gets = 0  # standalone GET streams open (handshake era)
         listen = ListenHandler(self.bus)
 
         async def list_tools(ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListToolsResult:
@@ -94,13 +104,17 @@ class ChangingUpstream:
         async def list_templates(
             ctx: ServerRequestContext[Any, Any], params: Any
         ) -> types.ListResourceTemplatesResult:
-            return types.ListResourceTemplatesResult(resource_templates=[])
+            return types.ListResourceTemplatesResult(
+                resource_templates=[types.ResourceTemplate(uri_template=t, name=t) for t in templates]
+            )
 
         async def read_resource(ctx: ServerRequestContext[Any, Any], params: Any) -> types.ReadResourceResult:
             return types.ReadResourceResult(contents=[types.TextResourceContents(uri=params.uri, text="x")])
 
         async def subscribe(ctx: ServerRequestContext[Any, Any], params: Any) -> types.EmptyResult:
             self._remember(ctx.session)
+            if str(params.uri) in self.refuse:
+                raise MCPError(types.INVALID_PARAMS, "no such resource")
             self.subscribed.add(str(params.uri))
             return types.EmptyResult()
 
@@ -112,6 +126,8 @@ class ChangingUpstream:
             ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
         ) -> types.SubscriptionsListenResult:
             uris = frozenset(params.notifications.resource_subscriptions or ())
+            if uris & self.refuse:
+                raise MCPError(types.INVALID_PARAMS, "no such resource")
             self.listening.append(uris)
             self.listens += 1
             try:
@@ -137,6 +153,11 @@ class ChangingUpstream:
         if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             self.sessions.setdefault(id(connection), session)
 
+    def heard(self) -> bool:
+        """Whether Arbiter listens here for list changes: a change made before it does is never told
+        (the tests wait for this rather than for time to pass)."""
+        return self.gets > 0 or frozenset[str]() in self.listening
+
     def watched(self, uri: str) -> bool:
         """Whether Arbiter subscribed to ``uri`` here, in either era."""
         return uri in self.subscribed or any(uri in uris for uris in self.listening)
@@ -157,7 +178,19 @@ class ChangingUpstream:
             return Response(status_code=204)
 
         routes = [Route("/add/{name}", add, methods=["POST"]), Route("/touch", touch, methods=["POST"])]
-        return self.server.streamable_http_app(custom_starlette_routes=routes)
+        inner = self.server.streamable_http_app(custom_starlette_routes=routes)
+
+        async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or scope["method"] != "GET":
+                await inner(scope, receive, send)
+                return
+            self.gets += 1
+            try:
+                await inner(scope, receive, send)
+            finally:
+                self.gets -= 1
+
+        return counting
 
 
 class HandshakeOnly:
@@ -290,6 +323,7 @@ async def test_a_list_change_reaches_only_agents_that_may_see_what_changed(
         agent(server, narrow_key, mode) as (narrow, narrow_told),
     ):
         assert await tool_names(narrow) == {"up__open_tool"}
+        await until(up.upstream.heard)
         lists = up.upstream.lists
         # A tool only the wide agent may see: it is told, and lists it at once (no refresh timer).
         await anyio.to_thread.run_sync(up.add_tool, "secret_new")
@@ -334,7 +368,7 @@ async def test_resource_updates_reach_subscribers_that_may_read_them_under_arbit
         agent(server, server.agent_key, mode, (open_uri, secret_uri)) as (_, wide_told),
         agent(server, narrow_key, mode, (open_uri,)) as (_, narrow_told),
     ):
-        await until(lambda: up.upstream.watched(OPEN) and up.upstream.watched(SECRET))
+        await until(lambda: up.upstream.watched(OPEN) and up.upstream.watched(SECRET) and up.upstream.heard())
         await anyio.to_thread.run_sync(up.touch, SECRET)
         await until(lambda: wide_told.updates == [secret_uri])
         await anyio.to_thread.run_sync(up.touch, OPEN)  # the barrier
@@ -365,6 +399,7 @@ async def test_a_storm_of_list_changes_is_one_refresh(up: Up, arbiter_factory: A
     # Wide enough that the whole storm lands inside one interval, however slow the machine.
     server, _ = gateway(arbiter_factory, up, notifications={**FAST["notifications"], "refresh_interval_s": 5})
     async with agent(server, server.agent_key, "2026-07-28") as (client, told):
+        await until(up.upstream.heard)
         await anyio.to_thread.run_sync(up.add_tool, "first")  # refreshed at once: nothing came before it
         await until(lambda: told.tool_changes == 1)
         lists = up.upstream.lists
@@ -401,3 +436,227 @@ async def test_a_dropped_listen_is_reopened_and_never_marks_the_upstream_down(
             await anyio.to_thread.run_sync(up.add_tool, "after_drops")
             await until(lambda: told.tool_changes == 1)
         server.stop()  # before the upstream, which Arbiter still listens to
+
+
+BOGUS = "mem://aaa-bogus"  # made by the upstream's template, refused by it; sorts before OPEN
+
+
+@pytest.fixture(params=UPSTREAM_ERAS)
+def refusing_up(request: pytest.FixtureRequest) -> Iterator[Up]:
+    upstream = ChangingUpstream(templates=("mem://{name}",), refuse=frozenset({BOGUS}))
+    app = upstream.app()
+    with serve_in_thread(HandshakeOnly(app) if request.param == "handshake" else app) as port:
+        yield Up(upstream, f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")  # resources/subscribe
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_resource_the_upstream_refuses_stops_nobody_elses_notifications(
+    refusing_up: Up, arbiter_factory: ArbiterFactory, mode: str
+) -> None:
+    up = refusing_up
+    server, _ = gateway(arbiter_factory, up)
+    open_uri = f"arbiter://up/{OPEN}"
+    async with (
+        agent(server, server.agent_key, mode, (f"arbiter://up/{BOGUS}",)) as (_, mallory_told),
+        agent(server, server.agent_key, mode, (open_uri,)) as (_, alice_told),
+    ):
+        await until(lambda: up.upstream.watched(OPEN) and up.upstream.heard())
+        await anyio.to_thread.run_sync(up.touch, OPEN)
+        await until(lambda: alice_told.updates == [open_uri])
+        # List changes reach everybody, the agent whose URI is refused too.
+        await anyio.to_thread.run_sync(up.add_tool, "open_after")
+        await until(lambda: alice_told.tool_changes >= 1 and mallory_told.tool_changes >= 1)
+        assert not up.upstream.watched(BOGUS)
+
+
+async def test_a_uri_no_template_of_the_upstream_makes_is_answered_as_missing(
+    refusing_up: Up, arbiter_factory: ArbiterFactory
+) -> None:
+    server, _ = gateway(arbiter_factory, refusing_up)
+    async with server.client("2026-07-28") as probe:
+        with pytest.raises(MCPError) as missing:
+            async with probe.listen(resource_subscriptions=["arbiter://up/other://x"]):
+                pass
+    assert "other://x" in missing.value.error.message
+
+
+async def test_listen_streams_are_capped_per_caller(up: Up, arbiter_factory: ArbiterFactory) -> None:
+    server, narrow_key = gateway(
+        arbiter_factory, up, notifications={**FAST["notifications"], "max_listeners_per_principal": 1}
+    )
+    async with agent(server, server.agent_key, "2026-07-28"):
+        async with server.client("2026-07-28") as second:
+            with pytest.raises(MCPError) as refused:
+                async with second.listen(tools_list_changed=True):
+                    pass
+        assert refused.value.error.message == "Subscription limit reached"
+        async with agent(server, narrow_key, "2026-07-28") as (client, _):  # another caller still may
+            assert await tool_names(client) == {"up__open_tool"}
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")  # resources/subscribe
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_session_or_listen_stream_subscribes_to_at_most_the_cap(
+    up: Up, arbiter_factory: ArbiterFactory, mode: str
+) -> None:
+    server, _ = gateway(
+        arbiter_factory, up, notifications={**FAST["notifications"], "max_subscriptions_per_listener": 1}
+    )
+    open_uri, secret_uri = f"arbiter://up/{OPEN}", f"arbiter://up/{SECRET}"
+    if mode == "legacy":
+        async with agent(server, server.agent_key, mode, (open_uri,)) as (client, _):
+            with pytest.raises(MCPError) as refused:
+                await client.subscribe_resource(secret_uri)  # pyright: ignore[reportDeprecated]
+    else:
+        async with server.client(mode) as probe:
+            with pytest.raises(MCPError) as refused:
+                async with probe.listen(resource_subscriptions=[open_uri, secret_uri]):
+                    pass
+    assert "at most 1 resource subscriptions" in refused.value.error.message
+    assert not up.upstream.watched(SECRET)
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")  # resources/subscribe
+async def test_subscriptions_and_listen_streams_are_audited(up: Up, arbiter_factory: ArbiterFactory) -> None:
+    server, narrow_key = gateway(arbiter_factory, up)
+    open_uri, secret_uri = f"arbiter://up/{OPEN}", f"arbiter://up/{SECRET}"
+    async with agent(server, server.agent_key, "legacy", (open_uri,)) as (client, _):
+        await client.unsubscribe_resource(open_uri)  # pyright: ignore[reportDeprecated]
+    async with agent(server, server.agent_key, "2026-07-28", (open_uri,)):
+        pass
+    async with server.client("2026-07-28", narrow_key) as probe:
+        with pytest.raises(MCPError):
+            async with probe.listen(resource_subscriptions=[secret_uri]):
+                pass
+
+    methods = {"resources/subscribe", "resources/unsubscribe", "subscriptions/listen"}
+
+    def found(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in of_kind(records, "mcp") if r["method"] in methods]
+
+    records = found(await anyio.to_thread.run_sync(lambda: wait_for(server, lambda rs: len(found(rs)) >= 4)))
+    assert len(records) == 4, records  # one each: the endpoint adds no second record of the refusal
+    subscribed, unsubscribed, listened, refused = records
+    assert (subscribed["method"], subscribed["decision"]) == ("resources/subscribe", "allow")
+    assert (subscribed["upstream"], subscribed["tool"]) == ("up", open_uri)
+    assert subscribed["outcome"]["resources"] == [open_uri]
+    assert (unsubscribed["method"], unsubscribed["decision"]) == ("resources/unsubscribe", "allow")
+    assert (listened["method"], listened["decision"]) == ("subscriptions/listen", "allow")
+    assert listened["outcome"]["notifications"] == ["tools"]
+    assert listened["outcome"]["resources"] == [open_uri]
+    assert (refused["method"], refused["decision"]) == ("subscriptions/listen", "deny")
+    assert refused["outcome"]["resources"] == [secret_uri]
+    assert refused["actor"]["subject"] == "narrow"
+    assert {r["actor"]["subject"] for r in records[:3]} != {"narrow"}
+    assert narrow_key not in repr(records) and server.agent_key not in repr(records)
+
+
+async def test_an_agent_whose_key_is_revoked_is_told_nothing_more(
+    up: Up, arbiter_factory: ArbiterFactory
+) -> None:
+    server, narrow_key = gateway(arbiter_factory, up)
+    parsed = parse_key(narrow_key)
+    assert parsed is not None
+    heard: list[object] = []
+    ended = anyio.Event()
+    async with (
+        server.client("2026-07-28", narrow_key) as client,
+        client.listen(tools_list_changed=True) as sub,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def drain() -> None:
+            async for event in sub:
+                heard.append(event)
+            ended.set()
+
+        tg.start_soon(drain)
+
+        def revoke() -> None:
+            with server.admin() as admin:
+                assert admin.delete(f"/api-keys/{parsed[0]}").status_code == 204
+
+        await until(up.upstream.heard)
+        await anyio.to_thread.run_sync(revoke)
+        await anyio.to_thread.run_sync(up.add_tool, "open_after_revoke")  # one it could see
+        with anyio.fail_after(20):
+            await ended.wait()  # its stream ended instead
+    assert heard == []
+
+
+POLICY_RULES = parse_csv(POLICY)
+
+
+def _hub(engine: PolicyEngine, calls: list[str], **settings: Any) -> tuple[Catalog, NotificationHub]:
+    def may_use(principal: Principal, obj: str, action: str) -> bool | None:
+        calls.append(obj)
+        sub = Subject.of(principal)
+        if not engine.visible(sub, obj, action):
+            return None
+        return engine.decide(sub, obj, action).allowed
+
+    async def refresh(upstream: str) -> None:
+        pass
+
+    catalog = Catalog()
+    hub = NotificationHub(
+        catalog,
+        may_use,
+        refresh,
+        NotificationSettings(**settings),
+        identity=lambda principal: engine.visibility_identity(Subject.of(principal)),
+    )
+    return catalog, hub
+
+
+def _tools(*names: str) -> dict[str, dict[str, Any]]:
+    return {name: {"name": name, "inputSchema": {"type": "object"}} for name in names}
+
+
+async def test_a_catalog_change_is_judged_off_put_once_per_policy_identity() -> None:
+    engine = PolicyEngine(POLICY_RULES, 1)
+    calls: list[str] = []
+    catalog, hub = _hub(engine, calls)
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hub.run, stopping)
+        await anyio.wait_all_tasks_blocked()
+        narrow = [Principal(f"n{i}", "arbiter", "api_key", roles=frozenset({"narrow"})) for i in range(50)]
+        inboxes = [hub.open(principal, frozenset({TOOLS}))[1] for principal in narrow]
+        hidden = [f"hidden_{i}" for i in range(20)]
+        catalog.put(UpstreamCatalog("up", tools=_tools(*hidden, "open_new")))
+        assert calls == []  # put only noted the change
+        with anyio.fail_after(10):
+            told = [await inbox.receive() for inbox in inboxes]
+        assert all(isinstance(event, ToolsListChanged) for event in told)
+        # One identity (the policy names none of these subjects): judged once, not once per listener.
+        assert 0 < len(calls) <= len(hidden) + 1
+        stopping.set()
+
+
+async def test_a_change_beyond_the_cap_is_judged_on_the_upstream_as_a_whole() -> None:
+    engine = PolicyEngine(POLICY_RULES, 1)
+    calls: list[str] = []
+    catalog, hub = _hub(engine, calls, max_changed_judged=5)
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hub.run, stopping)
+        await anyio.wait_all_tasks_blocked()
+        catalog.put(UpstreamCatalog("up", tools=_tools("open_tool")))
+        _, narrow_inbox = hub.open(
+            Principal("n", "arbiter", "api_key", roles=frozenset({"narrow"})), frozenset({TOOLS})
+        )
+        _, blind_inbox = hub.open(
+            Principal("b", "arbiter", "api_key", roles=frozenset({"blind"})), frozenset({TOOLS})
+        )
+        hidden = [f"hidden_{i}" for i in range(20)]
+        catalog.put(UpstreamCatalog("up", tools=_tools("open_tool", *hidden)))
+        with anyio.fail_after(10):
+            # Twenty hidden names changed, more than the cap: the narrow agent may see a tool there.
+            assert isinstance(await narrow_inbox.receive(), ToolsListChanged)
+        catalog.put(UpstreamCatalog("up", tools=_tools("open_tool", *hidden, "open_barrier")))
+        with anyio.fail_after(10):
+            assert isinstance(await narrow_inbox.receive(), ToolsListChanged)  # the barrier
+        assert blind_inbox.statistics().current_buffer_used == 0  # sees nothing there: never told
+        stopping.set()

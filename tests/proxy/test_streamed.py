@@ -23,7 +23,7 @@ from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from pydantic import BaseModel, FileUrl
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.audit.helpers import of_kind, wait_for
 from tests.conftest import ArbiterFactory, ArbiterServer, authed_transport, serve_in_thread
@@ -90,6 +90,17 @@ def _streaming_server(state: Streamer) -> MCPServer:
         answer = await ctx.elicit(f"Really ship {item}?", Confirm)
         data = answer.data.ok if answer.action == "accept" else None  # pyright: ignore[reportAttributeAccessIssue]
         return f"{item}: {answer.action} {data}"
+
+    @server.tool()
+    async def nag(times: int, ctx: Context) -> str:
+        """Asks the user ``times`` times in one call (a flood, if there are many)."""
+        outcomes: list[str] = []
+        for n in range(times):
+            try:
+                outcomes.append((await ctx.elicit(f"Again ({n})?", Confirm)).action)
+            except MCPError:
+                outcomes.append("refused")
+        return " ".join(outcomes)
 
     @server.tool()
     async def sample(text: str, ctx: Context) -> str:
@@ -304,6 +315,25 @@ async def test_an_upstreams_question_reaches_the_agent_whose_call_it_is(arbiter:
     assert "order-" not in str([r["outcome"] for r in records])  # never the content
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_upstream_cannot_flood_the_agent_with_questions(
+    arbiter_factory: ArbiterFactory, streamer: Streamer, mode: str
+) -> None:
+    server = arbiter_factory(mcp={"json_response": False, "input_requests_max": 2})
+    server.register("up", streamer.url)
+    heard = Heard()
+    async with _client(server, mode, elicitation_callback=_answering(heard, True)) as client:
+        result = await client.call_tool("up__nag", {"times": 6})
+    # A handshake-era agent is asked twice, not six times; a 2026-07-28 one cannot be asked at all.
+    first = "accept" if mode == "legacy" else "refused"
+    assert _text(result) == " ".join([first, first] + ["refused"] * 4)
+    assert heard.asked == (["Again (0)?", "Again (1)?"] if mode == "legacy" else [])
+    (record,) = _tool_calls(server, 1)
+    each = {"kind": "elicitation", "action": first}
+    over = {"kind": "over_limit", "action": "refused", "count": 4}  # counted, not recorded one by one
+    assert record["outcome"]["input_rounds"] == [each, each, over]
+
+
 async def test_an_agent_that_cannot_answer_gets_a_clear_refusal(arbiter: ArbiterServer) -> None:
     async with _client(arbiter, "legacy") as client:  # declares no elicitation
         with pytest.raises(MCPError) as refused:  # this upstream passes the refusal on as its own error
@@ -439,10 +469,10 @@ async def test_a_late_message_never_splits_or_follows_the_end_of_a_streamed_answ
     from arbiter.proxy.pipeline import CallContext
     from arbiter.proxy.streamed import StreamedAnswer
 
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
     gate = anyio.Event()
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
         if message["type"] == "http.response.start":
             await gate.wait()  # the first message is caught mid-send
@@ -469,9 +499,9 @@ async def test_a_late_message_never_splits_or_follows_the_end_of_a_streamed_answ
     ]
 
     # Nothing streamed before the result: the caller answers in JSON, and nothing is sent after it.
-    quiet: list[dict[str, Any]] = []
+    quiet: list[Message] = []
 
-    async def record(message: dict[str, Any]) -> None:
+    async def record(message: Message) -> None:
         quiet.append(message)
 
     unstarted = StreamedAnswer(CallContext(method="tools/call", params={}), record)

@@ -83,6 +83,16 @@ class ApiKeys:
         self._used[key_id] = now
         return cached.principal
 
+    def current(self, principal: Principal) -> Principal | None:
+        """``principal`` as its API key now stands: None once the key is revoked or expired (revoked on
+        another replica: after this one's next reload). Any other principal is returned as it is."""
+        if principal.auth_method != "api_key" or principal.api_key_id is None:
+            return principal
+        cached = self._cache.get(principal.api_key_id)
+        if cached is None or (cached.expires_at is not None and cached.expires_at <= self._clock.now(UTC)):
+            return None
+        return cached.principal
+
     async def reload(self) -> None:
         """Reload the active keys from the database (this process's cache of them)."""
         async with self._sessions() as db:

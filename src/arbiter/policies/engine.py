@@ -184,6 +184,11 @@ class PolicyEngine:
             hit = self._targets[(obj, act)] = (bool(conds), _ALL_FIELDS if fields >= _ALL_FIELDS else fields)
             return hit
 
+    def visibility_identity(self, sub: Subject) -> tuple[object, ...]:
+        """What ``visible`` decides on: callers with equal identities see exactly the same items."""
+        reach = self._roles.named_reach(sub, sub.tenant)
+        return (self.version, reach, sub.tenant if sub.tenant in self._tenants else None)
+
     def visible(self, principal: Principal | Subject, obj: str, use_action: str) -> bool:
         """Whether an item shows in lists: the caller may use it for some arguments, or may ``list`` it.
 

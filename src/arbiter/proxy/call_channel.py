@@ -12,7 +12,11 @@ requests the SDK's server session carries and by ``front.py`` for the direct 202
   the capability, and its answer is what the relay posts back to the upstream. Otherwise the upstream gets
   a JSON-RPC error saying why. Each such round is recorded on the call (``CallContext.input_rounds``: the
   kind and, for elicitation, whether the user accepted, declined or cancelled, never the content), and the
-  call's one audit record carries it.
+  call's one audit record carries it;
+- at most ``max_requests`` server-to-client requests per call (``mcp.input_requests_max``) are handled so;
+  beyond that each is refused at once, without asking the agent or recording it, and the record carries
+  one entry counting them (``{"kind": "over_limit", "action": "refused", "count": n}``): an upstream
+  cannot flood an agent's user with questions, nor a call's record with rounds.
 
 How a message reaches the agent depends on its side: ``SessionChannel`` (here) uses the SDK's server
 session, ``StreamedAnswer`` (``streamed.py``) writes the 2026-07-28 answer as an event stream.
@@ -43,17 +47,21 @@ ASKS: dict[str, str] = {
     "roots/list": "roots",
 }
 _REFUSED = types.INVALID_REQUEST  # what the SDK's client answers for a capability it lacks
+MAX_REQUESTS = 20  # the mcp.input_requests_max default
 
 
 class CallChannel:
     """One call's channel back to its agent (a ``Downstream``); subclasses say how a message is delivered
     (``_send``) and how the agent is asked (``_ask``)."""
 
-    __slots__ = ("_ctx", "_progress_token", "_relay_requests")
+    __slots__ = ("_asked", "_ctx", "_max_requests", "_over", "_progress_token", "_relay_requests")
 
-    def __init__(self, ctx: CallContext, *, relay_requests: bool) -> None:
+    def __init__(self, ctx: CallContext, *, relay_requests: bool, max_requests: int = MAX_REQUESTS) -> None:
         self._ctx = ctx
         self._relay_requests = relay_requests
+        self._max_requests = max_requests
+        self._asked = 0  # server-to-client requests this call has seen
+        self._over: dict[str, str | int] | None = None  # the record's entry counting those refused
         meta: Any = ctx.params.get("_meta")
         token: Any = cast(dict[str, Any], meta).get("progressToken") if isinstance(meta, dict) else None
         self._progress_token: object = token
@@ -83,6 +91,9 @@ class CallChannel:
 
     async def _request(self, method: Any, message: dict[str, Any]) -> dict[str, Any]:
         rid: Any = message.get("id")
+        self._asked += 1
+        if self._asked > self._max_requests:
+            return self._refuse_over(rid)
         kind = ASKS.get(method) if isinstance(method, str) else None
         if kind is None:
             return _error(
@@ -113,11 +124,28 @@ class CallChannel:
         return self._round(kind, done, {"jsonrpc": "2.0", "id": rid, "result": result})
 
     def _round(self, kind: str, action: str, response: dict[str, Any]) -> dict[str, Any]:
+        self._rounds().append({"kind": kind, "action": action})
+        return response
+
+    def _rounds(self) -> list[dict[str, str | int]]:
         rounds = self._ctx.input_rounds
         if rounds is None:
             rounds = self._ctx.input_rounds = []
-        rounds.append({"kind": kind, "action": action})
-        return response
+        return rounds
+
+    def _refuse_over(self, rid: Any) -> dict[str, Any]:
+        """One request beyond the call's limit: refused, and only counted."""
+        if self._over is None:
+            self._over = {"kind": "over_limit", "action": "refused", "count": 0}
+            self._rounds().append(self._over)
+            log.warning(
+                "upstream %s made more than %d requests to the agent during one call; refusing the rest",
+                self._ctx.upstream,
+                self._max_requests,
+            )
+        self._over["count"] = self._asked - self._max_requests
+        text = f"Arbiter refuses more than {self._max_requests} requests to the agent during one call"
+        return _error(rid, _REFUSED, text)
 
     async def _send(self, message: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -156,8 +184,15 @@ class SessionChannel(CallChannel):
 
     __slots__ = ("_modern", "_scoped", "_session")
 
-    def __init__(self, ctx: CallContext, session: ServerSession, *, relay_requests: bool) -> None:
-        super().__init__(ctx, relay_requests=relay_requests)
+    def __init__(
+        self,
+        ctx: CallContext,
+        session: ServerSession,
+        *,
+        relay_requests: bool,
+        max_requests: int = MAX_REQUESTS,
+    ) -> None:
+        super().__init__(ctx, relay_requests=relay_requests, max_requests=max_requests)
         self._session = session
         self._modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
         self._scoped = self._modern or session.can_send_request

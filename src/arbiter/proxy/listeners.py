@@ -10,6 +10,10 @@
 
 ``install`` registers the handlers and makes ``initialize`` advertise ``listChanged`` (the 2026-07-28
 ``server/discover`` derives it, and ``resources.subscribe``, from the listen handler being there).
+
+Subscribe, unsubscribe and listen requests are audited (proxy/subscription_audit.py) and bounded: listen
+streams and sessions per caller (``max_listeners_per_principal``), resources per stream or session
+(``max_subscriptions_per_listener``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from mcp.shared.subscriptions import (
 )
 from starlette.requests import Request
 
+from arbiter.audit.writer import AuditWriter
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
 from arbiter.proxy.exchange import exchange_of
@@ -50,14 +55,19 @@ from arbiter.proxy.notifications import (
     NotificationHub,
     TooManyListeners,
 )
+from arbiter.proxy.subscription_audit import SubscriptionAudit
 
 log = logging.getLogger(__name__)
 
 _LISTENER_KEY = "arbiter.listener"  # in a handshake session's Connection.state
 
 
-def install(server: Server[Any], hub: NotificationHub, *, send_timeout_s: float) -> None:
-    """Serve change notifications and resource subscriptions on ``server`` through ``hub``."""
+def install(
+    server: Server[Any], hub: NotificationHub, *, send_timeout_s: float, audit: AuditWriter | None = None
+) -> None:
+    """Serve change notifications and resource subscriptions on ``server`` through ``hub``; record each
+    subscribe, unsubscribe and listen request through ``audit``."""
+    records = SubscriptionAudit(audit)
 
     async def initialized(ctx: ServerRequestContext[Any, Any], params: types.NotificationParams) -> None:
         _session_listener(hub, ctx, send_timeout_s)
@@ -65,22 +75,19 @@ def install(server: Server[Any], hub: NotificationHub, *, send_timeout_s: float)
     async def subscribe(
         ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
     ) -> types.EmptyResult:
-        try:
-            hub.subscribe(_subscriber(hub, ctx, send_timeout_s), params.uri)
-        except ArbiterError as exc:
-            raise exc.to_mcp_error() from None
+        await _change(hub, records, ctx, "resources/subscribe", params.uri, send_timeout_s)
         return types.EmptyResult()
 
     async def unsubscribe(
         ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
     ) -> types.EmptyResult:
-        hub.unsubscribe(_subscriber(hub, ctx, send_timeout_s), params.uri)
+        await _change(hub, records, ctx, "resources/unsubscribe", params.uri, send_timeout_s)
         return types.EmptyResult()
 
     async def listen(
         ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
     ) -> types.SubscriptionsListenResult:
-        return await _listen(hub, ctx, params)
+        return await _listen(hub, records, ctx, params)
 
     server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
     server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
@@ -101,8 +108,51 @@ def install(server: Server[Any], hub: NotificationHub, *, send_timeout_s: float)
     setattr(server, "create_initialization_options", with_list_changed)  # noqa: B010 - a method, on purpose
 
 
+async def _change(
+    hub: NotificationHub,
+    records: SubscriptionAudit,
+    ctx: ServerRequestContext[Any, Any],
+    method: str,
+    uri: str,
+    send_timeout_s: float,
+) -> None:
+    """A handshake session's ``resources/subscribe`` or ``resources/unsubscribe``, audited."""
+    try:
+        records.begin(ctx.request)
+    except ArbiterError as exc:
+        raise exc.to_mcp_error() from None
+    error: ArbiterError | MCPError | None = None
+    key: tuple[str, str] | None = None
+    try:
+        listener = _subscriber(hub, ctx, send_timeout_s)
+        if method == "resources/subscribe":
+            key = hub.subscribe(listener, uri)
+        else:
+            hub.unsubscribe(listener, uri)
+    except ArbiterError as exc:
+        error = exc
+        raise exc.to_mcp_error() from None
+    except MCPError as exc:
+        error = exc
+        raise
+    finally:
+        upstream, target = key if key is not None else (None, None)
+        records.end(
+            ctx.request,
+            _principal(ctx),
+            method,
+            resources=[uri],
+            upstream=upstream,
+            target=target,
+            error=error,
+        )
+
+
 async def _listen(
-    hub: NotificationHub, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    hub: NotificationHub,
+    records: SubscriptionAudit,
+    ctx: ServerRequestContext[Any, Any],
+    params: types.SubscriptionsListenRequestParams,
 ) -> types.SubscriptionsListenResult:
     subscription_id = ctx.request_id
     if subscription_id is None:
@@ -110,7 +160,12 @@ async def _listen(
     principal = _principal(ctx)
     if principal is None:  # every /mcp request is authenticated first; anything else fails closed
         raise MCPError(types.INVALID_REQUEST, "no authenticated caller")
+    try:
+        records.begin(ctx.request)
+    except ArbiterError as exc:
+        raise exc.to_mcp_error() from None
     wanted = params.notifications
+    uris = list(wanted.resource_subscriptions or ())
     kinds = frozenset(
         kind
         for kind, flag in (
@@ -120,15 +175,25 @@ async def _listen(
         )
         if flag
     )
+
+    def record(error: ArbiterError | MCPError | None) -> None:
+        records.end(ctx.request, principal, "subscriptions/listen", resources=uris, kinds=kinds, error=error)
+
     try:
         listener, inbox = hub.open(principal, kinds)
     except TooManyListeners:
-        raise MCPError(types.INTERNAL_ERROR, "Subscription limit reached") from None
+        refused = MCPError(types.INTERNAL_ERROR, "Subscription limit reached")
+        record(refused)
+        raise refused from None
     meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: subscription_id}
     try:
-        uris = list(wanted.resource_subscriptions or ())
-        for uri in uris:
-            hub.subscribe(listener, uri)  # a resource the caller may not read: refused like a missing one
+        try:
+            for uri in uris:
+                hub.subscribe(listener, uri)  # a resource the caller may not read: refused like a missing one
+        except ArbiterError as exc:
+            record(exc)
+            raise
+        record(None)
         honored = types.SubscriptionFilter(
             tools_list_changed=True if TOOLS in kinds else None,
             prompts_list_changed=True if PROMPTS in kinds else None,

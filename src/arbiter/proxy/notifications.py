@@ -11,18 +11,27 @@ resource that may still read it, under its exposed ``arbiter://`` URI; Arbiter s
 per resource however many agents subscribe.
 
 Nothing here runs on the request path: deliveries go through a bounded queue per listener, drained by
-the listener's own task, so a slow agent loses its own notifications and delays nobody else.
+the listener's own task, so a slow agent loses its own notifications and delays nobody else. A catalog
+change is judged in the hub's task, not in ``Catalog.put``: once per policy identity (``identity``; the
+listeners the policy cannot tell apart share one answer), yielding between identities, and at most
+``notifications.max_changed_judged`` names one by one (a larger change is judged on the upstream as a
+whole). Every decision re-reads the listener's principal (``current``): the listener of an API key
+revoked or expired since it opened is closed at its next notification (a listen stream ends), and one
+whose key's roles changed is judged with the new ones. A JWT's claims are fixed when the stream opens.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.shared.subscriptions import (
@@ -34,7 +43,7 @@ from mcp.shared.subscriptions import (
 )
 
 from arbiter.auth.principal import Principal
-from arbiter.errors import ArbiterError, PolicyDenied
+from arbiter.errors import ArbiterError, PolicyDenied, RequestRejected
 from arbiter.naming import exposed_uri, split_uri
 from arbiter.proxy.catalog import Catalog, UpstreamCatalog
 from arbiter.proxy.resource_uri import normalise
@@ -46,6 +55,10 @@ log = logging.getLogger(__name__)
 # (principal, "<upstream>/<target>", action) -> None: hidden, False: visible but refused, True: allowed
 MayUse = Callable[[Principal, str, str], bool | None]
 Refresh = Callable[[str], Awaitable[None]]
+# The principal's policy identity: equal identities get equal visibility answers from MayUse.
+Identity = Callable[[Principal], Hashable]
+# The principal as its credential stands now; None once it is revoked or expired.
+Current = Callable[[Principal], Principal | None]
 
 TOOLS, PROMPTS, RESOURCES = "tools", "prompts", "resources"
 ALL_KINDS = frozenset({TOOLS, PROMPTS, RESOURCES})
@@ -65,8 +78,18 @@ _LIST_CHANGED = frozenset(
 RESOURCE_UPDATED = "notifications/resources/updated"
 
 
+_JUDGE_YIELD_EVERY = 256  # policy checks between two yields to the event loop, judging one change
+
+
 class TooManyListeners(Exception):
-    """``notifications.max_listeners`` are open already."""
+    """``notifications.max_listeners`` are open already, or the caller's own share of them."""
+
+
+class TooManySubscriptions(RequestRejected):
+    """One session or listen stream asked for more resources than ``max_subscriptions_per_listener``."""
+
+    code = "too_many_subscriptions"
+    http_status = 429
 
 
 @dataclass(eq=False)
@@ -76,19 +99,32 @@ class Listener:
     principal: Principal
     kinds: frozenset[str]
     queue: MemoryObjectSendStream[ServerEvent]
+    closed: bool = False
     # (upstream, the upstream's URI) of each resource it subscribed to
     resources: set[tuple[str, str]] = field(default_factory=set[tuple[str, str]])
 
 
 class NotificationHub:
     def __init__(
-        self, catalog: Catalog, may_use: MayUse, refresh: Refresh, settings: NotificationSettings
+        self,
+        catalog: Catalog,
+        may_use: MayUse,
+        refresh: Refresh,
+        settings: NotificationSettings,
+        *,
+        identity: Identity | None = None,
+        current: Current | None = None,
     ) -> None:
         self._catalog = catalog
         self._may_use = may_use
+        self._identity: Identity = identity or _itself
+        self._current: Current = current or _itself
         self._refresh_upstream = refresh
         self._settings = settings
         self._listeners: set[Listener] = set()
+        self._per_owner: dict[str, int] = {}  # Principal.key -> listeners open
+        self._changes: dict[str, tuple[UpstreamCatalog | None, UpstreamCatalog | None]] = {}
+        self._fanning: set[str] = set()  # upstreams whose changes a hub task is announcing
         self._subscribers: dict[tuple[str, str], set[Listener]] = {}
         self._pending: set[str] = set()  # upstreams with a refresh scheduled
         self._last_refresh: dict[str, float] = {}
@@ -121,42 +157,71 @@ class NotificationHub:
         self, principal: Principal, kinds: frozenset[str]
     ) -> tuple[Listener, MemoryObjectReceiveStream[ServerEvent]]:
         """Register a listener; the caller drains the returned stream and calls ``close`` at the end."""
-        if len(self._listeners) >= self._settings.max_listeners:
+        owner = principal.key
+        held = self._per_owner.get(owner, 0)
+        if (
+            len(self._listeners) >= self._settings.max_listeners
+            or held >= self._settings.max_listeners_per_principal
+        ):
             raise TooManyListeners
         send, receive = anyio.create_memory_object_stream[ServerEvent](self._settings.buffer)
         listener = Listener(principal, kinds, send)
         self._listeners.add(listener)
+        self._per_owner[owner] = held + 1
         return listener, receive
 
     def close(self, listener: Listener) -> None:
-        self._listeners.discard(listener)
+        if not listener.closed:
+            listener.closed = True
+            self._listeners.discard(listener)
+            owner = listener.principal.key
+            left = self._per_owner.get(owner, 1) - 1
+            if left > 0:
+                self._per_owner[owner] = left
+            else:
+                self._per_owner.pop(owner, None)
         for key in list(listener.resources):
             self._drop_subscriber(key, listener)
         listener.queue.close()
 
-    def subscribe(self, listener: Listener, exposed: str) -> None:
-        """Subscribe ``listener`` to the resource at ``exposed`` (an ``arbiter://`` URI).
+    def subscribe(self, listener: Listener, exposed: str) -> tuple[str, str]:
+        """Subscribe ``listener`` to the resource at ``exposed`` (an ``arbiter://`` URI); returns the
+        (upstream, upstream's URI) subscribed to.
 
         Resolved and authorized as ``resources/read`` would be: a resource the caller may not see is
-        answered exactly like a missing one; one it sees but may not read is refused."""
-        upstream, target = self._readable(listener.principal, exposed)
+        answered exactly like a missing one; one it sees but may not read is refused. At most
+        ``max_subscriptions_per_listener`` resources per listener."""
+        principal = self._current(listener.principal)
+        if principal is None:
+            raise PolicyDenied("your credential is no longer valid")
+        upstream, target = self._readable(principal, exposed)
         key = (upstream, target)
         if key in listener.resources:
-            return
+            return key
+        if len(listener.resources) >= self._settings.max_subscriptions_per_listener:
+            raise TooManySubscriptions(
+                f"at most {self._settings.max_subscriptions_per_listener} resource subscriptions per "
+                "session or listen stream"
+            )
         listener.resources.add(key)
         subscribers = self._subscribers.setdefault(key, set())
         subscribers.add(listener)
         if len(subscribers) == 1:
             self._signal(upstream)  # the first subscriber: the watcher subscribes upstream
+        return key
 
-    def unsubscribe(self, listener: Listener, exposed: str) -> None:
+    def unsubscribe(self, listener: Listener, exposed: str) -> bool:
+        """Whether ``listener`` was subscribed to ``exposed`` (it is not any more)."""
         parts = split_uri(exposed)
         if parts is None:
-            return
+            return False
+        dropped = False
         for key in [(parts[0], parts[1]), (parts[0], _normal_or_none(parts[1]))]:
             if key in listener.resources:
                 listener.resources.discard(key)
                 self._drop_subscriber(key, listener)
+                dropped = True
+        return dropped
 
     def _readable(self, principal: Principal, exposed: str) -> tuple[str, str]:
         method = "resources/read"  # answered exactly as a read of the same URI
@@ -169,8 +234,10 @@ class NotificationHub:
             raise not_found(method, exposed)
         if parts[1] in snap.resources:
             target = parts[1]
-        if target not in snap.resources and not snap.resource_templates:
-            raise not_found(method, exposed)
+        if target not in snap.resources and not any(
+            _template_matches(template, target) for template in snap.resource_templates
+        ):
+            raise not_found(method, exposed)  # neither listed nor made by one of its templates
         allowed = self._may_use(principal, f"{parts[0]}/{target}", "read")
         if allowed is None:
             raise not_found(method, exposed)
@@ -243,25 +310,78 @@ class NotificationHub:
             return
         event = ResourceUpdated(uri=exposed_uri(upstream, uri))
         for listener in list(subscribers):
-            # Policy now, not at subscription time: a reader whose access was withdrawn hears nothing more.
-            if self._may_use(listener.principal, f"{upstream}/{uri}", "read"):
+            # Policy and credential now, not at subscription time: a reader whose access was withdrawn
+            # hears nothing more.
+            principal = self._current(listener.principal)
+            if principal is None:
+                self.close(listener)  # its credential was revoked or expired: told nothing more
+            elif self._may_use(principal, f"{upstream}/{uri}", "read"):
                 self._post(listener, event)
 
     def _catalog_changed(
         self, upstream: str, before: UpstreamCatalog | None, after: UpstreamCatalog | None
     ) -> None:
+        """``Catalog.put``'s hook: only notes the change; the hub's task judges and announces it."""
         if not self._listeners:
             return
+        pending = self._changes.get(upstream)
+        self._changes[upstream] = (before if pending is None else pending[0], after)
+        if upstream in self._fanning:
+            return  # the running announcer takes it next
+        if self.spawn(lambda: self._announce_changes(upstream)):
+            self._fanning.add(upstream)
+        else:
+            del self._changes[upstream]  # the hub is not running: nobody is being told anything
+
+    async def _announce_changes(self, upstream: str) -> None:
+        try:
+            while (change := self._changes.pop(upstream, None)) is not None:
+                await self._announce(upstream, *change)
+        except Exception:
+            log.exception("announcing a catalog change of upstream %s failed", upstream)
+        finally:
+            self._fanning.discard(upstream)
+            self._changes.pop(upstream, None)
+
+    async def _announce(
+        self, upstream: str, before: UpstreamCatalog | None, after: UpstreamCatalog | None
+    ) -> None:
+        cap = self._settings.max_changed_judged
         for kind, fields, action, event in _KINDS:
             changed = _changed_names(fields, before, after)
             if not changed:
                 continue
+            # Beyond the cap, judging name by name would cost too much: a listener is told if it may
+            # see any entry of this kind on the upstream, before or after the change.
+            names: Iterable[str] = changed if len(changed) <= cap else _all_names(fields, before, after)
+            names = tuple(names)
+            groups: dict[Hashable, list[Listener]] = {}
+            principals: dict[Hashable, Principal] = {}
             for listener in list(self._listeners):
-                if kind in listener.kinds and any(
-                    self._may_use(listener.principal, f"{upstream}/{name}", action) is not None
-                    for name in changed
-                ):
-                    self._post(listener, event)
+                if kind not in listener.kinds:
+                    continue
+                principal = self._current(listener.principal)
+                if principal is None:
+                    self.close(listener)  # its credential was revoked or expired: told nothing more
+                    continue
+                identity = self._identity(principal)
+                groups.setdefault(identity, []).append(listener)
+                principals.setdefault(identity, principal)
+            for identity, members in groups.items():
+                if await self._sees_any(principals[identity], upstream, names, action):
+                    for listener in members:
+                        self._post(listener, event)
+                await anyio.lowlevel.checkpoint()  # one identity at a time: requests run in between
+
+    async def _sees_any(
+        self, principal: Principal, upstream: str, names: tuple[str, ...], action: str
+    ) -> bool:
+        for i, name in enumerate(names, 1):
+            if self._may_use(principal, f"{upstream}/{name}", action) is not None:
+                return True
+            if i % _JUDGE_YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
+        return False
 
     def _post(self, listener: Listener, event: ServerEvent) -> None:
         try:
@@ -282,6 +402,42 @@ def _changed_names(
         new: dict[str, Any] = getattr(after, name) if after is not None else {}
         changed.update(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     return changed
+
+
+def _all_names(
+    fields: tuple[str, ...], before: UpstreamCatalog | None, after: UpstreamCatalog | None
+) -> set[str]:
+    names: set[str] = set()
+    for name in fields:
+        for snap in (before, after):
+            if snap is not None:
+                names.update(getattr(snap, name))
+    return names
+
+
+def _itself(principal: Principal) -> Principal:
+    return principal
+
+
+# An RFC 6570 expression: reserved ({+x}) and fragment ({#x}) expansion may hold "/", the others not.
+_EXPRESSION = re.compile(r"\{([+#./;?&]?)[^}]*\}")
+
+
+@lru_cache(maxsize=1024)
+def _template_pattern(template: str) -> re.Pattern[str]:
+    parts: list[str] = []
+    at = 0
+    for match in _EXPRESSION.finditer(template):
+        parts.append(re.escape(template[at : match.start()]))
+        parts.append(".*" if match.group(1) in ("+", "#", "/", "?", "&", ";", ".") else "[^/?#]*")
+        at = match.end()
+    parts.append(re.escape(template[at:]))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def _template_matches(template: str, uri: str) -> bool:
+    """Whether ``uri`` could be an expansion of the URI template ``template``."""
+    return _template_pattern(template).fullmatch(uri) is not None
 
 
 def _normal_or_none(uri: str) -> str:

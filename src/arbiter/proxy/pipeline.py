@@ -67,14 +67,16 @@ class CallContext:
     # only those the caller could see a tool of). None: every upstream is listed.
     unavailable: Mapping[str, Sequence[str]] | None = None
     # Multi-round-trip input (interceptors/input_rounds.py): the upstream's own requestState, opened from
-    # Arbiter's seal on a retry (forward sends it on), and what the audit record says of this round.
+    # Arbiter's seal on a retry (forward sends it on), the upstream that issued it (the tool's own or its
+    # fallback: forward sends the retry there only, never falling back), and what the audit record says.
     request_state: str | None = None
+    state_upstream: str | None = None
     input_round: dict[str, object] | None = None
     # Where what the upstream streams for this call goes (proxy/downstream.py; set by server.py and
     # front.py), and each request the upstream put to the agent during the call (kind, action; the audit
     # record carries them, never their content).
     downstream: Downstream | None = None
-    input_rounds: list[dict[str, str]] | None = None
+    input_rounds: list[dict[str, str | int]] | None = None
     # Tracing (proxy/interceptors/tracing.py, only when traces are on): this request's trace id (32 hex),
     # and the W3C context (traceparent, tracestate) the upstream call carries in _meta and HTTP headers.
     trace_id: str | None = None

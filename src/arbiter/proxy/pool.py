@@ -153,26 +153,26 @@ class UpstreamPool:
         caller: SecretStr | None = None,
         on_send: Callable[[], None] | None = None,
         on_fallback: Callable[[str], None] | None = None,
+        via: str | None = None,
     ) -> dict[str, Any]:
         """Send ``request`` to upstream ``name``: on its shared connection, or on the caller's own for a
         token-exchange upstream (``caller`` is the caller's access token, read for those alone).
 
         Under one deadline, through the upstream's circuit breaker and bulkhead, retried when safe; sent
         to its fallback (``on_fallback`` is told its name) when the circuit is open or the call failed
-        before it reached the upstream. A passed deadline raises ``UpstreamTimeout``."""
+        before it reached the upstream. A passed deadline raises ``UpstreamTimeout``.
+
+        ``via``: the request continues a multi-round-trip exchange that upstream (``name`` or its
+        fallback) began, and carries its state and the user's answers: it goes there and nowhere else,
+        never to a fallback; when that upstream cannot take it, the call fails."""
         client = self._clients.get(name)
         if client is None:
             raise UpstreamUnavailable.of(name)
         guard = self._guards[name]
+        if via is not None:
+            return await self._pinned(name, via, guard, request, caller, on_send)
         setting = self.tool_setting(name, request)
-        timeout = (
-            setting.timeout_s if setting is not None and setting.timeout_s else client.spec.call_timeout_s
-        )
-        deadline = time.monotonic() + timeout
-        if not request.may_resend and (
-            request.method in READS or (setting is not None and setting.idempotent)
-        ):
-            request = replace(request, may_resend=True)  # safe to send twice (relay.py)
+        timeout, deadline, request = _plan(client, setting, request)
         try:
             return await self._guarded(
                 name, client, guard, setting, request, caller, on_send, deadline, timeout
@@ -204,6 +204,34 @@ class UpstreamPool:
             except ArbiterError as failed:
                 _rename(failed, fallback, name)  # the caller knows the tool's own upstream, not the fallback
                 raise
+
+    async def _pinned(
+        self,
+        name: str,
+        via: str,
+        guard: _Guard,
+        request: UpstreamRequest,
+        caller: SecretStr | None,
+        on_send: Callable[[], None] | None,
+    ) -> dict[str, Any]:
+        """Send a continued exchange to the upstream that began it (``request``'s ``via``), only."""
+        client = self._clients.get(via) if via in (name, guard.fallback) else None
+        if client is None:  # removed, or no longer this tool's fallback: its state can go nowhere else
+            raise UpstreamUnavailable(f"upstream {name!r} is unavailable: {_PINNED}", upstream=name)
+        setting = self.tool_setting(via, request)
+        timeout, deadline, request = _plan(client, setting, request)
+        try:
+            return await self._guarded(
+                via, client, self._guards[via], setting, request, caller, on_send, deadline, timeout
+            )
+        except ArbiterError as failed:
+            _rename(failed, via, name)  # the caller knows the tool's own upstream, not the fallback
+            timed_out = isinstance(failed, UpstreamTimeout)
+            if guard.fallback is not None and isinstance(failed, UpstreamUnavailable) and not timed_out:
+                # Say why it did not go to the fallback.
+                failed.message = f"{failed.message}; {_PINNED}"
+                failed.args = (failed.message,)
+            raise
 
     async def _guarded(
         self,
@@ -391,6 +419,19 @@ class UpstreamPool:
                 guard.breaker.reset()
         if self._on_health is not None:
             self._on_health(client.spec.name, healthy)
+
+
+_PINNED = "this call continues an exchange (requestState) begun on one upstream, so it is not sent to another"
+
+
+def _plan(
+    client: UpstreamClient, setting: ToolSetting | None, request: UpstreamRequest
+) -> tuple[float, float, UpstreamRequest]:
+    """A call's timeout, its deadline from now, and the request marked safe to send twice if it is."""
+    timeout = setting.timeout_s if setting is not None and setting.timeout_s else client.spec.call_timeout_s
+    if not request.may_resend and (request.method in READS or (setting is not None and setting.idempotent)):
+        request = replace(request, may_resend=True)  # safe to send twice (relay.py)
+    return timeout, time.monotonic() + timeout, request
 
 
 def _before_upstream(exc: UpstreamUnavailable) -> bool:

@@ -3,10 +3,14 @@
 An upstream answering ``input_required`` hands the agent an opaque ``requestState`` to echo on its retry.
 Upstreams see Arbiter's credential, not the caller's, so they cannot tell two of Arbiter's callers apart:
 Arbiter binds each round itself. The upstream's state is sealed (AES-256-GCM) together with the caller
-(issuer, subject, tenant, API key id), the upstream, the method, the target, a digest of the arguments
-and an expiry; the retry's state is opened and every claim checked before anything is forwarded, so a
-state presented by another caller, for another tool or other arguments, expired or altered, never
-reaches the upstream. The token is encrypted, so the agent cannot read the upstream's state either.
+(issuer, subject, tenant, API key id, OAuth client id), the tool's upstream, the method, the target, a
+digest of the arguments, an expiry, and the upstream that answered (the tool's own or its fallback: the
+state is that upstream's, so the retry goes there and nowhere else); the retry's state is opened and
+every claim checked before anything is forwarded, so a state presented by another caller, for another
+tool or other arguments, expired or altered, never reaches the upstream. The token is encrypted, so the
+agent cannot read the upstream's state either.
+The same caller may present one state again while it is fresh: whether a state is single use is the
+upstream's to decide (Arbiter keeps no record of the states it opened).
 
 Keys: derived (HKDF-SHA256, an info string of its own) from ``secret_key``, the first key sealing and
 every key opening, so rotation works as for upstream secrets; without ``secret_key`` a key made at start
@@ -50,6 +54,14 @@ class Round:
     arguments: Mapping[str, Any] | None
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An opened state: the upstream's own ``state``, and the upstream that issued it (``via``)."""
+
+    state: str
+    via: str
+
+
 class StateRefused(Exception):
     """A presented state does not open, or does not belong to this round; ``str()`` says which (for the
     audit record, never the wire): malformed, seal, expired, principal, target, arguments."""
@@ -79,14 +91,19 @@ class RequestStateSeal:
         keys = [k.strip().encode() for k in secret_key.split(",") if k.strip()] if secret_key else []
         return cls(keys or [os.urandom(32)], ttl_s=ttl_s)
 
-    def seal(self, round_: Round, state: str) -> str:
-        claims = {"exp": self._clock() + self._ttl_s, "b": _binding(round_), "s": state}
+    def seal(self, round_: Round, state: str, *, via: str | None = None) -> str:
+        """Seal ``state`` to ``round_``; ``via``: the upstream that answered, when not the tool's own (its
+        fallback), which then alone gets the retry."""
+        claims: dict[str, Any] = {"exp": self._clock() + self._ttl_s, "b": _binding(round_), "s": state}
+        if via is not None and via != round_.upstream:
+            claims["v"] = via
         nonce = os.urandom(_NONCE_LEN)
         sealed = self._ring[self._kid].encrypt(nonce, orjson.dumps(claims), _PREFIX.encode() + self._kid)
         return _PREFIX + base64.urlsafe_b64encode(self._kid + nonce + sealed).decode().rstrip("=")
 
-    def open(self, round_: Round, token: object) -> str:
-        """The upstream's state inside ``token``, if it was sealed for exactly this round and is fresh."""
+    def open(self, round_: Round, token: object) -> Opened:
+        """The upstream's state inside ``token`` (and where it came from), if it was sealed for exactly this
+        round and is fresh."""
         if not isinstance(token, str) or not token.startswith(_PREFIX):
             raise StateRefused("malformed")
         body = token[len(_PREFIX) :]
@@ -114,12 +131,14 @@ class RequestStateSeal:
             raise StateRefused("malformed")
         bound = cast(dict[str, Any], bound)
         for claim in ("p", "u", "m", "t", "a"):  # the first that differs names the refusal
-            if not hmac.compare_digest(str(bound.get(claim)), expected[claim]):
+            # As UTF-8 bytes: compare_digest refuses str with anything beyond ASCII (a tool named "vérifier").
+            if not hmac.compare_digest(_utf8(str(bound.get(claim))), _utf8(expected[claim])):
                 raise StateRefused(_CLAIMS[claim])
         state: Any = claims.get("s")
-        if not isinstance(state, str):
+        via: Any = claims.get("v", round_.upstream)
+        if not isinstance(state, str) or not isinstance(via, str):
             raise StateRefused("malformed")
-        return state
+        return Opened(state, via)
 
 
 _CLAIMS = {"p": "principal", "u": "target", "m": "target", "t": "target", "a": "arguments"}
@@ -127,7 +146,7 @@ _CLAIMS = {"p": "principal", "u": "target", "m": "target", "t": "target", "a": "
 
 def _binding(round_: Round) -> dict[str, str]:
     p = round_.principal
-    who = orjson.dumps([p.issuer, p.subject, p.tenant, p.api_key_id])
+    who = orjson.dumps([p.issuer, p.subject, p.tenant, p.api_key_id, p.client_id])
     try:
         args = orjson.dumps(dict(round_.arguments or {}), option=orjson.OPT_SORT_KEYS)
     except TypeError:  # what orjson does not encode (an integer beyond 64 bits): the standard library
@@ -139,6 +158,10 @@ def _binding(round_: Round) -> dict[str, str]:
         "t": round_.target,
         "a": _digest(args),
     }
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _digest(data: bytes) -> str:

@@ -25,7 +25,7 @@ from starlette.types import Receive
 
 from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError
-from arbiter.proxy.call_channel import SessionChannel
+from arbiter.proxy.call_channel import MAX_REQUESTS, SessionChannel
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.exchange import CALLER, exchange_of
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, Pipeline, Result
@@ -132,13 +132,15 @@ def build_mcp_server(
     *,
     error_results: bool = True,
     relay_requests: bool = True,
+    max_requests: int = MAX_REQUESTS,
 ) -> Server[Any]:
     """A server that answers every proxied method through ``pipeline``.
 
     ``tool_visible(principal, exposed_name)`` says whether the caller may see a tool: only then does the
     SDK check the call's ``Mcp-Param-*`` headers, so a hidden tool answers exactly like a missing one.
     ``error_results``: see ``answer``. ``relay_requests`` (``mcp.relay_server_requests``): whether an
-    upstream's requests during a call are put to its agent (``call_channel.py``).
+    upstream's requests during a call are put to its agent (``call_channel.py``), at most
+    ``max_requests`` per call (``mcp.input_requests_max``).
     """
 
     async def handle(ctx: ServerRequestContext[Any, Any], params: BaseModel | None) -> Result:
@@ -157,7 +159,9 @@ def build_mcp_server(
             exchange=exchange,
         )
         if call.method in TARGET_KEYS:  # what the upstream streams for the call goes back to this agent
-            call.downstream = SessionChannel(call, ctx.session, relay_requests=relay_requests)
+            call.downstream = SessionChannel(
+                call, ctx.session, relay_requests=relay_requests, max_requests=max_requests
+            )
         return await answer(pipeline, call, error_results=error_results)
 
     async def ping(

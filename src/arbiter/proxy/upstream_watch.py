@@ -6,10 +6,16 @@ subscribed to (``NotificationHub.resources_wanted``):
 
 - a handshake-era upstream sends its notifications on the SDK client's GET stream; the watcher sends
   ``resources/subscribe`` / ``resources/unsubscribe`` once per resource, again after a reconnect;
-- a 2026-07-28 upstream speaks only on a ``subscriptions/listen`` stream: the watcher holds one open for
-  the list kinds the upstream advertises ``listChanged`` for and the wanted resources (if it advertises
-  ``resources.subscribe``), re-opens it when the wanted resources change, and after a drop with backoff.
-  Its frames reach the hub through the same message handler.
+- a 2026-07-28 upstream speaks only on ``subscriptions/listen`` streams: the watcher holds one open for
+  the list kinds the upstream advertises ``listChanged`` for, and apart from it (if it advertises
+  ``resources.subscribe``) the wanted resources, at most ``notifications.listen_max_resources`` per
+  stream; only those are re-opened when the wanted resources change. Each stream re-opens after a drop
+  with its own backoff. Their frames reach the hub through the same message handler.
+
+Agents choose the URIs, so one agent's URI must not stop anybody else's: a URI the upstream refuses is
+parked with its own backoff (doubling to ``listen_backoff_max_s``) while the others are subscribed; a
+refused listen of several URIs is split in halves until the refused ones stand alone. Agents subscribing
+and leaving are followed at most once per ``notifications.resubscribe_debounce_s``.
 
 A watcher only uses a connection that requests opened (``UpstreamClient.live_session``): it never
 connects, so it never marks an upstream down nor takes a slot from calls. Every failure is logged and
@@ -19,7 +25,9 @@ retried later; none reaches the request path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
@@ -50,6 +58,42 @@ _FAILURES = (
 )
 
 
+@dataclass
+class _Parked:
+    until: float
+    backoff: float
+
+
+@dataclass
+class _Resources:
+    """One upstream's resource URIs that are failing: not asked for again before ``until``."""
+
+    parked: dict[str, _Parked] = field(default_factory=dict[str, _Parked])
+
+    def ready(self, wanted: frozenset[str]) -> list[str]:
+        """The wanted URIs not parked (now), in order; forgets parked ones nobody wants any more."""
+        for uri in [uri for uri in self.parked if uri not in wanted]:
+            del self.parked[uri]
+        now = anyio.current_time()
+        return sorted(uri for uri in wanted if uri not in self.parked or self.parked[uri].until <= now)
+
+    def park(self, uri: str, first: float, most: float) -> float:
+        """Park ``uri`` for its next backoff (``first``, doubling to ``most``); returns that backoff."""
+        held = self.parked.get(uri)
+        backoff = first if held is None else min(held.backoff * 2, most)
+        self.parked[uri] = _Parked(anyio.current_time() + backoff, backoff)
+        return backoff
+
+    def release(self, uri: str) -> None:
+        self.parked.pop(uri, None)
+
+    def next_due(self) -> float | None:
+        """Seconds until the first parked URI may be tried again."""
+        if not self.parked:
+            return None
+        return max(0.0, min(p.until for p in self.parked.values()) - anyio.current_time())
+
+
 class UpstreamWatch:
     def __init__(self, pool: UpstreamPool, hub: NotificationHub, settings: NotificationSettings) -> None:
         self._pool = pool
@@ -76,6 +120,7 @@ class UpstreamWatch:
     async def _watch(self, name: str, scope: anyio.CancelScope) -> None:
         backoff = self._settings.listen_backoff_s
         subscribed: set[str] = set()  # on the session below (handshake era)
+        failing = _Resources()
         session_seen: ClientSession | None = None
         with scope:
             while True:
@@ -87,9 +132,9 @@ class UpstreamWatch:
                     if session is None or client is None:
                         await self._wait(name)
                     elif session.protocol_version in MODERN_PROTOCOL_VERSIONS:
-                        await self._listen(name, client, session)
+                        await self._listen(name, client, session, failing)
                     else:
-                        await self._subscribe(name, client, session, subscribed)
+                        await self._subscribe(name, session, subscribed, failing)
                     backoff = self._settings.listen_backoff_s
                 except _FAILURES as exc:
                     log.info(
@@ -119,19 +164,40 @@ class UpstreamWatch:
         with anyio.move_on_after(self._settings.watch_interval_s):
             await changed.wait()
 
+    async def _settle(self, changed: anyio.Event, due: float | None = None) -> None:
+        """Until the wanted resources change (then a little longer, so a burst of agents subscribing and
+        leaving is followed once), a parked URI is due, or a watch interval passes."""
+        wait = self._settings.watch_interval_s if due is None else min(due, self._settings.watch_interval_s)
+        with anyio.move_on_after(wait):
+            await changed.wait()
+        if changed.is_set() and self._settings.resubscribe_debounce_s > 0:
+            await anyio.sleep(self._settings.resubscribe_debounce_s)
+
     async def _subscribe(
-        self, name: str, client: UpstreamClient, session: ClientSession, subscribed: set[str]
+        self, name: str, session: ClientSession, subscribed: set[str], failing: _Resources
     ) -> None:
         caps = session.server_capabilities or types.ServerCapabilities()
         changed = self._hub.changed(name)  # before reading what is wanted: no change can slip between
         if caps.resources is not None and caps.resources.subscribe:
             wanted = self._hub.resources_wanted(name)
-            for uri in sorted(wanted - subscribed):
-                with anyio.fail_after(_REQUEST_TIMEOUT_S):
-                    await session.send_request(
-                        types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri)),
-                        types.EmptyResult,
+            for uri in failing.ready(wanted):
+                if uri in subscribed:
+                    continue
+                try:
+                    with anyio.fail_after(_REQUEST_TIMEOUT_S):
+                        await session.send_request(
+                            types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri)),
+                            types.EmptyResult,
+                        )
+                except (MCPError, TimeoutError) as exc:
+                    # Refused (or unanswered) for this URI: parked, and the other URIs go on. A broken
+                    # connection raises something else, and the whole pass is retried.
+                    failing.park(uri, self._settings.listen_backoff_s, self._settings.listen_backoff_max_s)
+                    log.info(
+                        "upstream %s: a resource subscription was refused (%s)", name, type(exc).__name__
                     )
+                    continue
+                failing.release(uri)
                 subscribed.add(uri)
             for uri in sorted(subscribed - wanted):
                 with anyio.fail_after(_REQUEST_TIMEOUT_S):
@@ -140,54 +206,118 @@ class UpstreamWatch:
                         types.EmptyResult,
                     )
                 subscribed.discard(uri)
-        with anyio.move_on_after(self._settings.watch_interval_s):
-            await changed.wait()
+        await self._settle(changed, failing.next_due())
 
-    async def _listen(self, name: str, client: UpstreamClient, session: ClientSession) -> None:
+    async def _listen(
+        self, name: str, client: UpstreamClient, session: ClientSession, failing: _Resources
+    ) -> None:
+        """Hold the list-change stream and the resource streams while ``session`` is the live one."""
         caps = session.server_capabilities or types.ServerCapabilities()
-        changed = self._hub.changed(name)
         resources = caps.resources
-        uris = (
-            sorted(self._hub.resources_wanted(name)) if resources is not None and resources.subscribe else []
-        )
-        tools = bool(caps.tools is not None and caps.tools.list_changed)
-        prompts = bool(caps.prompts is not None and caps.prompts.list_changed)
-        resource_list = bool(resources is not None and resources.list_changed)
-        if not (tools or prompts or resource_list or uris):
+        subscribes = bool(resources is not None and resources.subscribe)
+        lists = {
+            "tools_list_changed": bool(caps.tools is not None and caps.tools.list_changed),
+            "prompts_list_changed": bool(caps.prompts is not None and caps.prompts.list_changed),
+            "resources_list_changed": bool(resources is not None and resources.list_changed),
+        }
+        if not any(lists.values()) and not subscribes:
             await self._wait(name)  # nothing to listen for
             return
-        lost: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            if any(lists.values()):
+                tg.start_soon(self._hold_lists, name, session, lists)
+            if subscribes:
+                tg.start_soon(self._hold_resources, name, session, failing)
+            while client.live_session() is session:  # noqa: ASYNC110 - no event marks a reconnect
+                await anyio.sleep(self._settings.watch_interval_s)
+            tg.cancel_scope.cancel()  # listen again on the new session
+
+    async def _hold_lists(self, name: str, session: ClientSession, lists: dict[str, bool]) -> None:
+        """The list-change stream: no agent's URI is in it, so none can make the upstream refuse it."""
+        backoff = self._settings.listen_backoff_s
+        while True:
+            try:
+                await self._stream(name, session, lists, ())
+                backoff = self._settings.listen_backoff_s  # it was open: listen again after the first step
+            except _FAILURES as exc:
+                log.info(
+                    "upstream %s: listening for list changes failed (%s); retrying", name, type(exc).__name__
+                )
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, self._settings.listen_backoff_max_s)
+
+    async def _hold_resources(self, name: str, session: ClientSession, failing: _Resources) -> None:
+        """The wanted resources' streams, re-opened (only they) when the wanted resources change."""
+        while True:
+            changed = self._hub.changed(name)
+            uris = failing.ready(self._hub.resources_wanted(name))
+            size = self._settings.listen_max_resources
+            async with anyio.create_task_group() as tg:
+                for at in range(0, len(uris), size):
+                    tg.start_soon(self._hold_uris, name, session, uris[at : at + size], failing, tg)
+                await self._settle(changed, failing.next_due())
+                tg.cancel_scope.cancel()
+
+    async def _hold_uris(
+        self, name: str, session: ClientSession, uris: Sequence[str], failing: _Resources, tg: TaskGroup
+    ) -> None:
+        backoff = self._settings.listen_backoff_s
+
+        def opened() -> None:
+            for uri in uris:
+                failing.release(uri)
+
+        while True:
+            try:
+                await self._stream(name, session, {}, uris, opened)
+                backoff = self._settings.listen_backoff_s
+            except MCPError as exc:
+                # The upstream refused this listen: one of its URIs, or their number. Halves are tried
+                # on their own until each refused URI stands alone; that one is parked, and retried
+                # (alone) after its own backoff.
+                if len(uris) > 1:
+                    half = len(uris) // 2
+                    tg.start_soon(self._hold_uris, name, session, uris[:half], failing, tg)
+                    tg.start_soon(self._hold_uris, name, session, uris[half:], failing, tg)
+                    return
+                parked = failing.park(
+                    uris[0], self._settings.listen_backoff_s, self._settings.listen_backoff_max_s
+                )
+                log.info("upstream %s: a resource subscription was refused (%s)", name, exc.error.code)
+                await anyio.sleep(parked)
+                continue
+            except _FAILURES as exc:
+                log.info(
+                    "upstream %s: listening for resources failed (%s); retrying", name, type(exc).__name__
+                )
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, self._settings.listen_backoff_max_s)
+
+    async def _stream(
+        self,
+        name: str,
+        session: ClientSession,
+        lists: dict[str, bool],
+        uris: Sequence[str],
+        opened: Callable[[], None] | None = None,
+    ) -> None:
+        """One ``subscriptions/listen`` stream, until the upstream ends it; raises if it cannot open."""
         async with AsyncExitStack() as stack:
             with anyio.fail_after(_REQUEST_TIMEOUT_S):
                 subscription = await stack.enter_async_context(
                     listen(
                         session,
-                        tools_list_changed=tools,
-                        prompts_list_changed=prompts,
-                        resources_list_changed=resource_list,
-                        resource_subscriptions=uris,
+                        tools_list_changed=lists.get("tools_list_changed", False),
+                        prompts_list_changed=lists.get("prompts_list_changed", False),
+                        resources_list_changed=lists.get("resources_list_changed", False),
+                        resource_subscriptions=list(uris),
                     )
                 )
-            async with anyio.create_task_group() as tg:
-
-                async def drain() -> None:
-                    # The frames reach the hub through the client's message handler; reading them here
-                    # only keeps the subscription's backlog empty. The stream's end ends the watch.
-                    try:
-                        async for _ in subscription:
-                            pass
-                        lost.append(EOFError("closed by the upstream"))  # retried after the backoff too
-                    except _FAILURES as exc:
-                        lost.append(exc)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(drain)
-                while client.live_session() is session and not changed.is_set():
-                    with anyio.move_on_after(self._settings.watch_interval_s):
-                        await changed.wait()
-                tg.cancel_scope.cancel()  # re-listen with the new resources, or on the new session
-        if lost:
-            # It was open: a quiet stream outliving the client's read timeout (upstream call_timeout_s)
-            # ends like this. Listen again after the first backoff step; failures to open back off further.
-            log.debug("upstream %s: listen stream ended (%s)", name, type(lost[0]).__name__)
-            await anyio.sleep(self._settings.listen_backoff_s)
+            if opened is not None:
+                opened()
+            # The frames reach the hub through the client's message handler; reading them here only
+            # keeps the subscription's backlog empty. A quiet stream outliving the client's read timeout
+            # (upstream call_timeout_s) ends too, and is listened to again.
+            async for _ in subscription:
+                pass
+        log.debug("upstream %s: a listen stream ended", name)

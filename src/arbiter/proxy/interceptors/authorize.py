@@ -4,7 +4,7 @@ caller may not see is answered as if it did not exist; a visible but refused cal
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, cast
 
 from arbiter.auth.principal import Principal
@@ -45,6 +45,11 @@ class Authorize:
         if not engine.visible(sub, obj, action):
             return None
         return engine.decide(sub, obj, action).allowed
+
+    def identity(self, principal: Principal) -> Hashable:
+        """The policy identity ``may_use``'s visibility answers depend on (with the policy version):
+        principals with equal identities see the same items (list-change fan-out groups by it)."""
+        return self._live.engine.visibility_identity(Subject.of(principal))
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         engine = self._live.engine  # one version decides the whole request

@@ -93,6 +93,9 @@ class Forward:
         # The caller's own token goes along for an upstream that exchanges it (RFC 8693), and only the
         # pool reads it, for those alone; every other upstream gets Arbiter's credential.
         caller = ctx.exchange.caller_token if ctx.exchange is not None else None
+        via = ctx.state_upstream  # a retry with an upstream's state: to that upstream only, no fallback
+        if via is not None and via != ctx.upstream:
+            ctx.fallback = via
         try:
             result = await self._pool.request(
                 ctx.upstream,
@@ -100,6 +103,7 @@ class Forward:
                 caller=caller,
                 on_send=lambda: _sent(ctx),
                 on_fallback=lambda upstream: _fell_back(ctx, upstream),
+                via=via,
             )
         except MCPError as exc:
             if ctx.method == COMPLETE and exc.error.code == METHOD_NOT_FOUND:

@@ -8,11 +8,15 @@ An upstream may answer ``tools/call``, ``prompts/get`` or ``resources/read`` wit
   ``requestState`` sealed to this round (``proxy/request_state.py``);
 - on the retry, opens the state and checks it belongs to this caller, upstream, target and arguments
   and has not expired (else ``invalid_request_state``, before anything is forwarded); forward sends the
-  upstream's own state and the agent's ``inputResponses`` on;
+  upstream's own state and the agent's ``inputResponses`` on, to the upstream that issued the state (the
+  tool's own, or the fallback that answered) and to no other;
 - for a handshake-era agent, which cannot take ``input_required``, puts the questions to it over its own
   session (``elicitation/create``, ``sampling/createMessage``, ``roots/list``, when it declared them) and
-  completes the rounds itself, bounded (``mcp.input_rounds_max``); an agent that cannot answer gets
-  ``input_unavailable`` (an ``isError`` result on tools/call);
+  completes the rounds itself, bounded (``mcp.input_rounds_max`` rounds, each question answered within
+  ``answer_timeout_s``); an agent that cannot answer gets ``input_unavailable`` (an ``isError`` result on
+  tools/call);
+- refuses an ``input_required`` result whose ``inputRequests`` is not an object or whose
+  ``requestState`` is not a string (``upstream_protocol_error``): neither may reach the agent unchecked;
 - tells the audit record what happened in this round: ``input_required`` and the request keys asked
   for, ``input_responses`` (keys only, never the content), or why a state was refused.
 
@@ -28,7 +32,7 @@ import anyio
 from mcp_types import CLIENT_CAPABILITIES_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from arbiter.errors import InputUnavailable, InvalidRequestState
+from arbiter.errors import InputUnavailable, InvalidRequestState, UpstreamProtocolError
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.request_state import RequestStateSeal, Round, StateRefused
 
@@ -38,9 +42,12 @@ _BACKOFF_CAP_S = 0.25
 
 
 class InputRounds:
-    def __init__(self, seal: RequestStateSeal, *, max_rounds: int = 10) -> None:
+    def __init__(
+        self, seal: RequestStateSeal, *, max_rounds: int = 10, answer_timeout_s: float = 600.0
+    ) -> None:
         self._seal = seal
         self._max_rounds = max_rounds  # handshake-era agents: rounds Arbiter completes for them
+        self._answer_timeout_s = answer_timeout_s  # ... and how long each question waits for the agent
 
     async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
         if ctx.method not in INPUT_METHODS:
@@ -52,6 +59,7 @@ class InputRounds:
             self._retry(ctx, wire, responses)
         result = await call_next(ctx)
         if result.get("resultType") == "input_required":
+            _check(ctx, result)
             if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
                 return await self._complete_for(ctx, result, call_next)
             self._relay(ctx, result)
@@ -65,10 +73,12 @@ class InputRounds:
         if wire is None:
             return
         try:
-            ctx.request_state = self._seal.open(self._round(ctx), wire)
+            opened = self._seal.open(self._round(ctx), wire)
         except StateRefused as exc:
             round_info["request_state"] = str(exc)
             raise InvalidRequestState("Invalid or expired requestState") from None
+        ctx.request_state = opened.state
+        ctx.state_upstream = opened.via  # the upstream whose state it is gets the retry, and no other
 
     def _relay(self, ctx: CallContext, result: Result) -> None:
         round_info = ctx.input_round if ctx.input_round is not None else {}
@@ -89,8 +99,8 @@ class InputRounds:
                     )
                 result["inputRequests"] = kept
         state: Any = result.get("requestState")
-        if isinstance(state, str):
-            result["requestState"] = self._seal.seal(self._round(ctx), state)
+        if isinstance(state, str):  # sealed with the upstream that answered (a fallback, maybe)
+            result["requestState"] = self._seal.seal(self._round(ctx), state, via=ctx.fallback)
 
     async def _complete_for(self, ctx: CallContext, result: Result, call_next: CallNext) -> Result:
         """A handshake-era agent cannot take ``input_required``: Arbiter puts each question to it over its
@@ -112,6 +122,8 @@ class InputRounds:
                 await anyio.sleep(min(_BACKOFF_S * 2**done, _BACKOFF_CAP_S))
             state: Any = result.get("requestState")
             ctx.request_state = state if isinstance(state, str) else None
+            # The answers and state go back to the upstream that asked (the fallback, if it answered).
+            ctx.state_upstream = ctx.fallback or ctx.upstream
             params = {k: v for k, v in ctx.params.items() if k not in ("inputResponses", "requestState")}
             if responses:
                 params["inputResponses"] = responses
@@ -120,6 +132,7 @@ class InputRounds:
             result = await call_next(ctx)
             if result.get("resultType") != "input_required":
                 return result
+            _check(ctx, result)
         raise InputUnavailable(
             f"{ctx.exposed} needs input from the user that could not be completed "
             f"within {self._max_rounds} rounds"
@@ -135,7 +148,14 @@ class InputRounds:
             "method": ask.get("method"),
             "params": ask.get("params"),
         }
-        reply = await ctx.downstream.message(message)
+        try:
+            with anyio.fail_after(self._answer_timeout_s):
+                reply = await ctx.downstream.message(message)
+        except TimeoutError:
+            raise InputUnavailable(
+                f"{ctx.exposed} needs input from the user, which did not come within "
+                f"{self._answer_timeout_s:g} s"
+            ) from None
         answer: Any = reply.get("result") if reply is not None else None
         if not isinstance(answer, dict):
             error: Any = reply.get("error") if reply is not None else None
@@ -150,6 +170,24 @@ class InputRounds:
     def _round(ctx: CallContext) -> Round:
         assert ctx.principal is not None and ctx.upstream is not None and ctx.target is not None
         return Round(ctx.principal, ctx.upstream, ctx.method, ctx.target, ctx.arguments)
+
+
+def _check(ctx: CallContext, result: Result) -> None:
+    """An ``input_required`` result's shape: anything else would reach the agent unfiltered or unsealed."""
+    requests: Any = result.get("inputRequests")
+    state: Any = result.get("requestState")
+    what = (
+        "inputRequests that is not an object"
+        if requests is not None and not isinstance(requests, dict)
+        else "a requestState that is not a string"
+        if state is not None and not isinstance(state, str)
+        else None
+    )
+    if what is not None:  # named by the tool's own upstream, never its fallback
+        raise UpstreamProtocolError(
+            f"upstream {ctx.upstream!r} answered {ctx.method} with input_required and {what}",
+            upstream=ctx.upstream,
+        )
 
 
 def _capabilities(ctx: CallContext) -> Mapping[str, Any]:
