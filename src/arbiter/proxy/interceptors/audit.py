@@ -15,11 +15,12 @@ from typing import Any
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR
 
-from arbiter.audit.record import Decision, Event, actor_of
+from arbiter.audit.record import Event, actor_of
 from arbiter.audit.writer import AuditWriter
-from arbiter.errors import ArbiterError, RequestRejected, UnknownTarget
+from arbiter.errors import ArbiterError, UnknownTarget
 from arbiter.http_scope import client_ip, trace_id
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
+from arbiter.proxy.verdict import refused, verdict
 from arbiter.telemetry.tracing import TRACEPARENT, meta_context, trace_id_of
 
 
@@ -66,31 +67,25 @@ def request_trace_id(ctx: CallContext, scope: Mapping[str, Any] | None) -> str |
 
 
 def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | None) -> Event:
-    decision: Decision
+    decision, reason = verdict(error)
     outcome: dict[str, Any]
     if error is None:
-        decision, reason = "allow", "allowed"
         outcome = {"status": "ok"}
         if result is not None and result.get("isError") is True:
             outcome = {"status": "tool_error", "is_error": True}
     elif isinstance(error, ArbiterError):
-        rejected = isinstance(error, RequestRejected | UnknownTarget)
-        decision, reason = ("deny" if rejected else "allow"), error.code
         outcome = {
-            "status": "refused" if rejected else "error",
+            "status": "refused" if refused(error) else "error",
             "error_code": error.to_mcp_error().error.code,
             "message": error.message,
         }
         if "circuit" in error.details:  # refused by the upstream's open circuit breaker
             outcome["circuit"] = error.details["circuit"]
     elif isinstance(error, MCPError):  # the upstream's own JSON-RPC error
-        decision, reason = "allow", "upstream_error"
         outcome = {"status": "error", "error_code": error.error.code, "message": error.error.message}
     elif isinstance(error, asyncio.CancelledError):
-        decision, reason = "allow", "cancelled"
         outcome = {"status": "cancelled"}
     else:
-        decision, reason = "error", "internal_error"
         outcome = {"status": "error", "error_code": INTERNAL_ERROR}
     if ctx.fallback is not None:
         outcome["fallback"] = ctx.fallback

@@ -10,21 +10,18 @@ from __future__ import annotations
 import asyncio
 import time
 
-from mcp.shared.exceptions import MCPError
-
 from arbiter.errors import (
-    ArbiterError,
     BudgetExceeded,
     DuplicateRequest,
     LimitsUnavailable,
     RateLimited,
     RepeatedCall,
-    RequestRejected,
     UnknownTarget,
     UpstreamUnavailable,
 )
 from arbiter.naming import exposed_name, exposed_uri
 from arbiter.proxy.pipeline import LIST_METHODS, TARGET_KEYS, CallContext, CallNext, Result
+from arbiter.proxy.verdict import verdict
 from arbiter.telemetry.metrics import Metrics
 
 _METHODS = frozenset({*TARGET_KEYS, *LIST_METHODS, "completion/complete"})
@@ -35,19 +32,11 @@ TEMPLATED = "templated"
 
 
 def outcome_of(result: Result | None, error: BaseException | None) -> tuple[str, str]:
-    """(decision, reason) as the audit record states them (audit.py ``mcp_event``), except that a tool
-    result with ``isError`` is ``tool_error`` rather than ``allowed``."""
-    if error is None:
-        if result is not None and result.get("isError") is True:
-            return "allow", "tool_error"
-        return "allow", "allowed"
-    if isinstance(error, ArbiterError):
-        return ("deny" if isinstance(error, RequestRejected | UnknownTarget) else "allow"), error.code
-    if isinstance(error, MCPError):
-        return "allow", "upstream_error"
-    if isinstance(error, asyncio.CancelledError):
-        return "allow", "cancelled"
-    return "error", "internal_error"
+    """(decision, reason) as the audit record states them (``verdict.py``), except that a tool result
+    with ``isError`` is ``tool_error`` rather than ``allowed``."""
+    if error is None and result is not None and result.get("isError") is True:
+        return "allow", "tool_error"
+    return verdict(error)
 
 
 def labels_of(ctx: CallContext, error: BaseException | None) -> tuple[str, str, str]:
