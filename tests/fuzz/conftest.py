@@ -37,14 +37,16 @@ META = {
     "io.modelcontextprotocol/clientInfo": {"name": "fuzz", "version": "1"},
     "io.modelcontextprotocol/clientCapabilities": {},
 }
-# Methods the upstream may see from Arbiter's own housekeeping (connect, catalog refresh), never from a
-# fuzzed request: anything else reaching the upstream came from an agent's request.
+# Methods the upstream may see from Arbiter's own housekeeping (connect, catalog refresh, the watcher's
+# own listen for list changes, reopened whenever it drops), never from a fuzzed request: anything else
+# reaching the upstream came from an agent's request.
 HOUSEKEEPING = frozenset(
     {
         "initialize",
         "notifications/initialized",
         "ping",
         "server/discover",
+        "subscriptions/listen",
         "tools/list",
         "resources/list",
         "resources/templates/list",
