@@ -270,26 +270,15 @@ class UpstreamRegistry:
     async def tool_setting(self, upstream_id: int, tool: str) -> tuple[Upstream, ToolSettingRow | None]:
         """An upstream and what is set for one of its tools (None: nothing, the upstream's defaults)."""
         async with self._db() as db:
-            row = await db.get(Upstream, upstream_id)
-            if row is None:
-                raise NotFound(f"no upstream with id {upstream_id}")
-            query = select(ToolSettingRow).where(
-                ToolSettingRow.upstream == row.name, ToolSettingRow.tool == tool
-            )
-            return row, (await db.exec(query)).first()
+            return await _tool_setting(db, upstream_id, tool)
 
     async def put_tool_setting(
         self, upstream_id: int, tool: str, setting: ToolSetting, by: str
     ) -> ToolSettingRow:
         """Set one tool's settings; in force here at once, on other replicas at their next reconcile."""
         async with self._db() as db:
-            row = await db.get(Upstream, upstream_id)
-            if row is None:
-                raise NotFound(f"no upstream with id {upstream_id}")
-            query = select(ToolSettingRow).where(
-                ToolSettingRow.upstream == row.name, ToolSettingRow.tool == tool
-            )
-            stored = (await db.exec(query)).first() or ToolSettingRow(upstream=row.name, tool=tool)
+            row, stored = await _tool_setting(db, upstream_id, tool)
+            stored = stored or ToolSettingRow(upstream=row.name, tool=tool)
             stored.idempotent = setting.idempotent
             stored.timeout_s = setting.timeout_s
             stored.updated_at = utcnow()
@@ -410,6 +399,17 @@ class UpstreamRegistry:
             if row is not None:
                 row.last_error = message[:1000]
                 await db.commit()
+
+
+async def _tool_setting(
+    db: AsyncSession, upstream_id: int, tool: str
+) -> tuple[Upstream, ToolSettingRow | None]:
+    """The upstream ``upstream_id`` (or NotFound) and the row stored for one of its tools, if any."""
+    row = await db.get(Upstream, upstream_id)
+    if row is None:
+        raise NotFound(f"no upstream with id {upstream_id}")
+    query = select(ToolSettingRow).where(ToolSettingRow.upstream == row.name, ToolSettingRow.tool == tool)
+    return row, (await db.exec(query)).first()
 
 
 async def _forget_tool_settings(db: AsyncSession, upstream: str) -> None:
