@@ -215,9 +215,9 @@ class ResetAfterRead:
                 writer.close()
 
 
-@pytest.fixture
-def counting_upstream() -> Iterator[tuple[ResetAfterRead, list[int]]]:
-    """A real MCP server whose ``charge`` tool counts its runs, behind a ``ResetAfterRead`` front."""
+@contextlib.contextmanager
+def counting_server() -> Iterator[tuple[int, list[int]]]:
+    """A real MCP server on loopback whose ``charge`` tool records every run: its port, and the runs."""
     runs: list[int] = []
     server = MCPServer("count")
 
@@ -226,10 +226,14 @@ def counting_upstream() -> Iterator[tuple[ResetAfterRead, list[int]]]:
         runs.append(amount)
         return f"charged {amount}"
 
-    with (
-        serve_in_thread(server.streamable_http_app(stateless_http=True, json_response=True)) as port,
-        ResetAfterRead(port) as front,
-    ):
+    with serve_in_thread(server.streamable_http_app(stateless_http=True, json_response=True)) as port:
+        yield port, runs
+
+
+@pytest.fixture
+def counting_upstream() -> Iterator[tuple[ResetAfterRead, list[int]]]:
+    """The counting server behind a ``ResetAfterRead`` front."""
+    with counting_server() as (port, runs), ResetAfterRead(port) as front:
         yield front, runs
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from mcp.server import MCPServer
 
 from arbiter.auth.outbound import CredentialSpec
 from arbiter.demo.crm import build_server
@@ -32,7 +31,7 @@ from arbiter.proxy.upstream import UpstreamSpec
 from arbiter.settings import UpstreamPolicy
 from tests.conftest import ArbiterFactory, UpstreamProc, free_port, serve_in_thread
 from tests.proxy.test_breakers import Gate, gate  # noqa: F401 - the fixture, for the probe test
-from tests.proxy.test_deadlines import ResetAfterRead
+from tests.proxy.test_deadlines import ResetAfterRead, counting_server
 from tests.proxy.test_guards import Clock
 from tests.refusals import tool_refusal
 
@@ -94,18 +93,7 @@ class KeepAliveReset(ResetAfterRead):
 
 @pytest.fixture
 def reused_reset() -> Iterator[tuple[KeepAliveReset, list[int]]]:
-    runs: list[int] = []
-    server = MCPServer("count")
-
-    @server.tool()
-    def charge(amount: int) -> str:
-        runs.append(amount)
-        return f"charged {amount}"
-
-    with (
-        serve_in_thread(server.streamable_http_app(stateless_http=True, json_response=True)) as port,
-        KeepAliveReset(port) as front,
-    ):
+    with counting_server() as (port, runs), KeepAliveReset(port) as front:
         yield front, runs
 
 
