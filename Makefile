@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test check lint typecheck format bench bench-quick bench-soak bench-peers clean
+.PHONY: venv demo demo-reset test check lint typecheck format bench bench-quick bench-soak bench-peers clean helm-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The demo keeps its state (keys, policy, audit log) in .arbiter-demo between runs; start over with
+# `make demo-reset` (or pass options: `make demo ARGS=--reset`).
 demo: $(STAMP)
-	$(VENV)/bin/arbiter demo --port $${ARBITER_PORT:-8080} --info-file demo-info.json
+	$(VENV)/bin/arbiter demo --port $${ARBITER_PORT:-8080} --info-file demo-info.json $(ARGS)
+
+demo-reset: $(STAMP)
+	$(VENV)/bin/arbiter demo --port $${ARBITER_PORT:-8080} --info-file demo-info.json --reset $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -13,6 +13,9 @@ import json
 import os
 import re
 import sys
+import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
@@ -177,6 +180,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument(
         "--scripted", action="store_true", help="use the offline scripted model even if OPENAI_API_KEY is set"
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return parser.parse_args(argv)
 
 
@@ -203,6 +207,37 @@ def _leaf_messages(group: BaseExceptionGroup[BaseException]) -> list[str]:
     ]
 
 
+def server_answer(url: str, token: str | None) -> str | None:
+    """What the MCP endpoint says to a plain ``initialize``, when it refuses it (e.g. ``401`` and its
+    body), in one line. MCP client libraries turn such an answer into a generic "Server returned an
+    error response", losing the server's reason; asking once more with the standard library recovers
+    it without depending on any of them."""
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "example-agent", "version": "0"},
+            },
+        }
+    ).encode()
+    headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return None
+    except urllib.error.HTTPError as exc:
+        text = " ".join(exc.read(2000).decode("utf-8", "replace").split())
+        return f"{url} answered {exc.code} {exc.reason}: {text or '(no body)'}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"cannot reach {url}: {getattr(exc, 'reason', exc)}"
+
+
 def main(open_tools: ToolSource, description: str) -> int:
     args = parse_args(description)
     failure, answer = "", ""
@@ -213,6 +248,12 @@ def main(open_tools: ToolSource, description: str) -> int:
         failure = "; ".join(_leaf_messages(group))
     except* TimeoutError:
         failure = f"the agent did not finish within {RUN_TIMEOUT_S:.0f}s"
+    except* Exception as group:  # noqa: BLE001 - the top of a script: any failure becomes one line
+        # A failure to connect or to be let in: one line with the server's own reason, not a traceback
+        # (--debug prints it).
+        if args.debug:
+            traceback.print_exception(group)
+        failure = server_answer(args.mcp_url, args.token or None) or "; ".join(_leaf_messages(group))
     if not failure and not answer.strip():
         failure = "the agent produced an empty answer"
     if failure:

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             {
                 "errors",
                 "settings",
+                "settings_check",
                 "redis_errors",
                 "http_scope",
                 "globs",
@@ -43,6 +44,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("auth", frozenset({"auth"})),
     ("rules", frozenset({"policies", "limits"})),
     ("audit", frozenset({"audit"})),
+    ("integrity", frozenset({"integrity"})),
     ("proxy", frozenset({"proxy"})),
     ("runtime", frozenset({"runtime"})),
     ("surface", frozenset({"admin", "probes", "wellknown", "metrics_route"})),

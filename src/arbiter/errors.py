@@ -209,9 +209,12 @@ class UnknownTarget(ArbiterError):
     code = "unknown_target"
     http_status = 404
 
-    def __init__(self, message: str, jsonrpc_code: int = INVALID_PARAMS) -> None:
+    def __init__(self, message: str, jsonrpc_code: int = INVALID_PARAMS, *, hidden: bool = False) -> None:
         super().__init__(message)
         self._jsonrpc_code = jsonrpc_code
+        # The target exists but the policy hides it from the caller: a denial, so the audit log and the
+        # metrics record it as policy_denied; the caller's answer stays that of a missing target.
+        self.audit_reason = "policy_denied" if hidden else self.code
 
     def to_mcp_error(self) -> MCPError:
         # Exactly what an MCP server says, with no Arbiter-specific data that would reveal a hidden tool.
@@ -245,3 +248,32 @@ class InputUnavailable(RequestRejected):
     code = "input_unavailable"
     http_status = 422
     jsonrpc_code = -31030
+
+
+class SettingsInvalid(ConfigError):
+    """``ARBITER_*`` variables or the config file name no setting, or give one a value it cannot take."""
+
+    code = "settings_invalid"
+
+
+class StartupFailed(ArbiterError):
+    """Something Arbiter needs before it can serve is not there; the CLI says what in one line."""
+
+    code = "startup_failed"
+    http_status = 503
+
+
+class DatabaseUnreachable(StartupFailed):
+    code = "database_unreachable"
+
+
+class PortInUse(StartupFailed):
+    code = "port_in_use"
+
+
+class RedisUnreachable(StartupFailed):
+    code = "redis_unreachable"
+
+
+class JwksUnreachable(StartupFailed):
+    code = "jwks_unreachable"

@@ -1,5 +1,6 @@
 """``arbiter audit verify | export | keygen | purge`` against a real SQLite file: what they print and
-their exit codes (0 intact, 1 broken, 2 unreadable or invalid input)."""
+their exit codes (0 intact, 1 broken, 2 unreadable or invalid input, 5 schema behind, 9 unsigned or
+unverifiable with --require-signatures)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,25 @@ def test_verify_the_database_with_only_a_public_key(
     assert "0 valid, 4 invalid" in out and "bad_checkpoint" in out
 
 
+def test_without_a_trusted_key_signatures_are_not_checked_and_an_intact_chain_exits_0(
+    db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ARBITER_AUDIT__SIGNING_KEY")  # no key at all: neither private nor public
+    code, out, _ = run(capsys, "audit", "verify")
+    assert code == 0, out
+    assert out.startswith("OK: database: 240 records")
+    assert "4 not checked" in out and "invalid signature" not in out
+    assert "signatures not checked" in out and "--public-key" in out
+    code, out, err = run(capsys, "audit", "verify", "--require-signatures")
+    assert code == 9 and "not verifiably signed" in err
+    code, out, _ = run(capsys, "audit", "verify", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["signatures_checked"] is False and report["checkpoints"]["unchecked"] == 4
+    # With the key, the same chain is verifiably signed.
+    code, out, _ = run(capsys, "audit", "verify", "--public-key", PUBLIC, "--require-signatures")
+    assert code == 0 and "4 valid" in out
+
+
 def test_unreadable_or_invalid_input_exits_2(
     env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -104,7 +124,7 @@ def test_unreadable_or_invalid_input_exits_2(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ARBITER_DATABASE_URL", f"sqlite:///{empty}")
         code, _, err = run(capsys, "audit", "verify")
-    assert code == 2 and "arbiter migrate" in err  # an unmigrated database, not a broken chain
+    assert code == 5 and "arbiter migrate" in err  # an unmigrated database, not a broken chain
     code, _, err = run(capsys, "audit", "export", "--format", "xml")
     assert code == 2 and "--format" in err
     code, _, err = run(capsys, "audit", "export", "--format", "bundle", "--subject", "alice")

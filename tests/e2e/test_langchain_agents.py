@@ -182,3 +182,21 @@ async def test_support_agent_carries_on_when_its_crm_is_down(own_demo: DemoArbit
     assert "crm is unavailable right now; try again" in crm_line and "answer without it" in crm_line, crm_line
     assert "single sign-on" in answer, result.describe()  # from the knowledge base, which still answered
     assert "could not look up the customer record" in answer and "Acme Logistics" not in answer
+
+
+async def test_a_bad_key_is_one_line_with_the_servers_answer(
+    demo_arbiter: DemoArbiter, tmp_path: Path
+) -> None:
+    result = await run(
+        [sys.executable, str(EXAMPLES / "support_agent.py"), "--mcp-url", demo_arbiter.mcp_url],
+        limit_s=AGENT_TIMEOUT_S,
+        env=agent_env("arb_0000000000000000_not-a-real-key"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.describe()
+    assert "Traceback" not in result.stderr, result.describe()
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"error: {demo_arbiter.mcp_url} answered 401 Unauthorized: "
+        '{"error": "invalid_token", "error_description": "unknown or revoked API key"}'
+    ), result.describe()

@@ -161,9 +161,11 @@ async def test_a_prompt_or_template_the_caller_may_not_use_answers_like_a_missin
     with upstreams.lock:
         assert upstreams.seen == []  # the upstream never heard of any of them
     records = _completions(arbiter, 4)
-    assert {r["reason"] for r in records} == {"unknown_target"} and {r["decision"] for r in records} == {
-        "deny"
-    }
+    assert {r["decision"] for r in records} == {"deny"}
+    # The agent cannot tell the hidden prompt from a missing one; the auditor can: it is a denial.
+    reasons = {r["tool"]: r["reason"] for r in records}
+    assert reasons.pop("comp__secret") == "policy_denied"
+    assert set(reasons.values()) == {"unknown_target"}
 
 
 @pytest.mark.parametrize("mode", MODES)

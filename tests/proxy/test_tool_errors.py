@@ -141,6 +141,17 @@ async def test_a_hidden_tool_answers_exactly_like_a_missing_one(setup: Setup, mo
         "crm__no_such_tool", "N"
     )
 
+    # The auditor is told the truth: the hidden tool was a denial by the policy, the missing one unknown.
+    def calls(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in of_kind(rs, "mcp") if r["method"] == "tools/call"]
+
+    records = calls(wait_for(server, lambda rs: len(calls(rs)) >= 2))
+    reasons = {r["tool"]: (r["decision"], r["reason"]) for r in records}
+    assert reasons == {
+        "crm__get_customer": ("deny", "policy_denied"),
+        "crm__no_such_tool": ("deny", "unknown_target"),
+    }
+
 
 async def test_the_audit_record_is_the_refusal_either_way(setup: Setup) -> None:
     setup.crm.kill()

@@ -1,7 +1,7 @@
 """What ``arbiter audit …`` does outside a running Arbiter: open the store the way the app does,
 verify it, export from it, purge it, and say what a verification found in words.
 
-The typer commands in ``arbiter/cli.py`` only parse options and call these.
+The typer commands in ``arbiter/cli/audit.py`` only parse options and call these.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from arbiter.store.db import create_engine
 from arbiter.store.schema import require_head
 
 T = TypeVar("T")
+NO_KEY_HINT = (
+    "no trusted public key was given, so only the hash chain was checked; give the signing key's "
+    "public key with --public-key (or set ARBITER_AUDIT__SIGNING_KEY or ARBITER_AUDIT__TRUSTED_PUBLIC_KEYS)"
+)
 _SHOWN_PROBLEMS = 10
 
 
@@ -137,8 +141,10 @@ async def export(
     order: Order = "asc",
     from_seq: int | None = None,
     to_seq: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Exported:
-    """Write an export to ``out`` (atomically: a failed export leaves no file) or to stdout."""
+    """Write an export to ``out`` (atomically: a failed export leaves no file) or to stdout;
+    ``progress`` is told of each chunk's lines as they are written."""
     if fmt not in ("jsonl", "csv", "bundle"):
         raise InvalidInput(f"--format must be jsonl, csv or bundle; got {fmt!r}")
     if fmt == "bundle" and (filters != Filters() or order != "asc"):
@@ -157,15 +163,19 @@ async def export(
             chunks = jsonl_chunks(engine, filters, order=order)
         else:
             chunks = csv_chunks(engine, filters, order=order)
-        return await _write(chunks, out, fmt)
+        return await _write(chunks, out, fmt, progress)
 
     return await with_store(settings, run)
 
 
-async def _write(chunks: AsyncIterator[str], out: Path | None, fmt: str) -> Exported:
+async def _write(
+    chunks: AsyncIterator[str], out: Path | None, fmt: str, progress: Callable[[int], None] | None = None
+) -> Exported:
     done = Exported(records=None if fmt == "csv" else 0)
 
     def account(chunk: str) -> None:
+        if progress is not None:
+            progress(chunk.count("\n"))
         done.bytes += len(chunk.encode("utf-8"))
         if fmt == "jsonl" and done.records is not None:
             done.records += chunk.count("\n")
@@ -233,12 +243,15 @@ def describe(report: Report, what: str) -> list[str]:
             lines.append(f"  then seq {p.seq} ({p.kind}): {p.message}")
         if report.problem_count > _SHOWN_PROBLEMS:
             lines.append(f"  … and {report.problem_count - _SHOWN_PROBLEMS} more (--json lists up to 100)")
+    unchecked = f", {report.checkpoints_unchecked} not checked" if report.checkpoints_unchecked else ""
     lines.append(
         f"checkpoints: {report.checkpoints_valid} valid, {report.checkpoints_invalid} invalid, "
-        f"{report.checkpoints_unsigned} unsigned"
+        f"{report.checkpoints_unsigned} unsigned{unchecked}"
     )
     signed = report.last_signed_seq
-    if report.last_seq is not None:
+    if not report.signatures_checked:
+        lines.append(f"signatures not checked: {NO_KEY_HINT}")
+    elif report.last_seq is not None:
         if signed is None:
             lines.append(
                 "no record is covered by a valid signature: only the chain's internal consistency was "

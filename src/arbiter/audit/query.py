@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from arbiter.audit import tables as t
+from arbiter.audit.filters import FILTERS as FILTERS  # re-exported: the admin API imports it from here
 from arbiter.audit.record import columns, iso_ms
 from arbiter.audit.signing import KeyRing, checkpoint_payload
 from arbiter.audit.verify import Checkpoint
@@ -32,7 +33,7 @@ MAX_LIMIT = 1000
 EXPORT_PAGE = 1000
 
 DECISIONS = ("allow", "deny", "error")
-KINDS = ("mcp", "auth", "admin", "audit")
+KINDS = ("mcp", "auth", "admin", "audit", "integrity")
 # Epoch values below this (1973-03-03 in ms) are almost certainly seconds: refuse them rather than
 # silently answer for January 1970.
 _MIN_EPOCH_MS = 100_000_000_000
@@ -49,21 +50,7 @@ class StoredRow(NamedTuple):
     hash: str
 
 
-# The filters an auditor can give, each with its help text: the admin API's query parameters and
-# `arbiter audit export`'s options, in this order. Their values go to ``Filters.parse``.
-FILTERS: dict[str, str] = {
-    "since": "From this time, inclusive: ISO 8601 (no zone: UTC) or epoch ms",
-    "until": "Before this time, exclusive: ISO 8601 or epoch ms",
-    "subject": "The caller's subject, exactly",
-    "tenant": "The caller's tenant",
-    "tool": "The exposed tool name (<upstream>__<tool>) or resource URI",
-    "upstream": "The upstream's name",
-    "decision": "allow, deny or error",
-    "reason": "e.g. policy_denied, rate_limited, upstream_unavailable",
-    "trace_id": "W3C trace id (32 hex characters)",
-    "kind": "mcp, auth, admin or audit",
-    "method": "MCP method (tools/call) or admin action",
-}
+# The filters' names and help texts live in audit/filters.py (imported by the CLI without SQLAlchemy).
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,10 @@ class Report:
     checkpoints_unsigned: int
     checkpoints_invalid: int
     last_signed_seq: int | None  # records after this are not yet covered by a valid signature
+    # False when the verifier had no trusted public key at all: signed checkpoints could not be
+    # checked (counted in checkpoints_unchecked), which is not the same as their being invalid.
+    signatures_checked: bool = field(default=True, kw_only=True)
+    checkpoints_unchecked: int = field(default=0, kw_only=True)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -75,8 +79,10 @@ class Report:
                 "valid": self.checkpoints_valid,
                 "unsigned": self.checkpoints_unsigned,
                 "invalid": self.checkpoints_invalid,
+                "unchecked": self.checkpoints_unchecked,
                 "last_signed_seq": self.last_signed_seq,
             },
+            "signatures_checked": self.signatures_checked,
         }
 
 
@@ -100,6 +106,7 @@ class ChainCheck:
     _last_bad: bool = False
     _valid: int = 0
     _unsigned: int = 0
+    _unchecked: int = 0
     _invalid: int = 0
     _last_signed: int | None = None
     _old_seq: int | None = None  # the newest record older than unsigned_before_ms
@@ -123,6 +130,11 @@ class ChainCheck:
     def _check_signature(self, cp: Checkpoint) -> bool:
         if not cp.signature:
             self._unsigned += 1
+            return False
+        if not self.keys.keys:
+            # No trusted key: the signature can be neither confirmed nor refuted. The report says so
+            # (signatures_checked) rather than calling an intact, signed chain broken.
+            self._unchecked += 1
             return False
         if self.keys.verify(cp.key_id, checkpoint_payload(cp.seq, cp.hash, cp.ts_ms, cp.kind), cp.signature):
             self._valid += 1
@@ -209,7 +221,11 @@ class ChainCheck:
             self._problem(
                 self._last_seq, "altered", f"record {self._last_seq} does not match the chain's head"
             )
-        if self._old_seq is not None and (self._last_signed is None or self._last_signed < self._old_seq):
+        if (
+            self.keys.keys
+            and self._old_seq is not None
+            and (self._last_signed is None or self._last_signed < self._old_seq)
+        ):
             start = (self._last_signed or self.anchor_seq) + 1
             self._problem(
                 start,
@@ -240,4 +256,6 @@ class ChainCheck:
             checkpoints_unsigned=self._unsigned,
             checkpoints_invalid=self._invalid,
             last_signed_seq=self._last_signed,
+            signatures_checked=bool(self.keys.keys),
+            checkpoints_unchecked=self._unchecked,
         )

@@ -5,24 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import cast
 
 import httpx
 from pydantic import SecretStr
 
 from arbiter.app import create_app
 from arbiter.audit.signing import generate_key
+from arbiter.errors import InvalidToken
 from arbiter.runtime import Runtime
 from arbiter.serving import graceful_server, uvicorn_config
 from arbiter.settings import Settings, load_settings
 from arbiter.store import schema
 
 DEMO_UPSTREAMS = {"kb": "arbiter.demo.kb", "crm": "arbiter.demo.crm"}
+DEMO_ROLES = ("support-agent", "auditor", "security-admin")
+STATE_FILE = "demo-state.json"
 _START_TIMEOUT_S = 30.0
 
 
@@ -64,15 +70,19 @@ def start_upstreams() -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
     return ports, procs
 
 
-async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
+async def run_demo(port: int, info_file: Path, state_dir: Path, *, reset: bool = False) -> None:
     # uvicorn re-raises the SIGTERM that stopped it; by default that kills the process on the spot,
     # before the `finally` below can stop the demo upstreams, which would then outlive it.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    db_path = await asyncio.to_thread(_fresh_db_path, state_dir)
-    database_url = f"sqlite+aiosqlite:///{db_path}"
+    state = await asyncio.to_thread(DemoState.open, state_dir, reset)
+    database_url = f"sqlite+aiosqlite:///{state.db_path}"
+    if state.reused:
+        print(f"reusing demo state in {state_dir}; run with --reset to start over", flush=True)
+    else:
+        print(f"new demo state in {state_dir} (database {database_url})", flush=True)
     await asyncio.to_thread(schema.upgrade, database_url)
     # Everything else (log level, timeouts, ...) still comes from ARBITER_* through the settings object.
-    configured = _with_audit_key(load_settings(database_url=database_url), state_dir)
+    configured = _with_audit_key(load_settings(database_url=database_url), state)
     ports, procs = start_upstreams()
     try:
         for (name, upstream_port), proc in zip(ports.items(), procs, strict=True):
@@ -93,24 +103,23 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
                 raise RuntimeError("Arbiter did not start")
             await asyncio.sleep(0.05)
         base = f"http://127.0.0.1:{port}"
-        keys = await _demo_keys(app.state.runtime)
+        keys = await _demo_keys(app.state.runtime, state.api_keys)
+        await asyncio.to_thread(state.save, keys)
         admin_token = keys["security-admin"]
         # Register through the admin API itself, exactly as an operator would.
         async with httpx.AsyncClient(
             base_url=base, headers={"authorization": f"Bearer {admin_token}"}
         ) as admin:
-            for name, upstream_port in ports.items():
+            await _register_upstreams(admin, ports)
+            if not state.reused:
+                # The demo's policy, imported the way a security team would apply theirs. A reused
+                # state keeps whatever the user has made of it since.
                 resp = await admin.post(
-                    "/admin/v1/upstreams", json={"name": name, "url": f"http://127.0.0.1:{upstream_port}/mcp"}
+                    "/admin/v1/policies/import",
+                    content=await asyncio.to_thread(DEMO_POLICY.read_text, encoding="utf-8"),
+                    headers={"content-type": "text/csv"},
                 )
                 resp.raise_for_status()
-            # The demo's policy, imported the way a security team would apply theirs.
-            resp = await admin.post(
-                "/admin/v1/policies/import",
-                content=await asyncio.to_thread(DEMO_POLICY.read_text, encoding="utf-8"),
-                headers={"content-type": "text/csv"},
-            )
-            resp.raise_for_status()
         info: dict[str, object] = {
             "mcp_url": f"{base}/mcp",
             "admin_url": f"{base}/admin/v1",
@@ -120,6 +129,7 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
             # So a script (or test) can stop one, e.g. to see what agents get while an upstream is down.
             "upstream_pids": {name: proc.pid for name, proc in zip(ports, procs, strict=True)},
             "database_url": database_url,
+            "state_dir": str(state_dir),
             # Pin this when verifying an exported audit bundle offline (`arbiter audit verify --file`).
             "audit_public_key": app.state.runtime.audit.store.signer.public_b64,
         }
@@ -136,10 +146,31 @@ async def run_demo(port: int, info_file: Path, state_dir: Path) -> None:
                 proc.kill()
 
 
-async def _demo_keys(runtime: Runtime) -> dict[str, str]:
-    """One API key per demo role, created as `arbiter api-key create` would."""
+async def _register_upstreams(admin: httpx.AsyncClient, ports: dict[str, int]) -> None:
+    """Point the demo upstreams at this run's ports: registered on a new state, updated on a reused
+    one (the demo servers listen on fresh ports each run), registered again if the user deleted one."""
+    resp = await admin.get("/admin/v1/upstreams")
+    resp.raise_for_status()
+    known = {u["name"]: u for u in resp.json()}
+    for name, upstream_port in ports.items():
+        url = f"http://127.0.0.1:{upstream_port}/mcp"
+        if name in known:
+            resp = await admin.patch(f"/admin/v1/upstreams/{known[name]['id']}", json={"url": url})
+        else:
+            resp = await admin.post("/admin/v1/upstreams", json={"name": name, "url": url})
+        resp.raise_for_status()
+
+
+async def _demo_keys(runtime: Runtime, kept: dict[str, str]) -> dict[str, str]:
+    """One API key per demo role: the one kept from an earlier run while it is still valid, else a new
+    one created as `arbiter api-key create` would (a key the user revoked is replaced, not revived)."""
     out: dict[str, str] = {}
-    for role in ("support-agent", "auditor", "security-admin"):
+    for role in DEMO_ROLES:
+        if role in kept:
+            with contextlib.suppress(InvalidToken):
+                if role in runtime.keys.verify(kept[role]).roles:
+                    out[role] = kept[role]
+                    continue
         _, key = await runtime.keys.create(
             owner=f"demo-{role}", roles=[role], tenant="acme", created_by="arbiter demo"
         )
@@ -151,21 +182,61 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _with_audit_key(settings: Settings, state_dir: Path) -> Settings:
-    """A demo signs its audit checkpoints with a key of its own (a fresh one per run, like its
-    database) unless ARBITER_AUDIT__SIGNING_KEY is set; its spool lives beside its database."""
+def _with_audit_key(settings: Settings, state: DemoState) -> Settings:
+    """A demo signs its audit checkpoints with a key of its own, kept with its database so the log of
+    earlier runs still verifies, unless ARBITER_AUDIT__SIGNING_KEY is set; its spool lives there too."""
     audit = settings.audit
-    update: dict[str, object] = {"spool_dir": state_dir / "audit-spool"}
+    update: dict[str, object] = {"spool_dir": state.dir / "audit-spool"}
     if audit.signing_key is None:
-        update["signing_key"] = SecretStr(generate_key()[0])
+        update["signing_key"] = SecretStr(state.signing_key)
     return settings.model_copy(update={"audit": audit.model_copy(update=update)})
 
 
-def _fresh_db_path(state_dir: Path) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    for stale in state_dir.glob("arbiter-demo.db*"):
-        stale.unlink()  # the demo starts from a clean slate every time
-    return state_dir / "arbiter-demo.db"
+@dataclass
+class DemoState:
+    """What a demo keeps between runs in its owner-only state directory: the SQLite database, and in
+    demo-state.json the audit signing key and the demo roles' API keys. Arbiter stores only the keys'
+    hashes, so the demo keeps the keys themselves to hand them out again (in the info file each run)."""
+
+    dir: Path
+    reused: bool
+    signing_key: str
+    api_keys: dict[str, str]
+
+    @property
+    def db_path(self) -> Path:
+        return self.dir / "arbiter-demo.db"
+
+    @property
+    def file(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @classmethod
+    def open(cls, state_dir: Path, reset: bool) -> DemoState:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        file = state_dir / STATE_FILE
+        kept: dict[str, object] = {}
+        if not reset and file.exists() and (state_dir / "arbiter-demo.db").exists():
+            with contextlib.suppress(OSError, ValueError):
+                loaded: object = json.loads(file.read_text(encoding="utf-8"))
+                kept = cast(dict[str, object], loaded) if isinstance(loaded, dict) else {}
+        keys = kept.get("api_keys")
+        if not isinstance(kept.get("signing_key"), str) or not isinstance(keys, dict):
+            # A new state (first run, --reset, or one this demo cannot read): nothing of the old one.
+            kept, keys = {}, {}
+            for stale in [*state_dir.glob("arbiter-demo.db*"), file]:
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(state_dir / "audit-spool", ignore_errors=True)
+        return cls(
+            state_dir,
+            reused=bool(kept),
+            signing_key=str(kept.get("signing_key") or generate_key()[0]),
+            api_keys={str(k): v for k, v in cast(dict[object, object], keys).items() if isinstance(v, str)},
+        )
+
+    def save(self, api_keys: dict[str, str]) -> None:
+        self.api_keys = api_keys
+        _write_atomically(self.file, json.dumps({"signing_key": self.signing_key, "api_keys": api_keys}))
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -190,6 +261,7 @@ Arbiter demo is running (SQLite, demo upstreams 'kb' and 'crm', policy: {DEMO_PO
   MCP endpoint   {mcp_url}
   Admin API      {info["admin_url"]}   (OpenAPI: {info["admin_url"]}/openapi.json)
   Credentials    {info_file}: an API key per demo role (support-agent, auditor, security-admin)
+  State          {info["state_dir"]}, kept between runs (`arbiter demo --reset` starts over)
   Audit log      {info["admin_url"]}/audit/events (auditor key); verify: {info["admin_url"]}/audit/verify
 
 Run the example LangChain agent as the support agent (in another terminal):

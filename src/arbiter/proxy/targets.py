@@ -13,12 +13,13 @@ from arbiter.errors import UnknownTarget
 RESOURCE_NOT_FOUND = -32002
 
 
-def not_found(method: str, exposed: str) -> UnknownTarget:
-    """Exactly what is answered for a target that does not exist (and so for one the caller may not see)."""
+def not_found(method: str, exposed: str, *, hidden: bool = False) -> UnknownTarget:
+    """Exactly what is answered for a target that does not exist (and so for one the caller may not see:
+    ``hidden``, which changes only what is recorded, never the answer)."""
     if method == "resources/read":
-        return UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND)
+        return UnknownTarget(f"Resource not found: {exposed}", RESOURCE_NOT_FOUND, hidden=hidden)
     kind = "tool" if method == "tools/call" else "prompt"
-    return UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS)
+    return UnknownTarget(f"Unknown {kind}: {exposed}", INVALID_PARAMS, hidden=hidden)
 
 
 def completed_method(params: Mapping[str, Any]) -> str:

@@ -18,6 +18,8 @@ def verdict(error: BaseException | None) -> tuple[Decision, str]:
     """(decision, reason) of a request that ended with ``error``; None: it was answered."""
     if error is None:
         return "allow", "allowed"
+    if isinstance(error, UnknownTarget):  # a hidden target is recorded as the denial it is
+        return "deny", error.audit_reason
     if isinstance(error, ArbiterError):
         return ("deny" if refused(error) else "allow"), error.code
     if isinstance(error, MCPError):  # the upstream's own JSON-RPC error

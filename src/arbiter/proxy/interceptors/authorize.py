@@ -68,7 +68,7 @@ class Authorize:
             decision = engine.decide(sub, obj, use, ctx.arguments)
             ctx.decision = decision  # the audit record tells auditors the truth
             if not engine.visible(sub, obj, use):
-                raise not_found(like, ctx.exposed)
+                raise not_found(like, ctx.exposed, hidden=True)
             if not decision.allowed:
                 raise PolicyDenied(
                     f"the policy does not allow you to {use} {ctx.exposed}", policy_version=engine.version
