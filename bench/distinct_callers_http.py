@@ -111,7 +111,8 @@ def main() -> None:
                 base_url=f"http://{HOST}:{arb_port}/admin/v1", headers=admin, timeout=30
             ) as http:
                 http.post(
-                    "/upstreams", json={"name": "crm", "url": f"http://{HOST}:{up_port}/mcp"}
+                    "/upstreams",
+                    json={"name": "crm", "url": f"http://{HOST}:{up_port}/mcp", "auto_approve": True},
                 ).raise_for_status()
                 http.post(
                     "/policies/import",

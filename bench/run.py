@@ -71,6 +71,7 @@ from targets import (
     ARBITER_MIN,
     ARBITER_PG,
     ARBITER_TRACED,
+    ARBITER_UNCONFIRMED,
     CONTEXTFORGE_VENV,
     FASTMCP_VENV,
     Cleanup,
@@ -100,6 +101,7 @@ TARGETS = (
     "arbiter-gov-jwt",
     "arbiter-pg",
     "arbiter-traced",
+    "arbiter-unconfirmed",
 )
 ALIASES = {
     "all": TARGETS,
@@ -126,6 +128,7 @@ SETUPS = (
     Setup(("arbiter-gov", "arbiter-gov-jwt"), lambda ctx, c: setup_arbiter(ctx, ARBITER_GOV, c)),
     Setup(("arbiter-pg",), lambda ctx, c: setup_arbiter(ctx, ARBITER_PG, c)),
     Setup(("arbiter-traced",), lambda ctx, c: setup_arbiter(ctx, ARBITER_TRACED, c)),
+    Setup(("arbiter-unconfirmed",), lambda ctx, c: setup_arbiter(ctx, ARBITER_UNCONFIRMED, c)),
 )
 
 

@@ -275,12 +275,16 @@ class ArbiterSpec:
     governed: bool  # all governance on: 17-rule policy, rate rule, cost, budget, signed audit, JWT too
     postgres: bool  # PostgreSQL + Redis instead of SQLite and in-process limits
     traced: bool = False  # OpenTelemetry traces on, exported over OTLP/HTTP to a sink that drops them
+    # audit.confirm_before_answer (on by default): an answer waits until its audit record is stored.
+    # Off here only to measure what that durability costs (docs/performance.md).
+    confirm: bool = True
 
 
 ARBITER_MIN = ArbiterSpec("arbiter-min", governed=False, postgres=False)
 ARBITER_GOV = ArbiterSpec("arbiter-gov", governed=True, postgres=False)
 ARBITER_PG = ArbiterSpec("arbiter-pg", governed=True, postgres=True)
 ARBITER_TRACED = ArbiterSpec("arbiter-traced", governed=True, postgres=False, traced=True)
+ARBITER_UNCONFIRMED = ArbiterSpec("arbiter-unconfirmed", governed=True, postgres=False, confirm=False)
 
 
 def _signing_key() -> str:
@@ -377,6 +381,8 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
             "ARBITER_AUDIT__SIGNING_KEY": _signing_key(),
             "ARBITER_AUTH__ISSUERS": json.dumps([{"issuer": ctx.jwks.issuer, "jwks_uri": ctx.jwks.url}]),
         }
+    if not spec.confirm:
+        env["ARBITER_AUDIT__CONFIRM_BEFORE_ANSWER"] = "false"
     if spec.traced:
         (sink_port,) = free_ports(1)
         sink = ctx.fleet.start(
@@ -403,7 +409,8 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
                 raise BenchError(f"{spec.name}: POST {path} answered {resp.status_code}: {resp.text[:500]}")
             return resp.json()
 
-        up = post("/upstreams", json={"name": UPSTREAM_NAME, "url": ctx.upstream_url})
+        # The bench measures calls, not reviews: its own upstream's tools are approved as discovered.
+        up = post("/upstreams", json={"name": UPSTREAM_NAME, "url": ctx.upstream_url, "auto_approve": True})
         if up.get("catalog", {}).get("tools", 0) < 100:
             raise BenchError(f"{spec.name}: the upstream's catalog is {up.get('catalog')}, not 100 tools")
         policy = DEMO_POLICY.read_text(encoding="utf-8") + GOVERNED_RULES if spec.governed else MINIMAL_POLICY
@@ -428,8 +435,10 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
     label = f"Arbiter, all governance on, API key, {store}"
     if spec.traced:
         label += ", traces exported (OTLP)"
+    if not spec.confirm:
+        label += ", answers not waiting for their audit record"
     targets = [Target(spec.name, label, resource, tool, proc, key, admin=admin)]
-    if not spec.postgres and not spec.traced:
+    if not spec.postgres and not spec.traced and spec.confirm:
         jwt = ctx.jwks.mint(resource, "agent-1", [AGENT_ROLE], TENANT)
         label = f"Arbiter, all governance on, JWT, {store}"
         targets.append(Target(f"{spec.name}-jwt", label, resource, tool, proc, jwt, admin=admin))
