@@ -1,0 +1,216 @@
+"""Response bodies of the policies, limits, usage and audit endpoints, so the OpenAPI document (and
+clients generated from it) know their shape. The handlers build plain dicts (they also go into the
+audit log as a change's before/after); FastAPI checks them against these models on the way out.
+
+The audit models allow extra fields: their content comes from the audit package, which may add one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from arbiter.admin.types import UtcDateTime
+from arbiter.limits.rules import BudgetPeriod, Dimension, RatePeriod
+from arbiter.policies.engine import Reason
+
+# --- policies -----------------------------------------------------------------------------------------
+
+
+class PolicyRuleOut(BaseModel):
+    """A stored rule: ``p`` rules have subject…condition, ``g`` role links member, role and tenant."""
+
+    id: int
+    type: Literal["p", "g"]
+    subject: str | None = None
+    tenant: str
+    object: str | None = None
+    action: str | None = None
+    effect: Literal["allow", "deny"] | None = None
+    condition: str | None = None
+    member: str | None = None
+    role: str | None = None
+    csv: str = Field(description="The rule as a line of the Casbin CSV")
+
+
+class PolicyOut(BaseModel):
+    version: int = Field(description="Bumped by every change; give it as expected_version to replace")
+    rules: list[PolicyRuleOut]
+    warnings: list[str] | None = Field(
+        default=None,
+        description="Changes only: rules naming an upstream, tool, prompt or admin area that does not "
+        "exist (accepted all the same: it may come later)",
+    )
+
+
+class PolicyDecisionOut(BaseModel):
+    allowed: bool
+    decision: Literal["allow", "deny"]
+    reason: Reason
+    rule: str | None = Field(description="The rule that decided, as CSV")
+    policy_version: int
+
+
+class PolicyExplainOut(PolicyDecisionOut):
+    object: str
+    visible: bool | None = Field(description="Whether the caller would see it listed (call/read/get)")
+    warnings: list[str] = Field(
+        default_factory=list[str], description="Roles no rule mentions, with the nearest one that is"
+    )
+
+
+class DryRunCaseOut(PolicyDecisionOut):
+    line: int
+    ok: bool
+    expected: str
+
+
+class DryRunOut(BaseModel):
+    policy: Literal["live", "candidate"]
+    policy_version: int = Field(description="-1 for a candidate: it has no version until applied")
+    passed: int
+    failed: int
+    results: list[DryRunCaseOut]
+
+
+# --- limits, budgets, tool costs ---------------------------------------------------------------------
+
+
+class _MatchingOut(BaseModel):
+    id: int
+    subject: str
+    role: str
+    tenant: str
+    upstream: str
+    tool: str
+    per: list[Dimension]
+    description: str
+    updated_at: UtcDateTime
+    updated_by: str | None
+
+
+class LimitRuleOut(_MatchingOut):
+    limit: int
+    period: RatePeriod
+    burst: int
+
+
+class BudgetRuleOut(_MatchingOut):
+    limit: float
+    period: BudgetPeriod
+
+
+class ToolCostOut(BaseModel):
+    id: int
+    tool: str
+    cost: float | None
+    loop_max_repeats: int | None
+    loop_window_s: float | None
+    updated_at: UtcDateTime
+    updated_by: str | None
+
+
+class RateLimitsOut(BaseModel):
+    version: int
+    rules: list[LimitRuleOut]
+
+
+class BudgetsOut(BaseModel):
+    version: int
+    budgets: list[BudgetRuleOut]
+
+
+class ToolCostsOut(BaseModel):
+    version: int
+    default_cost: float
+    costs: list[ToolCostOut]
+
+
+class LoopOut(BaseModel):
+    max_repeats: int | None
+    window_s: float | None
+
+
+class LimitsExplainOut(BaseModel):
+    version: int
+    rules: list[int] = Field(description="Ids of the rate limit rules that apply")
+    budgets: list[int] = Field(description="Ids of the budgets that apply")
+    cost: float
+    loop: LoopOut
+
+
+class UsageRowOut(BaseModel):
+    """One group's use; only the grouped dimensions are present."""
+
+    principal: str | None = None
+    tenant: str | None = None
+    upstream: str | None = None
+    tool: str | None = None
+    calls: int
+    limited: int
+    cost: float
+
+
+class UsageOut(BaseModel):
+    period: BudgetPeriod
+    start: UtcDateTime
+    end: UtcDateTime
+    group_by: list[Dimension]
+    rows: list[UsageRowOut]
+    totals: UsageRowOut
+
+
+# --- audit --------------------------------------------------------------------------------------------
+
+
+class VerifyProblemOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seq: int | None
+    kind: str
+    message: str
+
+
+class CheckpointCountsOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    valid: int
+    unsigned: int
+    invalid: int
+    unchecked: int
+    last_signed_seq: int | None
+
+
+class AuditVerifyOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ok: bool
+    records: int
+    first_seq: int | None
+    last_seq: int | None
+    first_broken: VerifyProblemOut | None
+    problems: list[VerifyProblemOut]
+    problem_count: int
+    checkpoints: CheckpointCountsOut
+    signatures_checked: bool
+    head_seq: int
+    anchor_seq: int | None
+    key_ids: list[str]
+    verified_at: str = Field(description="RFC 3339 UTC, milliseconds, Z")
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seq: int
+    hash: str
+    ts_ms: int
+    ts: str = Field(description="RFC 3339 UTC, milliseconds, Z")
+    kind: str
+    key_id: str
+    signature: str
+    signature_valid: bool
+
+
+class CheckpointsPage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    checkpoints: list[CheckpointOut]
+    next_cursor: str | None
+    key_ids: list[str]
