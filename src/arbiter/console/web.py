@@ -1,0 +1,207 @@
+"""What every console page shares: the signed-in viewer, rights, CSRF, templates and security headers."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from arbiter.audit.events import forbidden_event
+from arbiter.auth.principal import Principal
+from arbiter.console.sessions import Session, SessionStore
+from arbiter.errors import ArbiterError, Forbidden
+from arbiter.policies.admin_rights import is_security_admin, may_admin
+from arbiter.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/console"
+COOKIE = "arbiter_console"
+LOGIN_COOKIE = "arbiter_console_login"  # the login form's CSRF token, before there is a session
+
+CSP = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self'",
+        "base-uri 'none'",
+        "object-src 'none'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+    ]
+)
+HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    # Pages show audit records and key metadata: never kept by a shared cache or the back button.
+    "cache-control": "no-store",
+}
+
+
+class LoginRequired(Exception):
+    """No live session: the route answers with a redirect to the login page (not an error)."""
+
+
+def _environment() -> Environment:
+    # Autoescaping everywhere: tool names, descriptions and schemas are attacker-controlled text.
+    env = Environment(
+        loader=PackageLoader("arbiter.console", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env
+
+
+@dataclass
+class ConsoleState:
+    sessions: SessionStore
+    templates: Environment
+
+
+def state(request: Request) -> ConsoleState:
+    found: ConsoleState = request.app.state.console
+    return found
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def new_state(idle_timeout_s: float, max_sessions: int) -> ConsoleState:
+    return ConsoleState(SessionStore(idle_timeout_s, max_sessions), _environment())
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """The signed-in person, and what they may do (the same decision as /admin/v1's)."""
+
+    session: Session
+    rt: Runtime
+
+    @property
+    def principal(self) -> Principal:
+        return self.session.principal
+
+    def may(self, area: str, action: str = "admin:read") -> bool:
+        return may_admin(self.principal, area, action, self.rt.settings.auth, self.rt.policy.engine)
+
+    @property
+    def security_admin(self) -> bool:
+        return is_security_admin(self.principal, self.rt.settings.auth)
+
+    def need(self, request: Request, area: str, action: str = "admin:read") -> None:
+        if not self.may(area, action):
+            self.refuse(request, Forbidden(f"the policy does not allow {action} on admin/{area}"))
+
+    def need_security_admin(self, request: Request) -> None:
+        if not self.security_admin:
+            self.refuse(request, Forbidden("only a security admin may do this"))
+
+    def refuse(self, request: Request, refused: Forbidden) -> None:
+        where = f"{request.method} {request.url.path}"
+        self.rt.audit.offer(forbidden_event(refused, self.principal, request.scope, where))
+        raise refused
+
+
+def viewer(request: Request) -> Viewer:
+    """The live session's viewer; ``LoginRequired`` without one, or once its API key is revoked."""
+    console, rt = state(request), runtime(request)
+    session = console.sessions.get(request.cookies.get(COOKIE))
+    if session is None:
+        raise LoginRequired
+    current = rt.keys.current(session.principal)  # a revoked or expired key ends its sessions
+    if current is None:
+        console.sessions.end(session.id)
+        raise LoginRequired
+    session.principal = current
+    return Viewer(session, rt)
+
+
+async def form_viewer(request: Request) -> Viewer:
+    """The viewer of a form post, whose CSRF token must match the session's (403 otherwise)."""
+    who = viewer(request)
+    form = await request.form()
+    token = form.get("csrf")
+    if not who.session.csrf_ok(token if isinstance(token, str) else None):
+        who.refuse(request, Forbidden("the form's CSRF token is missing or wrong; reload the page"))
+    return who
+
+
+def secure_cookie(request: Request) -> bool:
+    """Secure cookies, except over plain HTTP on loopback (a local demo has no TLS)."""
+    if request.url.scheme == "https" or request.client is None:
+        return True
+    try:
+        return not ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return True
+
+
+def render(
+    request: Request,
+    template: str,
+    who: Viewer | None,
+    status_code: int = 200,
+    **context: Any,
+) -> HTMLResponse:
+    env = state(request).templates
+    flash = list(who.session.flash) if who is not None else []
+    if who is not None:
+        who.session.flash.clear()
+    html = env.get_template(template).render(
+        viewer=who, prefix=PREFIX, flash=flash, path=request.url.path, **context
+    )
+    return HTMLResponse(html, status_code=status_code)
+
+
+def redirect(path: str) -> RedirectResponse:
+    return RedirectResponse(f"{PREFIX}{path}", status_code=303)
+
+
+class ConsoleRoute(APIRoute):
+    """Every console response gets the security headers; errors become pages, not JSON."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except LoginRequired:
+                response = redirect("/login")
+            except ArbiterError as exc:
+                response = _error_page(request, exc.http_status, exc.message)
+            except RequestValidationError as exc:
+                # Without the input: a mistyped key pasted into a form would be echoed.
+                fields = ", ".join(str(e.get("loc", ("?",))[-1]) for e in exc.errors())
+                response = _error_page(request, 400, f"the form is not valid ({fields})")
+            response.headers.update(HEADERS)
+            return response
+
+        return route
+
+
+def _error_page(request: Request, status_code: int, message: str) -> HTMLResponse:
+    try:
+        who: Viewer | None = viewer(request)
+    except LoginRequired:
+        who = None
+    return render(request, "error.html", who, status_code, code=status_code, message=message)
+
+
+def query_text(params: Mapping[str, str], name: str) -> str:
+    return params.get(name, "").strip()
