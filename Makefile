@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo demo-reset test check lint typecheck format bench bench-quick bench-soak bench-peers clean helm-tools
+.PHONY: venv demo demo-reset test check lint typecheck format bench bench-quick bench-soak bench-peers clean helm-tools browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +108,19 @@ $(HELM):
 	$@ version --short
 
 helm-tools: $(STAMP) $(HELM)
+
+# The console's browser tests (tests/console run this when a piece is missing): Chromium from Debian and
+# Playwright from PyPI (the dev extra). Playwright's own browser download is never used: the tests point it
+# at $(CHROMIUM). Installing the package needs root (as in CI containers) or sudo.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@test -x $(PY) || $(MAKE) --no-print-directory venv
+	@test -x $(CHROMIUM) || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	@$(PY) -c 'import playwright' 2>/dev/null || $(PY) -m pip install --quiet 'playwright>=1.50'
+	@$(CHROMIUM) --version
 
 clean:
 	rm -rf $(VENV) .cache .arbiter-demo demo-info.json .pytest_cache .ruff_cache $(PEERS)

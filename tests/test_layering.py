@@ -47,7 +47,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("integrity", frozenset({"integrity"})),
     ("proxy", frozenset({"proxy"})),
     ("runtime", frozenset({"runtime"})),
-    ("surface", frozenset({"admin", "probes", "wellknown", "metrics_route"})),
+    ("surface", frozenset({"admin", "console", "probes", "wellknown", "metrics_route"})),
     ("app", frozenset({"app", "serving", "migrations"})),
     ("demo", frozenset({"demo"})),
     ("cli", frozenset({"cli"})),

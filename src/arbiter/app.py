@@ -21,8 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
 
 from arbiter import probes, wellknown
+from arbiter.admin import access as admin_access
 from arbiter.admin import api_keys as admin_keys
 from arbiter.admin import audit as admin_audit
+from arbiter.admin import definitions as admin_definitions
 from arbiter.admin import errors as admin_errors
 from arbiter.admin import limits as admin_limits
 from arbiter.admin import openapi as admin_openapi
@@ -30,7 +32,7 @@ from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
 from arbiter.admission import Admission
 from arbiter.audit.events import record_policy_change
-from arbiter.audit.record import renderer_for
+from arbiter.audit.record import Event, renderer_for
 from arbiter.audit.redact import Redactor
 from arbiter.audit.retention import run_retention
 from arbiter.audit.signing import Signer, hmac_key
@@ -39,9 +41,14 @@ from arbiter.audit.writer import AuditWriter
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.authenticator import Authenticator, resource_url
 from arbiter.auth.jwt import JwtVerifier
+from arbiter.auth.key_feed import KeyFeed
 from arbiter.auth.outbound import Outbound
 from arbiter.auth.secrets import SecretBox
-from arbiter.errors import ArbiterError
+from arbiter.console.router import install as install_console
+from arbiter.errors import ArbiterError, AuditUnavailable
+from arbiter.integrity.arguments import ArgumentGuard
+from arbiter.integrity.results import ResultGuard
+from arbiter.integrity.scan import load_rules
 from arbiter.limits.factory import build_limiter, build_redis
 from arbiter.limits.store import LimitStore
 from arbiter.metrics_route import metrics_router
@@ -54,17 +61,22 @@ from arbiter.proxy.front import ModernFront
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
+from arbiter.proxy.interceptors.guard_arguments import GuardArguments
+from arbiter.proxy.interceptors.guard_result import GuardResult
 from arbiter.proxy.interceptors.input_rounds import InputRounds
+from arbiter.proxy.interceptors.integrity import Integrity
 from arbiter.proxy.interceptors.limits import Limits
 from arbiter.proxy.interceptors.metrics import ClientMetrics, ServerMetrics
 from arbiter.proxy.interceptors.resolve import Resolve
 from arbiter.proxy.interceptors.tracing import traced
+from arbiter.proxy.judge import DefinitionScan
 from arbiter.proxy.listeners import install as install_listeners
 from arbiter.proxy.notifications import NotificationHub
 from arbiter.proxy.pipeline import Interceptor, Pipeline
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.registry import UpstreamRegistry
 from arbiter.proxy.request_state import RequestStateSeal
+from arbiter.proxy.reviews import arrival_events
 from arbiter.proxy.server import build_mcp_server
 from arbiter.proxy.upstream_watch import UpstreamWatch
 from arbiter.runtime import Runtime
@@ -127,6 +139,16 @@ class ArbiterApp(FastAPI):
                 await admin_errors.internal_error_response()(scope, receive, send)
 
 
+def _argument_guard(settings: Settings) -> ArgumentGuard:
+    guard = settings.integrity.arguments
+    return ArgumentGuard(guard, settings.audit.redact.patterns)
+
+
+def _result_guard(settings: Settings) -> ResultGuard:
+    integrity = settings.integrity
+    return ResultGuard(integrity.results, settings.audit.redact.patterns, integrity.arguments.validator_cache)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -163,8 +185,17 @@ def create_app(
     )
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
+    audit = _audit_writer(settings, engine)
     registry = UpstreamRegistry(
-        sessions, pool, catalog, settings.upstream, settings.upstreams, box=secret_box
+        sessions,
+        pool,
+        catalog,
+        settings.upstream,
+        settings.upstreams,
+        box=secret_box,
+        judge=DefinitionScan(load_rules(settings.integrity.scan_rules_files)),
+        on_arrivals=lambda upstream, arrivals: _record(audit, arrival_events(upstream, arrivals)),
+        auto_approve_default=settings.integrity.auto_approve_default,
     )
     keys = ApiKeys(sessions)
     jwt = _jwt_verifier(settings)
@@ -173,7 +204,10 @@ def create_app(
     # closes it. Built only with a URL: without Redis everything runs in process.
     redis = build_redis(settings.redis_url, settings.limits.redis_timeout_s) if settings.redis_url else None
     policy = LivePolicy(PolicyStore(sessions, record_policy_change), settings.policy, redis)
-    audit = _audit_writer(settings, engine)
+    # Key creations and revocations reach the other replicas at once through Redis (auth/key_feed.py).
+    key_feed = KeyFeed(keys, redis, f"{settings.policy.redis_channel}:api-keys") if redis else None
+    if key_feed is not None:
+        keys.on_change = key_feed.changed
     limiter = build_limiter(settings.limits, LimitStore(sessions), redis, clock)
     authorize = Authorize(policy)
     metrics = _metrics(settings, audit, policy, pool)  # None: telemetry.metrics is off
@@ -192,13 +226,16 @@ def create_app(
             Audit(audit),
             Resolve(catalog),
             authorize,
+            Integrity(),
             InputRounds(
                 _request_state_seal(settings),
                 max_rounds=settings.mcp.input_rounds_max,
                 answer_timeout_s=settings.mcp.request_state_ttl_s,  # each question put to the agent
             ),
+            GuardArguments(_argument_guard(settings)),
             Limits(limiter),
             *interceptors,
+            GuardResult(_result_guard(settings)),
             *([ClientMetrics(metrics)] if metrics is not None else []),
             Forward(catalog, pool),
         ],
@@ -264,6 +301,8 @@ def create_app(
                             tg.start_soon(notifications[1].run, stopping)
                         tg.start_soon(_guarded, registry.discover_new, "start-up discovery")
                         tg.start_soon(policy.run, stopping)
+                        if key_feed is not None:
+                            tg.start_soon(key_feed.run, stopping)
                         tg.start_soon(limiter.run, stopping)
                         tg.start_soon(_maintain, runtime, stopping)
                         yield
@@ -306,8 +345,10 @@ def create_app(
     app.admission = app.state.admission = Admission(max_in_flight=mcp_cfg.max_in_flight)
     app.admission.listen_streams = notifications is not None
     app.include_router(admin_upstreams.router, prefix="/admin/v1", tags=["upstreams"])
+    app.include_router(admin_definitions.router, prefix="/admin/v1", tags=["definitions"])
     app.include_router(admin_keys.router, prefix="/admin/v1", tags=["api-keys"])
     app.include_router(admin_policies.router, prefix="/admin/v1", tags=["policies"])
+    app.include_router(admin_access.router, prefix="/admin/v1", tags=["access"])
     app.include_router(admin_audit.router, prefix="/admin/v1", tags=["audit"])
     app.include_router(admin_limits.router, prefix="/admin/v1", tags=["limits"])
     app.include_router(admin_openapi.router, prefix="/admin/v1")
@@ -315,6 +356,8 @@ def create_app(
     if metrics is not None:
         app.include_router(metrics_router(metrics, settings.telemetry.metrics_token))
     app.include_router(wellknown.router)
+    if settings.console.enabled:
+        install_console(app, settings.console)  # /console (docs/console.md)
     app.mcp_endpoint = McpEndpoint(
         manager,
         max_body_bytes=mcp_cfg.max_body_bytes,
@@ -445,6 +488,18 @@ async def _maintain(runtime: Runtime, stopping: anyio.Event) -> None:
         await _guarded(keys.flush_usage, "recording API key use")
         if refresh.due() and policy.catalog_refresh_interval_s:  # 0: never
             await _guarded(registry.refresh_all, "catalog refresh")
+
+
+def _record(audit: AuditWriter, events: Sequence[Event]) -> None:
+    """Background findings (a definition quarantined, pending or flagged): recorded when the log has
+    room; the definition is held all the same when it has not, so nothing unsafe follows from a loss."""
+    for event in events:
+        try:
+            audit.reserve()
+        except AuditUnavailable:
+            log.warning("audit: could not record %s of %s", event.method, event.tool)
+            continue
+        audit.submit(event)
 
 
 async def _guarded(work: Callable[[], Awaitable[None]], what: str) -> None:

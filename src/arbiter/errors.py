@@ -250,6 +250,63 @@ class InputUnavailable(RequestRejected):
     jsonrpc_code = -31030
 
 
+class ToolQuarantined(RequestRejected):
+    """The upstream offers this tool, prompt or resource template, but not a definition a security admin
+    approved: new and pending review, changed since it was approved (quarantined), rejected, or disabled.
+    Refused before anything is forwarded; ``status`` says which (docs/integrity.md)."""
+
+    code = "tool_quarantined"
+    jsonrpc_code = -31045
+
+
+class InvalidArguments(RequestRejected):
+    """A tool call's arguments do not validate against the tool's pinned input schema, or exceed the
+    argument guard's depth or size caps; ``errors`` name the path and the failed keyword, never a value."""
+
+    code = "invalid_arguments"
+    http_status = 400
+    jsonrpc_code = -31040
+
+
+class SensitiveArgument(RequestRejected):
+    """A deny rule of the argument guard found a secret (or other data it names) in the arguments;
+    ``detectors`` and ``paths`` say which and where, never what."""
+
+    code = "sensitive_argument"
+    http_status = 403
+    jsonrpc_code = -31041
+
+
+class InvalidToolSchema(RequestRejected):
+    """The tool's own input (or output) schema is not a valid JSON Schema, or refers to a document
+    Arbiter will not fetch (a remote ``$ref``): the call is refused rather than forwarded unchecked."""
+
+    code = "invalid_tool_schema"
+    http_status = 502
+    jsonrpc_code = -31042
+
+
+class ResultTooLarge(RequestRejected):
+    """The upstream's answer exceeds ``integrity.results.max_bytes``; Arbiter stopped reading it.
+    ``partial`` (never on the wire) holds what was read, for truncation."""
+
+    code = "result_too_large"
+    http_status = 502
+    jsonrpc_code = -31043
+
+    def __init__(self, message: str, partial: bytes | bytearray = b"", **details: object) -> None:
+        super().__init__(message, **details)
+        self.partial = partial
+
+
+class InvalidResult(RequestRejected):
+    """The upstream's ``structuredContent`` does not validate against the tool's pinned output schema."""
+
+    code = "invalid_result"
+    http_status = 502
+    jsonrpc_code = -31044
+
+
 class SettingsInvalid(ConfigError):
     """``ARBITER_*`` variables or the config file name no setting, or give one a value it cannot take."""
 
@@ -277,3 +334,16 @@ class RedisUnreachable(StartupFailed):
 
 class JwksUnreachable(StartupFailed):
     code = "jwks_unreachable"
+
+
+class AdminApiRefused(ArbiterError):
+    """The CLI's call to a running Arbiter's admin API was answered with an error; the message is
+    the server's own (``error.code`` and ``message``), on one line."""
+
+    code = "admin_api_refused"
+
+
+class AdminApiUnreachable(ArbiterError):
+    """The CLI could not reach the admin API (nothing listens at ``--url``, TLS, a timeout)."""
+
+    code = "admin_api_unreachable"

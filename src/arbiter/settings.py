@@ -149,6 +149,10 @@ class UpstreamFields(BaseModel):
     # Another upstream serving the same tools (a replica, a second region): calls go there while this
     # one's circuit is open or when a call fails before it reached this upstream (docs/resilience.md).
     fallback: str | None = Field(default=None, examples=["crm-replica"])
+    # Integrity (docs/integrity.md): approve this upstream's new definitions without a review, unless a
+    # scan flags them (a changed definition is quarantined all the same). Unset: the setting
+    # integrity.auto_approve_default.
+    auto_approve: bool | None = None
 
     @field_validator("name")
     @classmethod
@@ -485,6 +489,67 @@ class RedactSettings(BaseModel):
         return v
 
 
+# The detectors that find credentials (rather than personal data): what the guards act on by default.
+SECRET_DETECTORS = ("private_key", "jwt", "bearer", "url_password", "api_key", "credential")
+
+
+class ArgumentRule(BaseModel):
+    """Detectors applied to the arguments of the tools (exposed-name globs) called by the roles (any
+    role when empty): ``deny`` refuses the call (``sensitive_argument``), ``redact`` forwards it with
+    each match replaced by ``[REDACTED:<detector>]``. Detector names: ``REDACT_DETECTORS`` or the names
+    of ``audit.redact.patterns``."""
+
+    tools: list[str] = Field(default_factory=lambda: ["*"])
+    roles: list[str] = Field(default_factory=list[str])
+    detectors: list[str] = Field(min_length=1)
+    action: Literal["deny", "redact"] = "deny"
+
+
+class ArgumentGuardSettings(BaseModel):
+    """Checks on a call's arguments before anything is forwarded (see docs/integrity.md)."""
+
+    # Validate against the pinned input schema (jsonschema; no network $ref resolution).
+    validate_schema: bool = True
+    # Arguments nested deeper, or larger as JSON, than this are refused without validating them.
+    max_depth: int = Field(default=32, gt=0, le=1000)
+    max_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Compiled validators kept, per (exposed tool, schema digest); the least recently used go first.
+    validator_cache: int = Field(default=1024, gt=0)
+    # Value detectors on argument strings, per tool and role (see ArgumentRule); every matching rule
+    # applies. The default denies secrets to every tool; PII passes (the audit record redacts it).
+    rules: list[ArgumentRule] = Field(
+        default_factory=lambda: [ArgumentRule(detectors=list(SECRET_DETECTORS), action="deny")]
+    )
+
+
+class ResultGuardSettings(BaseModel):
+    """Checks on what an upstream answers before it reaches the agent (see docs/integrity.md)."""
+
+    # A result larger than this is refused (or cut to it, ``on_oversize: truncate``); Arbiter never
+    # holds more than this of one answer in memory.
+    max_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    on_oversize: Literal["refuse", "truncate"] = "refuse"
+    # Secrets found in text content are replaced by [REDACTED:<detector>] before the agent sees them.
+    redact_secrets: bool = True
+    # Which detectors (``REDACT_DETECTORS`` or ``audit.redact`` pattern names). Detectors without a
+    # trigger substring (card, iban, operators' patterns) make every result take the slow path.
+    detectors: list[str] = Field(default_factory=lambda: list(SECRET_DETECTORS))
+    # structuredContent is checked against the pinned outputSchema when the tool declares one.
+    validate_output_schema: bool = True
+
+
+class IntegritySettings(BaseModel):
+    """Tool integrity: pinned and approved definitions, the poisoning scan, argument and result guards."""
+
+    # Whether an upstream registered without saying so approves its new, unflagged definitions itself.
+    auto_approve_default: bool = False
+    # Operators' own poisoning-scan rules (TOML files in the format of integrity/poisoning_rules.toml),
+    # added to the built-in ones.
+    scan_rules_files: list[Path] = Field(default_factory=list[Path])
+    arguments: ArgumentGuardSettings = Field(default_factory=ArgumentGuardSettings)
+    results: ResultGuardSettings = Field(default_factory=ResultGuardSettings)
+
+
 class AuditSettings(BaseModel):
     """The audit log (see docs/audit.md)."""
 
@@ -497,6 +562,10 @@ class AuditSettings(BaseModel):
     batch_max: int = Field(default=500, gt=0, le=5000)
     # Records reach the store at most this long after their request was answered.
     flush_interval_s: float = Field(default=0.2, gt=0, le=1.0)
+    # Answer a request only once its record is stored (or spooled): a replica killed (SIGKILL, OOM) has
+    # lost no record of a call it answered. Costs one store write per call's latency (writes are shared
+    # by the calls in flight). Off: records are stored within flush_interval_s after the answer.
+    confirm_before_answer: bool = True
     retry_interval_s: float = Field(default=1.0, gt=0, le=60)
     # How long a stopping Arbiter spends storing what is queued before spooling the rest to disk.
     drain_timeout_s: float = Field(default=10.0, gt=0)
@@ -577,6 +646,16 @@ class TelemetrySettings(BaseModel):
     metrics_public: bool = False
 
 
+class ConsoleSettings(BaseModel):
+    """The web console at /console (docs/console.md)."""
+
+    enabled: bool = True
+    # A session not used for this long is gone: the person logs in again.
+    idle_timeout_s: int = Field(default=900, ge=60, le=86400)
+    # Sessions are held in this process's memory (lost on restart, one replica's own): at most this many.
+    max_sessions: int = Field(default=1000, ge=1, le=100_000)
+
+
 class Settings(BaseSettings):
     """Arbiter's configuration: environment ``ARBITER_*`` over an optional YAML/JSON config file."""
 
@@ -615,8 +694,10 @@ class Settings(BaseSettings):
     upstreams: list[UpstreamConfig] = Field(default_factory=list[UpstreamConfig])
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    integrity: IntegritySettings = Field(default_factory=IntegritySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     # Skip the "database is at head" check; only for tools that manage the schema themselves.
     check_schema: bool = True
 

@@ -20,9 +20,12 @@ from pydantic import BaseModel, ValidationError
 from arbiter.settings import Settings
 
 PREFIX = "ARBITER_"
-# ARBITER_* names that are not Arbiter's settings: the example agents' bearer token, and the test and
-# benchmark harnesses' own switches. Anything else under the prefix must be a setting.
-NOT_SETTINGS = frozenset({"ARBITER_TOKEN", "ARBITER_REQUIRE_SERVICES", "ARBITER_FUZZ_EXAMPLES"})
+# ARBITER_* names that are not Arbiter's settings: the bearer token of the example agents and of the
+# CLI's admin commands, the admin commands' server URL, and the test and benchmark harnesses' own
+# switches. Anything else under the prefix must be a setting.
+NOT_SETTINGS = frozenset(
+    {"ARBITER_TOKEN", "ARBITER_URL", "ARBITER_REQUIRE_SERVICES", "ARBITER_FUZZ_EXAMPLES"}
+)
 NOT_SETTINGS_PREFIXES = ("ARBITER_TEST_", "ARBITER_BENCH_")
 
 

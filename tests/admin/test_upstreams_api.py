@@ -116,7 +116,9 @@ def test_validation_errors_are_422_with_the_field(
     with server.admin() as admin:
         resp = admin.post("/upstreams", json=body)
     assert resp.status_code == 422, resp.text
-    assert field in [err["loc"][-1] for err in resp.json()["detail"]]
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_input"
+    assert field in [problem["loc"][-1] for problem in error["problems"]]
 
 
 @pytest.mark.parametrize(

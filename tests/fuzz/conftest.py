@@ -214,8 +214,16 @@ def make_server(tmp: Path, recorder: Recorder, **overrides: Any) -> ArbiterServe
     url = f"sqlite+aiosqlite:///{tmp / 'arbiter.db'}"
     schema.upgrade(url)
     audit = {"spool_dir": str(tmp / "audit-spool"), "flush_interval_s": 0.02, **overrides.pop("audit", {})}
+    # The fuzzers aim at the transport and the pipeline, not at reviews: tools are used as they come.
+    integrity = {"auto_approve_default": True, **overrides.pop("integrity", {})}
     settings_ = Settings(
-        **{"database_url": url, "admin_token": ADMIN_TOKEN, "audit": audit, **overrides}  # pyright: ignore[reportArgumentType]
+        **{
+            "database_url": url,
+            "admin_token": ADMIN_TOKEN,
+            "audit": audit,
+            "integrity": integrity,
+            **overrides,
+        }  # pyright: ignore[reportArgumentType]
     )
     server = ArbiterServer(settings_, [recorder]).start()
     server.seed_policy(POLICY)

@@ -205,6 +205,7 @@ def test_explain_answers_with_the_deciding_rule(arbiter_factory: ArbiterFactory)
             "policy_version": version,
             "object": "crm/delete_customer",
             "visible": False,
+            "warnings": [],
         }
         conditional = _explain(
             admin, subject="sam", roles=["support"], object="crm/create_ticket", args={"priority": "high"}

@@ -81,12 +81,17 @@ class TraceRecorder:
         await self.app(scope, replay_body(body, receive), send)
 
 
+FAIL = "please fail"
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[TraceRecorder, str]]:
     server = MCPServer("rec")
 
     @server.tool()
     def echo(text: str, password: str = "") -> str:
+        if text == FAIL:
+            raise ValueError("the tool itself failed")  # the SDK answers an isError result
         return text
 
     recorder = TraceRecorder(server.streamable_http_app(json_response=True, stateless_http=True))
@@ -284,8 +289,9 @@ def test_a_denied_call_names_its_trace_in_the_error_and_the_span(traced: Traced)
 
 
 def test_a_tool_error_result_is_error_type_tool_error(traced: Traced) -> None:
-    # The upstream's tool fails on a missing required argument: an isError result, not a refusal.
-    out = modern_call(traced.server, {}, header=AGENT_PARENT)
+    # The upstream's tool fails (valid arguments, so Arbiter's guard lets it through): an isError result
+    # from the tool, not a refusal by Arbiter.
+    out = modern_call(traced.server, {"text": FAIL}, header=AGENT_PARENT)
     assert out["result"]["isError"] is True, out
     attrs = dict(traced.server_span(AGENT_TRACE).attributes or {})
     assert attrs["error.type"] == "tool_error"

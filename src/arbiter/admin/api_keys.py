@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbiter.admin.deps import change, require, runtime
+from arbiter.admin.types import UtcDateTime
 from arbiter.audit.events import forbidden_event
 from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.principal import Principal
@@ -44,11 +45,11 @@ class ApiKeyOut(BaseModel):
     roles: list[str]
     tenant: str | None
     description: str | None
-    created_at: datetime
+    created_at: UtcDateTime
     created_by: str
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
+    expires_at: UtcDateTime | None
+    revoked_at: UtcDateTime | None
+    last_used_at: UtcDateTime | None
 
 
 class ApiKeyCreated(ApiKeyOut):
@@ -109,7 +110,8 @@ async def revoke_key(
     request: Request,
     store: ApiKeys = Depends(keys),  # noqa: B008
 ) -> Response:
-    """Revoke a key: refused at once by this replica, by the others within the maintenance interval."""
+    """Revoke a key: refused at once by this replica, by the others when Redis tells them (at once) or
+    within the maintenance interval without Redis."""
     async with change(request, caller, "api_key.revoke", key_id):
         await store.revoke(key_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from arbiter.admin.deps import require, runtime
+from arbiter.admin.outputs import AuditVerifyOut, CheckpointsPage
 from arbiter.audit.export import bundle_chunks, csv_chunks, jsonl_chunks, plan_bundle
 from arbiter.audit.query import (
     FILTERS,
@@ -73,10 +74,11 @@ class EventsPage(BaseModel):
     next_cursor: str | None
 
 
+_TEXT = {"schema": {"type": "string"}}
 _DOWNLOADS: dict[int | str, dict[str, object]] = {
     200: {
         "model": EventsPage,
-        "content": {_NDJSON: {}, "text/csv": {}},
+        "content": {_NDJSON: _TEXT, "text/csv": _TEXT},
         "description": "A page of records (JSON), or with format=jsonl|csv the whole result as a download",
     }
 }
@@ -108,7 +110,12 @@ async def list_events(
     return _download(rt, query, direction, fmt)
 
 
-@router.get("/audit/export", response_model=None, responses={200: {"content": {_NDJSON: {}, "text/csv": {}}}})
+@router.get(
+    "/audit/export",
+    response_model=None,
+    response_class=StreamingResponse,
+    responses={200: {"content": {_NDJSON: _TEXT, "text/csv": _TEXT}, "description": "A download"}},
+)
 async def export(
     request: Request,
     _: Auditor,
@@ -137,7 +144,7 @@ async def export(
     return _stream(bundle_chunks(rt.engine, plan), _NDJSON, name)
 
 
-@router.get("/audit/verify")
+@router.get("/audit/verify", response_model=AuditVerifyOut)
 async def verify(request: Request, _: Auditor, rt: Rt) -> dict[str, object]:
     """Check the whole chain (from the last purge's anchor) and every checkpoint's signature. Answers
     200 either way: ``ok`` is false, and ``first_broken`` names the record, when it does not verify."""
@@ -154,7 +161,7 @@ async def verify(request: Request, _: Auditor, rt: Rt) -> dict[str, object]:
     }
 
 
-@router.get("/audit/checkpoints")
+@router.get("/audit/checkpoints", response_model=CheckpointsPage)
 async def list_checkpoints(
     request: Request,
     _: Auditor,

@@ -18,7 +18,18 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from arbiter.admin.deps import change, require, runtime
+from arbiter.admin.outputs import (
+    BudgetRuleOut,
+    BudgetsOut,
+    LimitRuleOut,
+    LimitsExplainOut,
+    RateLimitsOut,
+    ToolCostOut,
+    ToolCostsOut,
+    UsageOut,
+)
 from arbiter.admin.params import RowId
+from arbiter.admin.types import utc_text
 from arbiter.audit.events import Change
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
@@ -98,7 +109,7 @@ class _Matching(BaseModel):
         }
 
 
-class RuleIn(_Matching):
+class RateLimitIn(_Matching):
     """A token bucket: ``limit`` calls per ``period``, bursts up to ``burst`` (default: ``limit``)."""
 
     limit: int = Field(gt=0, le=MAX_RATE, examples=[60])
@@ -147,7 +158,7 @@ class ToolCostIn(BaseModel):
         return self.model_dump()
 
 
-class ExplainIn(BaseModel):
+class LimitsExplainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     subject: str = Field(examples=["alice"])
     roles: list[str] = Field(default_factory=list[str])
@@ -165,7 +176,7 @@ def _matching_out(row: LimitRuleRow | BudgetRow) -> dict[str, Any]:
         "tool": row.tool,
         "per": [p for p in row.per.split(",") if p],
         "description": row.description,
-        "updated_at": row.updated_at.isoformat(),
+        "updated_at": utc_text(row.updated_at),
         "updated_by": row.updated_by,
     }
 
@@ -185,7 +196,7 @@ def cost_out(row: ToolCostRow) -> dict[str, Any]:
         "cost": row.cost,
         "loop_max_repeats": row.loop_max_repeats,
         "loop_window_s": row.loop_window_s,
-        "updated_at": row.updated_at.isoformat(),
+        "updated_at": utc_text(row.updated_at),
         "updated_by": row.updated_by,
     }
 
@@ -229,6 +240,8 @@ def _routes(
     model: type[Row],
     body: type[BaseModel],
     out: Callable[[Row], dict[str, Any]],
+    item_out: type[BaseModel],
+    list_out: type[BaseModel],
     noun: str,
     action: str,
     id_name: str,
@@ -278,10 +291,10 @@ def _routes(
         return Response(status_code=204)
 
     row_id: dict[str, object] = {id_name: RowId}
-    _sign(list_rows, rt=Rt, _=reader)
-    _sign(create, body=body, rt=Rt, caller=writer, request=Request)
-    _sign(get, **row_id, rt=Rt, _=reader)
-    _sign(replace, **row_id, body=body, rt=Rt, caller=writer, request=Request)
+    _sign(list_rows, list_out, rt=Rt, _=reader)
+    _sign(create, item_out, body=body, rt=Rt, caller=writer, request=Request)
+    _sign(get, item_out, **row_id, rt=Rt, _=reader)
+    _sign(replace, item_out, **row_id, body=body, rt=Rt, caller=writer, request=Request)
     _sign(delete, Response, **row_id, rt=Rt, caller=writer, request=Request)
 
     router.add_api_route(path, list_rows, methods=["GET"], name=list_name)
@@ -295,8 +308,10 @@ def _routes(
 _routes(
     "/limits",
     model=LimitRuleRow,
-    body=RuleIn,
+    body=RateLimitIn,
     out=rule_out,
+    item_out=LimitRuleOut,
+    list_out=RateLimitsOut,
     noun="rate limit rule",
     action="limit",
     id_name="rule_id",
@@ -309,6 +324,8 @@ _routes(
     model=BudgetRow,
     body=BudgetIn,
     out=budget_out,
+    item_out=BudgetRuleOut,
+    list_out=BudgetsOut,
     noun="budget",
     action="budget",
     id_name="budget_id",
@@ -322,6 +339,8 @@ _routes(
     model=ToolCostRow,
     body=ToolCostIn,
     out=cost_out,
+    item_out=ToolCostOut,
+    list_out=ToolCostsOut,
     noun="tool cost entry",
     action="tool_cost",
     id_name="cost_id",
@@ -333,8 +352,8 @@ _routes(
 )
 
 
-@router.post("/limits/explain")
-async def explain(body: ExplainIn, rt: Rt, _: LimitsReader) -> dict[str, Any]:
+@router.post("/limits/explain", response_model=LimitsExplainOut)
+async def explain(body: LimitsExplainIn, rt: Rt, _: LimitsReader) -> dict[str, Any]:
     """Which rules, budgets, cost and loop breaker apply to a caller calling a tool (live config)."""
     parts = split_name(body.tool) or tuple(body.tool.split("/", 1))
     if len(parts) != 2 or not all(parts):
@@ -359,7 +378,8 @@ async def explain(body: ExplainIn, rt: Rt, _: LimitsReader) -> dict[str, Any]:
 Group = Literal["principal", "tenant", "upstream", "tool"]
 
 
-@router.get("/usage")
+# exclude_unset: a usage row holds only the dimensions it is grouped by.
+@router.get("/usage", response_model=UsageOut, response_model_exclude_unset=True)
 async def usage(
     rt: Rt,
     _: UsageReader,
@@ -384,8 +404,8 @@ async def usage(
     (total,) = await rt.limits.store.usage(hours, [], filters, 1)
     return {
         "period": period,
-        "start": datetime.fromtimestamp(start, UTC).isoformat(),
-        "end": datetime.fromtimestamp(end, UTC).isoformat(),
+        "start": utc_text(datetime.fromtimestamp(start, UTC)),
+        "end": utc_text(datetime.fromtimestamp(end, UTC)),
         "group_by": groups,
         "rows": [_usage_out(r) for r in rows],
         "totals": _usage_out(total),

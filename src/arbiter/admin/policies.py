@@ -11,10 +11,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from arbiter.admin.access import write_warnings
 from arbiter.admin.deps import change, require, runtime
+from arbiter.admin.outputs import DryRunOut, PolicyExplainOut, PolicyOut
 from arbiter.admin.params import RowId, Version
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
+from arbiter.policies.access import unknown_roles
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.rules import ACTIONS, PolicyInvalid, Rule, check, check_roles, parse_csv, to_csv
 from arbiter.policies.tables import object_name, parse_rows, run_table
@@ -27,7 +30,7 @@ Rt = Annotated[Runtime, Depends(runtime)]
 router = APIRouter()
 
 
-class RuleIn(BaseModel):
+class PolicyRuleIn(BaseModel):
     """A ``p`` rule (subject, tenant, object, action, effect, condition) or a ``g`` role link."""
 
     model_config = ConfigDict(extra="forbid")
@@ -50,10 +53,10 @@ class RuleIn(BaseModel):
 
 class RulesIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rules: list[RuleIn]
+    rules: list[PolicyRuleIn]
 
 
-class ExplainIn(BaseModel):
+class PolicyExplainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     subject: str
     roles: list[str] = Field(default_factory=list[str])
@@ -71,7 +74,7 @@ class DryRunIn(BaseModel):
     cases: list[dict[str, Any]] = Field(description="Decision table rows, as in `arbiter policy test`")
 
 
-def _validated(items: list[RuleIn], *, allow_empty: bool = False) -> list[Rule]:
+def _validated(items: list[PolicyRuleIn], *, allow_empty: bool = False) -> list[Rule]:
     rules: list[Rule] = []
     errors: list[dict[str, object]] = []
     if not items and not allow_empty:  # an empty replace is legitimate: it denies everything
@@ -98,23 +101,25 @@ def _snapshot(rt: Runtime) -> dict[str, object]:
     }
 
 
-@router.get("/policies")
+@router.get("/policies", response_model=PolicyOut, response_model_exclude_unset=True)
 async def list_rules(rt: Rt, _: Reader) -> dict[str, object]:
     await rt.policy.reload()  # answer with what the database holds now, not the last poll
     return _snapshot(rt)
 
 
-@router.post("/policies", status_code=201)
-async def add_rules(body: RulesIn | RuleIn, rt: Rt, caller: Writer, request: Request) -> dict[str, object]:
+@router.post("/policies", status_code=201, response_model=PolicyOut, response_model_exclude_unset=True)
+async def add_rules(
+    body: RulesIn | PolicyRuleIn, rt: Rt, caller: Writer, request: Request
+) -> dict[str, object]:
     """Add one rule or several (``{"rules": [...]}``), all or none."""
     rules = _validated(body.rules if isinstance(body, RulesIn) else [body])
     async with change(request, caller, "policy.add", "policies"):
         version = await rt.policy.store.add(rules, caller.key)
     await rt.policy.changed(version)
-    return _snapshot(rt)
+    return {**_snapshot(rt), "warnings": await write_warnings(rt, rules)}
 
 
-@router.delete("/policies/{rule_id}")
+@router.delete("/policies/{rule_id}", response_model=PolicyOut, response_model_exclude_unset=True)
 async def remove_rule(rule_id: RowId, rt: Rt, caller: Writer, request: Request) -> dict[str, object]:
     async with change(request, caller, "policy.remove", str(rule_id)):
         version = await rt.policy.store.remove(rule_id, caller.key)
@@ -122,7 +127,7 @@ async def remove_rule(rule_id: RowId, rt: Rt, caller: Writer, request: Request) 
     return _snapshot(rt)
 
 
-@router.put("/policies")
+@router.put("/policies", response_model=PolicyOut, response_model_exclude_unset=True)
 async def replace_rules(
     body: RulesIn,
     rt: Rt,
@@ -136,10 +141,14 @@ async def replace_rules(
     async with change(request, caller, "policy.replace", "policies"):
         version = await rt.policy.store.replace(rules, caller.key, expected_version)
     await rt.policy.changed(version)
-    return _snapshot(rt)
+    return {**_snapshot(rt), "warnings": await write_warnings(rt, rules)}
 
 
-@router.get("/policies/export", response_class=Response)
+@router.get(
+    "/policies/export",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}, "description": "Casbin CSV"}},
+)
 async def export_csv(rt: Rt, _: Reader) -> Response:
     engine = await rt.policy.reload()
     return Response(
@@ -154,6 +163,8 @@ async def export_csv(rt: Rt, _: Reader) -> Response:
 
 @router.post(
     "/policies/import",
+    response_model=PolicyOut,
+    response_model_exclude_unset=True,
     openapi_extra={
         "requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}
     },
@@ -166,11 +177,11 @@ async def import_csv(
     async with change(request, caller, "policy.import", "policies"):
         version = await rt.policy.store.replace(rules, caller.key, expected_version)
     await rt.policy.changed(version)
-    return _snapshot(rt)
+    return {**_snapshot(rt), "warnings": await write_warnings(rt, rules)}
 
 
-@router.post("/policies/explain")
-async def explain(body: ExplainIn, rt: Rt, _: Reader) -> dict[str, object]:
+@router.post("/policies/explain", response_model=PolicyExplainOut)
+async def explain(body: PolicyExplainIn, rt: Rt, _: Reader) -> dict[str, object]:
     """Allow or deny, and the rule that decided, for a caller, object, action and arguments."""
     if body.action not in ACTIONS:
         raise InvalidInput(f"unknown action {body.action!r}; actions are: {', '.join(ACTIONS)}")
@@ -183,10 +194,11 @@ async def explain(body: ExplainIn, rt: Rt, _: Reader) -> dict[str, object]:
         **decision.to_json(),
         "object": obj,
         "visible": engine.visible(sub, obj, use) if use else None,
+        "warnings": unknown_roles(engine.rules, body.roles),
     }
 
 
-@router.post("/policies/dry-run")
+@router.post("/policies/dry-run", response_model=DryRunOut)
 async def dry_run(body: DryRunIn, rt: Rt, _: Reader) -> dict[str, object]:
     """Run a decision table against a candidate policy (or the live one) without changing anything."""
     engine = PolicyEngine(parse_csv(body.policy), -1) if body.policy is not None else rt.policy.engine

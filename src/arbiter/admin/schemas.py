@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
+from arbiter.admin.types import UtcDateTime
 from arbiter.settings import (
     ClientCredentialsFields,
     EnvName,
@@ -106,6 +106,7 @@ class UpstreamUpdate(BaseModel):
     # null sets them back to none (the upstream.max_concurrency default; no fallback)
     max_concurrency: int | None = Field(default=None, gt=0, le=100_000)
     fallback: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    auto_approve: bool | None = None
 
 
 class CatalogCounts(BaseModel):
@@ -130,13 +131,14 @@ class UpstreamOut(BaseModel):
     # _meta["arbiter/unavailable"] to callers who could see one of its tools) or disabled.
     listed: bool
     last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-    last_refresh_at: datetime | None
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
+    last_refresh_at: UtcDateTime | None
     catalog: CatalogCounts
     credential: CredentialOut
     max_concurrency: int | None = None
     fallback: str | None = None
+    auto_approve: bool = False
     # The circuit breaker's state in this replica (None: disabled, not running here).
     circuit: Literal["closed", "open", "half_open"] | None = None
 
@@ -159,7 +161,7 @@ class ToolSettingsIn(BaseModel):
 class ToolSettingsOut(ToolSettingsIn):
     upstream: str
     tool: str
-    updated_at: datetime | None = None
+    updated_at: UtcDateTime | None = None
     updated_by: str | None = None
 
 
@@ -169,6 +171,81 @@ class CatalogEntryOut(BaseModel):
     name: str
     exposed_name: str
     sha256: str
-    first_seen: datetime
-    last_seen: datetime
+    first_seen: UtcDateTime
+    last_seen: UtcDateTime
     definition: dict[str, Any]
+    # Whether agents are served this definition (approved) or not (docs/integrity.md).
+    status: Literal["pending", "approved", "quarantined", "rejected", "disabled"] = "approved"
+
+
+ReviewStatus = Literal["pending", "approved", "quarantined", "rejected", "disabled"]
+PinnedKind = Literal["tool", "prompt", "resource_template"]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class FindingOut(BaseModel):
+    """What the poisoning or shadowing scan found in a definition, and where."""
+
+    rule: str
+    category: str
+    field: str = Field(description="JSON path of the text in the definition, e.g. inputSchema.properties.x")
+    start: int
+    end: int
+    excerpt: str = Field(description="The offending text with context; hidden characters as \\uXXXX")
+    message: str
+
+
+class DefinitionOut(BaseModel):
+    """A tool, prompt or resource template an upstream offers, as a reviewer sees it."""
+
+    upstream: str
+    kind: PinnedKind
+    name: str
+    exposed_name: str
+    status: ReviewStatus
+    sha256: str = Field(description="The present definition's sha256 (canonical JSON)")
+    approved_sha256: str | None = Field(description="The approved definition's, when another is approved")
+    findings: list[FindingOut]
+    first_seen: UtcDateTime
+    last_seen: UtcDateTime
+    reviewed_by: str | None
+    reviewed_at: UtcDateTime | None
+
+
+class DefinitionVersionOut(BaseModel):
+    sha256: str
+    status: Literal["pending", "approved", "quarantined", "rejected", "superseded"]
+    present: bool
+    first_seen: UtcDateTime
+    last_seen: UtcDateTime
+    reviewed_by: str | None
+    reviewed_at: UtcDateTime | None
+
+
+class DefinitionDetailOut(DefinitionOut):
+    definition: dict[str, Any]
+    approved_definition: dict[str, Any] | None
+    diff: str = Field(description="Unified diff from the approved to the present definition")
+    changed_fields: list[str]
+    history: list[DefinitionVersionOut]
+
+
+class DefinitionSelector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: PinnedKind
+    name: str = Field(min_length=1, max_length=1024)
+    sha256: Sha256 | None = Field(
+        default=None, description="The definition reviewed: required to approve or reject"
+    )
+
+
+class DefinitionDecisionIn(BaseModel):
+    """One decision on one or many entries of an upstream (all applied, or none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[DefinitionSelector] = Field(min_length=1, max_length=1000)
+    acknowledge_findings: bool = Field(
+        default=False, description="Approve definitions the scans flagged (after reading the findings)"
+    )

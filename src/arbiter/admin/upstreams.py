@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from arbiter.admin.credentials import credential_input
-from arbiter.admin.deps import Registry, change, require, security_admin
+from arbiter.admin.deps import Registry, change, require, runtime, security_admin
 from arbiter.admin.params import RowId
 from arbiter.admin.schemas import (
     CatalogCounts,
@@ -30,7 +30,9 @@ from arbiter.proxy.catalog import KIND_FIELDS
 from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition
 from arbiter.proxy.registry import UpstreamRegistry
 from arbiter.proxy.retries import ToolSetting
+from arbiter.runtime import Runtime
 from arbiter.store.models import CatalogItem, ToolSettingRow, Upstream
+from arbiter.store.upstreams import served
 
 
 class _NoEchoRoute(APIRoute):
@@ -80,6 +82,7 @@ def _out(reg: UpstreamRegistry, row: Upstream, counts: dict[int, Counter[str]]) 
         credential=CredentialOut.model_validate(CredentialSpec.from_json(row.credential).public()),
         max_concurrency=row.max_concurrency,
         fallback=row.fallback,
+        auto_approve=row.auto_approve,
         circuit=reg.circuit(row.name),
     )
 
@@ -88,7 +91,7 @@ async def _one(reg: UpstreamRegistry, row: Upstream) -> UpstreamOut:
     return _out(reg, row, await reg.counts())
 
 
-def _definition(body: UpstreamCreate) -> UpstreamDefinition:
+def _definition(body: UpstreamCreate, auto_approve_default: bool) -> UpstreamDefinition:
     return UpstreamDefinition(
         name=body.name,
         url=body.url,
@@ -99,6 +102,7 @@ def _definition(body: UpstreamCreate) -> UpstreamDefinition:
         credential=credential_input(body.credential),
         max_concurrency=body.max_concurrency,
         fallback=body.fallback,
+        auto_approve=body.auto_approve if body.auto_approve is not None else auto_approve_default,
     )
 
 
@@ -112,6 +116,7 @@ def _changes(body: UpstreamUpdate) -> UpstreamChanges:
         credential=credential_input(body.credential) if body.credential is not None else None,
         max_concurrency=body.max_concurrency,
         fallback=body.fallback,
+        auto_approve=body.auto_approve,
         # An explicit null sets it back to none.
         clear=frozenset(
             f
@@ -119,6 +124,12 @@ def _changes(body: UpstreamUpdate) -> UpstreamChanges:
             if f in body.model_fields_set and getattr(body, f) is None
         ),
     )
+
+
+async def _may_auto_approve(request: Request, caller: Principal, rt: Runtime) -> None:
+    """Turning auto-approve on approves definitions nobody reviewed: only security admins may (the
+    operator's integrity.auto_approve_default is the operator's own decision)."""
+    await security_admin(request, caller, rt)
 
 
 def _entry(upstream: str, item: CatalogItem) -> CatalogEntryOut:
@@ -131,6 +142,7 @@ def _entry(upstream: str, item: CatalogItem) -> CatalogEntryOut:
         first_seen=item.first_seen,
         last_seen=item.last_seen,
         definition=item.definition,
+        status=served(item),  # pyright: ignore[reportArgumentType]
     )
 
 
@@ -145,8 +157,12 @@ async def create_upstream(
     body: UpstreamCreate, reg: Registry, caller: Admin, request: Request
 ) -> UpstreamOut:
     """Register an upstream: Arbiter connects, discovers its tools/resources/prompts and stores them."""
+    rt = runtime(request)
+    default = rt.settings.integrity.auto_approve_default
+    if body.auto_approve:
+        await _may_auto_approve(request, caller, rt)
     async with change(request, caller, "upstream.create", body.name) as audit:
-        out = await _one(reg, await reg.create(_definition(body)))
+        out = await _one(reg, await reg.create(_definition(body, default)))
         audit.after = out.model_dump(mode="json")
     return out
 
@@ -160,6 +176,13 @@ async def get_upstream(upstream_id: RowId, reg: Registry, _: Reader) -> Upstream
 async def update_upstream(
     upstream_id: RowId, body: UpstreamUpdate, reg: Registry, caller: Admin, request: Request
 ) -> UpstreamOut:
+    if body.auto_approve or (
+        # Another server behind an auto-approving upstream: its new names would be approved unreviewed.
+        (body.url is not None or body.transport is not None)
+        and body.auto_approve is None
+        and (await reg.get(upstream_id)).auto_approve
+    ):
+        await _may_auto_approve(request, caller, runtime(request))
     async with change(request, caller, "upstream.update", str(upstream_id)) as audit:
         audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
         out = await _one(reg, await reg.update(upstream_id, _changes(body)))

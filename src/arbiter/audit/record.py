@@ -28,7 +28,7 @@ from arbiter.settings import RedactSettings
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
 
-Kind = Literal["mcp", "auth", "admin", "audit"]
+Kind = Literal["mcp", "auth", "admin", "audit", "integrity"]
 Decision = Literal["allow", "deny", "error"]
 # Columns copied out of the body so auditors' filters can use indexes; verify checks they agree.
 INDEXED = (

@@ -5,7 +5,9 @@ Never lossy, never on the request's latency:
   has room for its record; when the queue is full, or the store is down and the mode is fail-closed,
   ``reserve()`` raises ``AuditUnavailable`` and the request does not run at all.
 - ``submit()`` (synchronous, so it also runs when a request is cancelled) queues the record; the request
-  is answered only after that.
+  is answered only after that, and (``audit.confirm_before_answer``, the default) only once ``confirmed()``
+  says the record is in the store or the spool: a process killed after answering has lost no record of
+  what it answered. Such waits flush at once, so records that arrive during a write share the next one.
 - The background task renders (redacts, HMACs) and stores a batch at least every
   ``flush_interval_s``. A failed write is retried; records are dropped never: in fail-closed mode they
   wait in memory (and new requests are refused), in spool mode they go to a local append-only file that
@@ -60,6 +62,11 @@ class AuditWriter:
         self.stored = 0
         self.refused = 0  # requests refused because nothing could be recorded
         self.dropped = 0  # records that could not be kept at all (see offer())
+        # Records queued and records stored or spooled, counted in queue order: record n is safe once
+        # _safe >= n. Requests waiting for theirs, as (n, future).
+        self._queued_total = 0
+        self._safe = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Told how long each batch write to the store took, in seconds, failed ones too (metrics).
         self.on_write: Callable[[float], None] | None = None
 
@@ -102,11 +109,37 @@ class AuditWriter:
             raise AuditUnavailable("the audit log is behind (its queue is full); try again shortly")
         self._pending += 1
 
-    def submit(self, event: Event) -> None:
-        """Queue a record for which ``reserve()`` succeeded. Never blocks, never raises."""
+    def submit(self, event: Event) -> int:
+        """Queue a record for which ``reserve()`` succeeded. Never blocks, never raises. Returns the
+        record's number, for ``confirmed()``."""
         self._queue.append(event)
+        self._queued_total += 1
         if len(self._queue) == 1 or len(self._queue) >= self._cfg.batch_max:
             self._wake.set()
+        return self._queued_total
+
+    async def confirmed(self, number: int) -> None:
+        """Wait until record ``number`` (from ``submit()``) is in the store or the spool, at most
+        ``write_timeout_s`` (one write's bound). Returns at once when confirm_before_answer is off, or
+        when the store is failing: then new requests are refused, or records spooled, as the mode says,
+        and a request that already ran is answered rather than held."""
+        if not self._cfg.confirm_before_answer or self._safe >= number or self._state == "unavailable":
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((number, waiter))
+        self._wake.set()  # no batch gathering while someone waits (see _wait_for_work)
+        with anyio.move_on_after(self._cfg.write_timeout_s + self._cfg.flush_interval_s):
+            await waiter
+
+    def _release(self, everyone: bool = False) -> None:
+        waiting: list[tuple[int, asyncio.Future[None]]] = []
+        for number, waiter in self._waiters:
+            if everyone or number <= self._safe:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((number, waiter))
+        self._waiters = waiting
 
     def offer(self, event: Event) -> bool:
         """Record something that already happened without running anything (a refused credential):
@@ -168,10 +201,23 @@ class AuditWriter:
         self._wake.clear()
         if idle:
             await self._checkpoint()
-        if self._queue and len(self._queue) < self._cfg.batch_max and not stopping.is_set():
-            # Let a batch gather: records still reach the store within flush_interval_s (<= 1 s).
+        if (
+            self._queue
+            and len(self._queue) < self._cfg.batch_max
+            and not stopping.is_set()
+            and not self._waiters
+        ):
+            # Let a batch gather: records still reach the store within flush_interval_s (<= 1 s). Not
+            # while a request waits for its record: then whatever came during the last write is a batch.
             with anyio.move_on_after(self._cfg.flush_interval_s):
-                await stopping.wait()
+                stop = asyncio.ensure_future(stopping.wait())
+                wake = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({stop, wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    wake.cancel()
+            self._wake.clear()
 
     async def _flush_once(self) -> None:
         retry = self._cfg.retry_interval_s
@@ -274,6 +320,9 @@ class AuditWriter:
     def _done(self, n: int) -> None:
         self._pending -= n
         self.stored += n
+        self._safe += n
+        if self._waiters:
+            self._release()
 
     def _set_state(self, state: State) -> None:
         if state == self._state:
@@ -285,6 +334,8 @@ class AuditWriter:
         }
         (log.warning if state != "unavailable" else log.error)(messages[state])
         self._state = state
+        if state == "unavailable":
+            self._release(everyone=True)  # nothing will be stored soon: answer rather than hold them
         if state == "ok":
             self._last_error = ""  # the next outage is reported again
 

@@ -2,7 +2,8 @@
 
 Verification never touches the database: active keys are cached in memory and the cache is reloaded
 after every change here and on every maintenance pass (so a revocation on another replica lands within
-``upstream.maintain_interval_s``). ``last_used_at`` is recorded in memory and written in batches.
+``upstream.maintain_interval_s``; with Redis, at once: see key_feed.py). ``last_used_at`` is recorded in
+memory and written in batches.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -64,6 +66,8 @@ class ApiKeys:
         self._cache: dict[str, _Cached] = {}
         self._used: dict[str, datetime] = {}
         self._lock = anyio.Lock()
+        # Told after a key was created or revoked here, to tell the other replicas (key_feed.py).
+        self.on_change: Callable[[], Awaitable[None]] | None = None
 
     def verify(self, token: str) -> Principal:
         """The principal of a valid, unexpired, unrevoked key; ``InvalidToken`` otherwise."""
@@ -138,6 +142,8 @@ class ApiKeys:
             await db.commit()
             await db.refresh(row)
         await self.reload()
+        if self.on_change is not None:
+            await self.on_change()
         return row, full
 
     async def list(self) -> list[ApiKey]:
@@ -160,7 +166,9 @@ class ApiKeys:
                 row.revoked_at = utcnow()
                 await db.commit()
                 await db.refresh(row)
-        self._cache.pop(key_id, None)  # at once here; other replicas on their next reload
+        self._cache.pop(key_id, None)  # at once here; other replicas when told, or on their next reload
+        if self.on_change is not None:
+            await self.on_change()
         log.info("API key %s revoked", key_id)
         return row
 

@@ -1,4 +1,5 @@
-"""The ``arbiter`` command line: serve, migrate, demo, api-key, policy, audit.
+"""The ``arbiter`` command line: serve, migrate, demo, api-key, policy, audit; and, through a running
+Arbiter's admin API (client.py): upstreams, keys, limits, policy export/import/dry-run, audit query.
 
 Only typer and the standard library are imported here and in the command modules' top level: each
 command imports what it needs when it runs, so ``arbiter --help`` and ``--version`` answer at once
@@ -12,7 +13,17 @@ import sys
 import traceback
 
 # The commands register themselves on `cli` when imported (their own imports are inside them).
-from arbiter.cli import audit, policy, run  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from arbiter.cli import (  # noqa: F401
+    access,  # pyright: ignore[reportUnusedImport]
+    audit,  # pyright: ignore[reportUnusedImport]
+    audit_query,  # pyright: ignore[reportUnusedImport]
+    keys,  # pyright: ignore[reportUnusedImport]
+    limits,  # pyright: ignore[reportUnusedImport]
+    policy,  # pyright: ignore[reportUnusedImport]
+    policy_admin,  # pyright: ignore[reportUnusedImport]
+    run,  # pyright: ignore[reportUnusedImport]
+    upstreams,  # pyright: ignore[reportUnusedImport]
+)
 from arbiter.cli.app import cli, debug_enabled
 from arbiter.cli.exits import Exit, exit_code
 

@@ -1,4 +1,5 @@
-"""``arbiter audit verify | export | keygen | purge``; the work is in ``arbiter.audit.commands``."""
+"""``arbiter audit verify | export | keygen | purge``; the work is in ``arbiter.audit.commands``.
+(``audit query`` asks a running Arbiter: audit_query.py.)"""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def audit_verify(
     raise typer.Exit(Exit.OK)
 
 
-def _with_filters(command: Callable[..., None]) -> Callable[..., None]:
+def with_filters(command: Callable[..., None]) -> Callable[..., None]:
     """``command``'s ``**filters`` as one ``--<filter>`` option each (``audit.filters.FILTERS``)."""
     params = list(inspect.signature(command, eval_str=True).parameters.values())
     options = [
@@ -104,7 +105,7 @@ def _with_filters(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @audit_cli.command("export")
-@_with_filters
+@with_filters
 def audit_export(
     fmt: Annotated[str, typer.Option("--format", help="jsonl, csv, or bundle (verifiable offline)")],
     out: Annotated[Path | None, typer.Option(help="Write to this file (owner-only); default stdout")] = None,

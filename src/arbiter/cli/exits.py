@@ -27,6 +27,10 @@ class Exit(IntEnum):
     # `arbiter audit verify --require-signatures`: the chain is intact but its signatures were not
     # checked (no trusted key) or some checkpoints are unsigned.
     UNSIGNED = 9
+    # The commands that call a running Arbiter (upstreams, keys, limits, policy export/import/dry-run,
+    # audit query): the admin API refused the call (its error on one line), or could not be reached.
+    API_REFUSED = 10
+    API_UNREACHABLE = 11
 
 
 def exit_code(exc: BaseException) -> Exit:
@@ -40,6 +44,8 @@ def exit_code(exc: BaseException) -> Exit:
         (errors.PortInUse, Exit.PORT_IN_USE),
         (errors.RedisUnreachable, Exit.REDIS),
         (errors.JwksUnreachable, Exit.JWKS),
+        (errors.AdminApiRefused, Exit.API_REFUSED),
+        (errors.AdminApiUnreachable, Exit.API_UNREACHABLE),
     ):
         if isinstance(exc, cls):
             return code

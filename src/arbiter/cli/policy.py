@@ -14,7 +14,9 @@ from arbiter.cli.app import cli
 if TYPE_CHECKING:
     from arbiter.policies.engine import PolicyEngine
 
-policy_cli = typer.Typer(help="Test and explain policies, against a policy file or the live policy.")
+policy_cli = typer.Typer(
+    help="Test and explain policies (a file or the live policy); export, import and dry-run them (admin API)."
+)
 cli.add_typer(policy_cli, name="policy")
 PolicyFile = Annotated[
     Path | None,

@@ -157,7 +157,10 @@ async def _register_upstreams(admin: httpx.AsyncClient, ports: dict[str, int]) -
         if name in known:
             resp = await admin.patch(f"/admin/v1/upstreams/{known[name]['id']}", json={"url": url})
         else:
-            resp = await admin.post("/admin/v1/upstreams", json={"name": name, "url": url})
+            # The demo's own servers: their definitions are approved as they are discovered (a
+            # changed one is still quarantined until approved; docs/integrity.md).
+            upstream = {"name": name, "url": url, "auto_approve": True}
+            resp = await admin.post("/admin/v1/upstreams", json=upstream)
         resp.raise_for_status()
 
 
@@ -260,6 +263,7 @@ Arbiter demo is running (SQLite, demo upstreams 'kb' and 'crm', policy: {DEMO_PO
 
   MCP endpoint   {mcp_url}
   Admin API      {info["admin_url"]}   (OpenAPI: {info["admin_url"]}/openapi.json)
+  Web console    {str(mcp_url).removesuffix("/mcp")}/console   (log in with the security-admin or auditor key)
   Credentials    {info_file}: an API key per demo role (support-agent, auditor, security-admin)
   State          {info["state_dir"]}, kept between runs (`arbiter demo --reset` starts over)
   Audit log      {info["admin_url"]}/audit/events (auditor key); verify: {info["admin_url"]}/audit/verify

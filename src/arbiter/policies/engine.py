@@ -210,6 +210,20 @@ class PolicyEngine:
         self._visible[key] = seen
         return seen
 
+    def matching(self, sub: Subject, obj: str, act: str) -> list[Rule]:
+        """The ``p`` rules that apply to ``sub`` doing ``act`` on ``obj``, conditions not evaluated, in
+        policy order: what ``m`` would match if every condition held (for access reports)."""
+        reach = self._roles.named_reach(sub, sub.tenant)
+        return [
+            r
+            for r in self.rules
+            if r.ptype == "p"
+            and r.values[3] == act
+            and (r.values[0] == "*" or r.values[0] in reach)
+            and _tenant_matches(sub.tenant, r.values[1])
+            and object_matches(obj, r.values[2])
+        ]
+
     def roles_of(self, member: str, tenant: str = "*") -> list[str]:
         """The roles ``member`` is linked to directly by ``g`` rules that apply in ``tenant``."""
         return self._roles.direct(member, tenant)

@@ -7,7 +7,7 @@ the upstreams. Discovery (``discover``) fans out to an upstream and builds its s
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,10 @@ class UpstreamCatalog:
     resources: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
     resource_templates: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
     prompts: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
+    # Definitions the upstream offers that agents may not use yet, (kind, name) -> status (pending,
+    # quarantined, rejected, disabled; see store/upstreams.py): never listed, and a call to one is
+    # refused naming its status (interceptors/integrity.py), to callers the policy lets see it.
+    held: dict[tuple[str, str], str] = field(default_factory=dict[tuple[str, str], str])
 
     def entries(self, kind: str) -> dict[str, dict[str, Any]]:
         entries: dict[str, dict[str, Any]] = getattr(self, KIND_FIELDS[kind])
@@ -57,6 +61,27 @@ class UpstreamCatalog:
         snap = cls(upstream)
         for kind, name, definition in items:
             snap.entries(kind)[name] = definition
+        return snap
+
+    @classmethod
+    def from_stored(
+        cls, upstream: str, entries: Iterable[tuple[str, str, dict[str, Any], str]]
+    ) -> UpstreamCatalog:
+        """A snapshot of stored definitions with their statuses: only approved ones are served."""
+        entries = list(entries)
+        snap = cls.from_items(upstream, [(kind, name, d) for kind, name, d, _ in entries])
+        return snap.holding({(kind, name): status for kind, name, _, status in entries})
+
+    def holding(self, statuses: Mapping[tuple[str, str], str]) -> UpstreamCatalog:
+        """This snapshot with every entry whose status is not ``approved`` held out of sight (an entry
+        without a status is held as pending: nothing is served unreviewed by accident)."""
+        snap = UpstreamCatalog(self.upstream)
+        for kind, name, definition in self.items():
+            status = statuses.get((kind, name), "pending")
+            if status == "approved":
+                snap.entries(kind)[name] = definition
+            else:
+                snap.held[(kind, name)] = status
         return snap
 
 

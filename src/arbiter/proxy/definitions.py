@@ -39,6 +39,7 @@ class UpstreamDefinition:
     credential: CredentialInput | None = None
     max_concurrency: int | None = None
     fallback: str | None = None
+    auto_approve: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class UpstreamChanges:
     # Resilience; ``clear`` names those of them set back to none (no own bulkhead size, no fallback).
     max_concurrency: int | None = None
     fallback: str | None = None
+    auto_approve: bool | None = None
     clear: frozenset[str] = frozenset()
 
     def fields(self) -> dict[str, str | float | bool | None]:
@@ -66,6 +68,7 @@ class UpstreamChanges:
             "enabled": self.enabled,
             "max_concurrency": self.max_concurrency,
             "fallback": self.fallback,
+            "auto_approve": self.auto_approve,
         }
         changed: dict[str, str | float | bool | None] = {k: v for k, v in values.items() if v is not None}
         changed.update(dict.fromkeys(self.clear & {"max_concurrency", "fallback"}))

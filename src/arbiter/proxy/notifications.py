@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import anyio
@@ -46,7 +44,7 @@ from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError, PolicyDenied, RequestRejected
 from arbiter.naming import exposed_uri, split_uri
 from arbiter.proxy.catalog import Catalog, UpstreamCatalog
-from arbiter.proxy.resource_uri import normalise
+from arbiter.proxy.resource_uri import normalise, template_matches
 from arbiter.proxy.targets import not_found
 from arbiter.settings import NotificationSettings
 
@@ -235,7 +233,7 @@ class NotificationHub:
         if parts[1] in snap.resources:
             target = parts[1]
         if target not in snap.resources and not any(
-            _template_matches(template, target) for template in snap.resource_templates
+            template_matches(template, target) for template in snap.resource_templates
         ):
             raise not_found(method, exposed)  # neither listed nor made by one of its templates
         allowed = self._may_use(principal, f"{parts[0]}/{target}", "read")
@@ -420,24 +418,6 @@ def _itself(principal: Principal) -> Principal:
 
 
 # An RFC 6570 expression: reserved ({+x}) and fragment ({#x}) expansion may hold "/", the others not.
-_EXPRESSION = re.compile(r"\{([+#./;?&]?)[^}]*\}")
-
-
-@lru_cache(maxsize=1024)
-def _template_pattern(template: str) -> re.Pattern[str]:
-    parts: list[str] = []
-    at = 0
-    for match in _EXPRESSION.finditer(template):
-        parts.append(re.escape(template[at : match.start()]))
-        parts.append(".*" if match.group(1) in ("+", "#", "/", "?", "&", ";", ".") else "[^/?#]*")
-        at = match.end()
-    parts.append(re.escape(template[at:]))
-    return re.compile("".join(parts), re.DOTALL)
-
-
-def _template_matches(template: str, uri: str) -> bool:
-    """Whether ``uri`` could be an expansion of the URI template ``template``."""
-    return _template_pattern(template).fullmatch(uri) is not None
 
 
 def _normal_or_none(uri: str) -> str:

@@ -55,6 +55,9 @@ class CallContext:
     target: str | None = None  # the upstream's own tool/prompt name or resource URI
     arguments: dict[str, Any] | None = None
     definition: Mapping[str, Any] | None = None  # catalog definition (None for a templated resource)
+    # The target's definition is offered but not approved: its status (pending, quarantined, rejected,
+    # disabled). The integrity step refuses it, after authorize has hidden it from callers who may not see it.
+    held: str | None = None
     # What /mcp learnt about the HTTP request (None off /mcp): the caller's token, "audited".
     exchange: Exchange | None = None
     # Filled by authorize: the policy version deciding the request, and its decision on a single target.
@@ -81,6 +84,12 @@ class CallContext:
     # and the W3C context (traceparent, tracestate) the upstream call carries in _meta and HTTP headers.
     trace_id: str | None = None
     trace_context: dict[str, str] | None = None
+    # The guards (interceptors/guard_arguments.py, guard_result.py): what they found, by detector and
+    # path, never by value (the audit record's outcome carries it); the most of the upstream's answer
+    # forward may read, and who sees its raw bytes first.
+    guard: dict[str, object] | None = None
+    result_cap: int | None = None
+    inspect_result: Callable[[bytes], None] | None = None
     started: float = field(default_factory=time.perf_counter)
     # The open slot for third-party interceptors to hand facts to one another; Arbiter's own steps use
     # the typed fields above.

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 import anyio
 import sqlalchemy as sa
@@ -32,9 +33,18 @@ from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 from arbiter.settings import UpstreamConfig, UpstreamPolicy
 from arbiter.store import upstreams as repo
 from arbiter.store.models import CatalogItem, ToolSettingRow, Upstream, utcnow
+from arbiter.store.upstreams import Arrival
 
 log = logging.getLogger(__name__)
 _DB_DEADLINE_S = 30.0
+
+
+class DefinitionJudge(Protocol):
+    """The integrity scans of one new definition, in the light of the whole catalog (for shadowing)."""
+
+    def __call__(
+        self, upstream: str, kind: str, name: str, definition: Mapping[str, Any], catalog: Catalog
+    ) -> list[dict[str, Any]]: ...
 
 
 def spec_of(row: Upstream, config: UpstreamConfig | None = None) -> UpstreamSpec:
@@ -62,8 +72,18 @@ class UpstreamRegistry:
         policy: UpstreamPolicy,
         configured: Sequence[UpstreamConfig] = (),
         box: SecretBox | None = None,
+        judge: DefinitionJudge | None = None,
+        on_arrivals: Callable[[str, Sequence[Arrival]], None] | None = None,
+        auto_approve_default: bool = False,
     ) -> None:
+        self._auto_approve_default = auto_approve_default
         self._box = box or SecretBox(None)
+        # Integrity (docs/integrity.md): what the scans say of a new definition, who hears of new ones,
+        # and the review statuses last read from the database, per upstream id, to notice other
+        # replicas' review decisions.
+        self._judge = judge
+        self._on_arrivals = on_arrivals
+        self._reviewed: dict[int, frozenset[tuple[str, str]]] = {}
         self._sessions = sessions
         self._pool = pool
         self._catalog = catalog
@@ -92,7 +112,8 @@ class UpstreamRegistry:
                 if row.source != "config":
                     log.warning("configured upstream %s replaces the API-defined one of that name", cfg.name)
                 server = (row.url, row.command)
-                repo.apply_config(row, cfg, CredentialSpec.from_config(cfg.credential).to_json())
+                credential = CredentialSpec.from_config(cfg.credential).to_json()
+                repo.apply_config(row, cfg, credential, self._auto_approve_default)
                 if row.id is not None and (row.url, row.command) != server:
                     await _forget_tool_settings(db, row.name)  # another server: its tools are others
                 db.add(row)
@@ -109,7 +130,7 @@ class UpstreamRegistry:
             if row.enabled:
                 assert row.id is not None
                 await self._activate(row)
-                self._catalog.put(UpstreamCatalog.from_items(row.name, items.get(row.id, [])))
+                self._catalog.put(UpstreamCatalog.from_stored(row.name, items.get(row.id, [])))
 
     async def reconcile(self) -> None:
         """Bring this process in line with the table, which other replicas' admin APIs change too."""
@@ -119,6 +140,7 @@ class UpstreamRegistry:
                     r.name: r for r in (await db.exec(select(Upstream).where(col(Upstream.enabled)))).all()
                 }
                 self._pool.set_tool_settings(await _tool_settings(db))
+                reviewed = await repo.present_statuses(db)
             for name in set(self._pool.names()) - set(rows):
                 log.info("upstream %s was disabled or removed elsewhere; dropping it", name)
                 await self._deactivate(name)
@@ -130,7 +152,24 @@ class UpstreamRegistry:
             for row in changed:
                 log.info("upstream %s was added or changed elsewhere; reconnecting", row.name)
                 await self._activate(row)
+            # Review decisions (approve, reject, disable) and definitions stored by other replicas.
+            for name, row in rows.items():
+                assert row.id is not None
+                seen = reviewed.get(row.id, frozenset())
+                if self._reviewed.get(row.id) != seen and name not in {c.name for c in changed}:
+                    await self.reload_catalog(name)
+                self._reviewed[row.id] = seen
         await self._discover_each([row.name for row in changed], "discovery")
+
+    async def reload_catalog(self, name: str) -> None:
+        """Serve an upstream's catalog as stored, with its review statuses (after a review decision)."""
+        async with self._db() as db:
+            row = await repo.by_name(db, name)
+            if row is None or row.id is None or not row.enabled:
+                return
+            items = await repo.present_items(db, row.id)
+        if self._pool.current(name) is not None:
+            self._catalog.put(UpstreamCatalog.from_stored(name, items.get(row.id, [])))
 
     async def refresh_all(self) -> None:
         """Re-discover every enabled upstream; failures are logged and leave the last catalog in place."""
@@ -197,6 +236,7 @@ class UpstreamRegistry:
                 connect_timeout_s=data.connect_timeout_s,
                 call_timeout_s=data.call_timeout_s,
                 enabled=data.enabled,
+                auto_approve=data.auto_approve,
                 credential=credential.to_json(),
                 max_concurrency=data.max_concurrency,
                 fallback=data.fallback,
@@ -330,16 +370,17 @@ class UpstreamRegistry:
                     raise Conflict(f"an upstream named {row.name!r} already exists", field="name") from exc
             else:
                 row = await db.merge(row)
+            stored = None
             if snap is not None:
                 assert row.id is not None
-                await repo.store_catalog(db, row.id, snap.items())
+                stored = await self._store_items(db, row, snap)
             if forget_tool_settings:
                 await _forget_tool_settings(db, row.name)
             await db.commit()
             if forget_tool_settings:
                 self._pool.set_tool_settings(await _tool_settings(db))
-        if snap is not None:
-            self._catalog.put(snap)
+        if snap is not None and stored is not None:
+            self._catalog.put(self._arrived(row.name, snap, stored))
         return row
 
     async def _try_spec(self, row: Upstream, previous: UpstreamSpec | None) -> UpstreamCatalog:
@@ -370,28 +411,50 @@ class UpstreamRegistry:
         # One writer per process; another replica storing the same definitions at the same moment
         # trips the unique constraint once, and the retry then finds its rows.
         async with self._store_lock:
+            stored = None
             for attempt in (1, 2):
                 try:
-                    if not await self._store(name, snap):
-                        return snap  # deleted meanwhile: nothing to serve
+                    stored = await self._store(name, snap)
                     break
                 except IntegrityError:
                     if attempt == 2:
                         raise
-        self._catalog.put(snap)
-        return snap
+            if stored is None:
+                return snap  # deleted meanwhile: nothing to serve
+        served = self._arrived(name, snap, stored)
+        self._catalog.put(served)
+        return served
 
-    async def _store(self, name: str, snap: UpstreamCatalog) -> bool:
+    async def _store(self, name: str, snap: UpstreamCatalog) -> repo.Stored | None:
         async with self._db() as db:
             row = await repo.by_name(db, name)
             if row is None:
-                return False
-            assert row.id is not None
-            await repo.store_catalog(db, row.id, snap.items())
+                return None
+            stored = await self._store_items(db, row, snap)
             row.last_refresh_at = utcnow()
             row.last_error = None
             await db.commit()
-        return True
+        return stored
+
+    async def _store_items(self, db: AsyncSession, row: Upstream, snap: UpstreamCatalog) -> repo.Stored:
+        """Store a discovered catalog; new definitions are judged and get their review status."""
+        assert row.id is not None
+        judge = self._judge
+        name = row.name
+
+        def judged(kind: str, entry: str, definition: Mapping[str, Any]) -> list[dict[str, Any]]:
+            assert judge is not None
+            return judge(name, kind, entry, definition, self._catalog)
+
+        return await repo.store_catalog(
+            db, row.id, snap.items(), auto_approve=row.auto_approve, judge=judged if judge else None
+        )
+
+    def _arrived(self, name: str, snap: UpstreamCatalog, stored: repo.Stored) -> UpstreamCatalog:
+        """Once stored: tell who listens of new definitions, and serve only the approved ones."""
+        if stored.arrivals and self._on_arrivals is not None:
+            self._on_arrivals(name, stored.arrivals)
+        return snap.holding(stored.statuses)
 
     async def _record_error(self, name: str, message: str) -> None:
         async with self._db() as db:

@@ -46,6 +46,7 @@ from mcp.shared.inbound import (
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from arbiter.errors import ResultTooLarge
 from arbiter.proxy.sse import EventTooLarge, events
 
 if TYPE_CHECKING:
@@ -132,6 +133,10 @@ class UpstreamRequest:
     client_capabilities: Mapping[str, Any] | None = None
     # Where what the upstream streams for this request goes (progress, logs, its requests to the agent).
     downstream: Downstream | None = None
+    # The result guard (integrity/results.py): the most of the answer read before it is refused as
+    # ``ResultTooLarge`` (None: the relay's own limits), and who sees the answer's raw bytes first.
+    max_result_bytes: int | None = None
+    inspect: Callable[[bytes], None] | None = None
 
 
 class RelayFailure(Exception):
@@ -246,7 +251,7 @@ class Relay:
                     if fresh is not None:
                         response.release()
                         response = await self._post(content, {**headers, **fresh}, resend)
-                return await self._answer(response, rid, on_message, request.downstream)
+                return await self._answer(response, rid, on_message, request)
             except aiohttp.ClientPayloadError as exc:
                 raise Interrupted(f"the answer was cut off ({type(exc).__name__})") from None
             except aiohttp.ClientError as exc:
@@ -357,16 +362,18 @@ class Relay:
         response: aiohttp.ClientResponse,
         rid: str,
         on_message: Observer | None,
-        downstream: Downstream | None = None,
+        request: UpstreamRequest,
     ) -> dict[str, Any]:
         status = response.status
         kind = response.content_type.lower()
         if status == 404 and SESSION_HEADER in response.request_info.headers:
             raise SessionLost("the upstream lost our session (it restarted)")
         if 200 <= status < 300 and kind == "text/event-stream":
-            return await self._from_stream(response, rid, on_message, downstream)
+            return await self._from_stream(response, rid, on_message, request)
         if kind == "application/json":
-            body = await _read_body(response)
+            body = await _read_body(response, request.max_result_bytes)
+            if request.inspect is not None and 200 <= status < 300:
+                request.inspect(body)
             message = _decode(body)
             if status >= 400 and "error" in message:
                 # A JSON-RPC error at an HTTP error status (400 invalid params, 404 unknown method): the
@@ -384,15 +391,20 @@ class Relay:
         response: aiohttp.ClientResponse,
         rid: str,
         on_message: Observer | None,
-        downstream: Downstream | None = None,
+        request: UpstreamRequest,
     ) -> dict[str, Any]:
+        downstream = request.downstream
+        cap = request.max_result_bytes
         try:
-            async for event in events(response.content.iter_any(), _MAX_EVENT_BYTES):
+            async for event in events(response.content.iter_any(), cap or _MAX_EVENT_BYTES):
                 if event.type != "message" or not event.data:
                     continue
-                message = _decode(event.data.encode())
+                data = event.data.encode()
+                message = _decode(data)
                 if "method" not in message:
                     if message.get("id") == rid:
+                        if request.inspect is not None:
+                            request.inspect(data)
                         return _outcome(message, rid)
                     continue  # no request of ours on this stream has another id
                 if on_message is not None:
@@ -406,26 +418,35 @@ class Relay:
                 if reply is not None:
                     await self._reply(reply)
         except EventTooLarge as exc:
+            if cap is not None:  # the result guard's cap: what was read goes along, for truncation
+                raise ResultTooLarge(
+                    f"the upstream's answer exceeds {cap} bytes", partial=exc.partial
+                ) from None
             raise MalformedAnswer(str(exc)) from None
         raise Interrupted("the upstream's event stream ended without a response")
 
 
-async def _read_body(response: aiohttp.ClientResponse) -> bytes:
+async def _read_body(response: aiohttp.ClientResponse, cap: int | None = None) -> bytes:
+    """The JSON body, read no further than ``cap`` (the result guard's) or the relay's own limit: past
+    ``cap`` the rest is never read (the connection is closed on release) and ``ResultTooLarge`` carries
+    the ``cap`` bytes read."""
     if response.headers.get("content-encoding", "identity").lower() != "identity":
         raise MalformedAnswer("the upstream compressed its answer although asked not to")
+    limit = cap or _MAX_BODY_BYTES
     length = response.content_length
-    if length is not None:
-        if length > _MAX_BODY_BYTES:
-            raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
+    if length is not None and length <= limit:
         return await response.read()  # read as sent (auto_decompress is off): at most length bytes
-    chunks: list[bytes] = []
-    size = 0
+    if length is not None and cap is None:
+        raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
+    body = bytearray()  # grown and cut in place: one copy of the answer in memory, not three
     async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > _MAX_BODY_BYTES:
-            raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+        if len(body) > limit:
+            if cap is None:
+                raise MalformedAnswer(f"the upstream's answer exceeds {_MAX_BODY_BYTES} bytes")
+            del body[cap:]
+            raise ResultTooLarge(f"the upstream's answer exceeds {cap} bytes", partial=body)
+    return bytes(body)
 
 
 def encode(message: dict[str, Any]) -> bytes:

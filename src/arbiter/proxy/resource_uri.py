@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import string
+from functools import lru_cache
 from urllib.parse import unquote
 
 from arbiter.errors import AmbiguousResourceUri
@@ -114,3 +115,23 @@ def _fully_decoded(segment: str) -> str:
 
 def _refused(uri: str, why: str) -> AmbiguousResourceUri:
     return AmbiguousResourceUri(f"resource URI {uri!r} cannot be normalised unambiguously: {why}")
+
+
+_EXPRESSION = re.compile(r"\{([+#./;?&]?)[^}]*\}")
+
+
+@lru_cache(maxsize=1024)
+def _template_pattern(template: str) -> re.Pattern[str]:
+    parts: list[str] = []
+    at = 0
+    for match in _EXPRESSION.finditer(template):
+        parts.append(re.escape(template[at : match.start()]))
+        parts.append(".*" if match.group(1) in ("+", "#", "/", "?", "&", ";", ".") else "[^/?#]*")
+        at = match.end()
+    parts.append(re.escape(template[at:]))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def template_matches(template: str, uri: str) -> bool:
+    """Whether ``uri`` could be an expansion of the URI template ``template``."""
+    return _template_pattern(template).fullmatch(uri) is not None

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 
 class EventTooLarge(ValueError):
-    """One event is larger than the reader accepts."""
+    """One event is larger than the reader accepts; ``partial``: the event's data read so far (at most
+    the limit), for a caller that keeps the start of an oversized answer."""
+
+    def __init__(self, message: str, partial: bytes | bytearray = b"") -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +54,7 @@ async def events(chunks: AsyncIterable[bytes], max_event_bytes: int) -> AsyncIte
                 continue
             size += len(line)
             if size > max_event_bytes:
-                raise EventTooLarge(f"an event exceeds {max_event_bytes} bytes")
+                raise EventTooLarge(f"an event exceeds {max_event_bytes} bytes", _partial(data, line))
             name, _, value = line.partition(b":")
             if not name:
                 continue  # a comment (keep-alive pings)
@@ -61,7 +66,20 @@ async def events(chunks: AsyncIterable[bytes], max_event_bytes: int) -> AsyncIte
         del buffer[:start]
         scan = max(len(buffer) - 1, 0) if buffer.endswith(b"\r") else len(buffer)
         if size + len(buffer) > max_event_bytes:
-            raise EventTooLarge(f"an event exceeds {max_event_bytes} bytes")
+            raise EventTooLarge(f"an event exceeds {max_event_bytes} bytes", _partial(data, buffer))
 
 
 _EOL = re.compile(rb"\r\n?|\n")
+
+
+def _partial(data: list[str], line: bytes | bytearray) -> bytes | bytearray:
+    # The data lines so far and the (unfinished) line being read, without its "data:" field name. The
+    # reader's own buffer is handed over as it is (it is not read again): no copy of a large event.
+    if line.startswith(b"data:"):
+        if isinstance(line, bytearray):
+            del line[: 6 if line.startswith(b"data: ") else 5]
+        else:
+            line = line[6:] if line.startswith(b"data: ") else line[5:]
+    if not data:
+        return line
+    return "\n".join(data).encode() + b"\n" + line

@@ -44,6 +44,20 @@ _SENTENCES: dict[str, str] = {
     "audit_unavailable": _OUT.replace("{why}", "audit log unavailable"),
     "input_unavailable": "{tool} needs input from the user that this client cannot ask for; "
     "answer without it",
+    # Pinned definitions (docs/integrity.md): structuredContent's status says pending, quarantined, ...
+    "tool_quarantined": "{tool} cannot be used right now (a security admin has not approved its definition); "
+    "answer without it",
+    # The guards (docs/integrity.md): structuredContent says which path and keyword, or which detector.
+    "invalid_arguments": "the arguments for {tool} do not match its input schema (see the errors in "
+    "structuredContent); correct them and call it again",
+    "sensitive_argument": "the arguments for {tool} contain a secret or credential, which Arbiter does "
+    "not forward; call it again without it, or answer without it",
+    "invalid_tool_schema": "{tool} cannot be used right now (its schema cannot be checked); "
+    "answer without it",
+    "result_too_large": "the result of {tool} is too large to pass on; ask for less (a narrower request) "
+    "or answer without it",
+    "invalid_result": "{tool} answered with a result that does not match its output schema; "
+    "answer without it",
 }
 # The reasons converted to a result: documented in docs/resilience.md ("Answers agents can act on").
 RESULT_REASONS = frozenset(_SENTENCES)

@@ -43,6 +43,8 @@ class Upstream(SQLModel, table=True):
     # Resilience (proxy/pool.py): its bulkhead (None: upstream.max_concurrency) and its fallback's name.
     max_concurrency: int | None = Field(default=None, sa_column=sa.Column(sa.Integer, nullable=True))
     fallback: str | None = Field(default=None, sa_column=sa.Column(sa.String(32), nullable=True))
+    # Integrity: whether new, unflagged definitions it offers are approved without a review.
+    auto_approve: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
 
 
 class ToolSettingRow(SQLModel, table=True):
@@ -89,6 +91,15 @@ class CatalogItem(SQLModel, table=True):
     )
     last_seen: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
+    )
+    # Integrity (proxy/pins.py): whether agents may see and use this exact definition (see Status there),
+    # what the poisoning and shadowing scans found in it when it was first seen, and who decided.
+    status: str = Field(default="pending", sa_column=sa.Column(sa.String(16), nullable=False))
+    disabled: bool = Field(default=False, sa_column=sa.Column(sa.Boolean, nullable=False))
+    findings: list[dict[str, Any]] | None = Field(default=None, sa_column=sa.Column(sa.JSON, nullable=True))
+    reviewed_by: str | None = Field(default=None, sa_column=sa.Column(sa.String(200), nullable=True))
+    reviewed_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
     )
 
 

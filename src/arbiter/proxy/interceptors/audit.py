@@ -2,7 +2,8 @@
 
 The queue slot is taken before anything runs, so a request that cannot be recorded is refused
 (``audit_unavailable``) instead of running unaudited; the record is queued in ``finally``, so allowed,
-denied, failed and cancelled requests all leave one.
+denied, failed and cancelled requests all leave one, and an answered request is answered once its record
+is stored (``audit.confirm_before_answer``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ class Audit:
             event = mcp_event(ctx, result, error)
             if event.trace_id is not None and isinstance(error, ArbiterError):
                 with_trace_id(error, event.trace_id)
-            self._writer.submit(event)
+            number = self._writer.submit(event)
+            if error is None or isinstance(error, Exception):
+                # Answered (a result or an error the agent gets): not before its record is safe, so a
+                # replica killed right after answering has lost no record of it. A cancelled request is
+                # answered by nobody and does not wait.
+                await self._writer.confirmed(number)
 
 
 def with_trace_id(error: ArbiterError, tid: str) -> None:
@@ -93,6 +99,8 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
         outcome["input_rounds"] = ctx.input_rounds
     if ctx.input_round is not None:  # a multi-round-trip round: input asked for / given (keys only)
         outcome.update(ctx.input_round)
+    if ctx.guard is not None:  # what the argument and result guards found: detector names and paths
+        outcome["guard"] = ctx.guard
     policy = ctx.decision
     http = ctx.http_request
     scope = http.scope if http is not None else None

@@ -89,6 +89,8 @@ class Forward:
             trace,
             client_capabilities=ctx.client_capabilities,
             downstream=ctx.downstream,  # what the upstream streams for this call goes to its agent
+            max_result_bytes=ctx.result_cap,  # the result guard's: the relay reads no further
+            inspect=ctx.inspect_result,
         )
         # The caller's own token goes along for an upstream that exchanges it (RFC 8693), and only the
         # pool reads it, for those alone; every other upstream gets Arbiter's credential.

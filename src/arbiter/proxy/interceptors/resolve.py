@@ -8,7 +8,7 @@ from arbiter.errors import UnknownTarget
 from arbiter.naming import split_name, split_uri
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.pipeline import COMPLETE, TARGET_KEYS, CallContext, CallNext, Result
-from arbiter.proxy.resource_uri import normalise
+from arbiter.proxy.resource_uri import normalise, template_matches
 from arbiter.proxy.targets import completed_method, not_found
 
 
@@ -48,10 +48,14 @@ class Resolve:
         else:
             parts = split_uri(value)
             snap = self._catalog.get(parts[0]) if parts is not None else None
-            if parts is None or snap is None or parts[1] not in snap.resource_templates:
+            if parts is None or snap is None:
                 raise not_found(like, value)
             ctx.upstream, ctx.target = parts
-            ctx.definition = snap.resource_templates[parts[1]]
+            ctx.definition = snap.resource_templates.get(parts[1])
+            if ctx.definition is None:
+                ctx.held = snap.held.get(("resource_template", parts[1]))
+                if ctx.held is None:
+                    raise not_found(like, value)
         # The policy judges the arguments already chosen, as it judges them on prompts/get.
         context: Any = ctx.params.get("context")
         args: Any = cast(dict[str, Any], context).get("arguments") if isinstance(context, dict) else None
@@ -62,8 +66,13 @@ class Resolve:
         snap = self._catalog.get(parts[0]) if parts else None
         entries = (snap.tools if kind == "tool" else snap.prompts) if snap else {}
         definition = entries.get(parts[1]) if parts else None
-        if parts is None or definition is None:
+        if parts is None or snap is None:
             raise not_found(ctx.method, exposed)
+        if definition is None:
+            # Offered but not approved: found (so authorize decides who may even learn that), refused later.
+            ctx.held = snap.held.get((kind, parts[1]))
+            if ctx.held is None:
+                raise not_found(ctx.method, exposed)
         ctx.upstream, ctx.target, ctx.definition = parts[0], parts[1], definition
         args: Any = ctx.params.get("arguments")
         ctx.arguments = args if isinstance(args, dict) else {}
@@ -82,9 +91,20 @@ class Resolve:
             # string, and an upstream may look its resources up by exact match.
             target = parts[1]
         # A URI outside the static list may still match one of the upstream's templates; the upstream
-        # decides, since template matching is its business.
-        if target not in snap.resources and not snap.resource_templates:
-            raise not_found(ctx.method, exposed)
+        # decides, since template matching is its business. But one only a template waiting for review
+        # (or rejected, disabled) makes is held as that template is (docs/integrity.md).
+        if target not in snap.resources:
+            if not any(template_matches(t, target) for t in snap.resource_templates):
+                ctx.held = next(
+                    (
+                        status
+                        for (kind, name), status in snap.held.items()
+                        if kind == "resource_template" and template_matches(name, target)
+                    ),
+                    None,
+                )
+            if ctx.held is None and not snap.resource_templates:
+                raise not_found(ctx.method, exposed)
         # Authorize matches, and forward sends, the normal form: what was allowed is what is read.
         ctx.upstream, ctx.target = parts[0], target
         ctx.definition = snap.resources.get(target)
