@@ -11,16 +11,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from arbiter.admin.deps import ADMIN_AREAS, require, runtime
+from arbiter.audit.events import forbidden_event
 from arbiter.auth.apikeys import ISSUER
 from arbiter.auth.principal import Principal
-from arbiter.errors import InvalidInput
+from arbiter.errors import Forbidden, InvalidInput
 from arbiter.limits.rules import Budget, RateRule, select, tool_settings
 from arbiter.naming import exposed_name, exposed_target
 from arbiter.policies.access import KIND_ACTION, Access, access, unknown_roles, who
+from arbiter.policies.admin_rights import may_admin
 from arbiter.policies.engine import Subject
 from arbiter.policies.lint import Known, object_warnings
 from arbiter.policies.rules import Rule
@@ -156,6 +158,19 @@ async def write_warnings(rt: Runtime, rules: list[Rule]) -> list[str]:
 # --- GET /access ---------------------------------------------------------------------------------------
 
 
+def _may_read_keys(rt: Runtime, caller: Principal) -> bool:
+    # The key inventory (ids, owners, roles, tenants) is admin/api-keys' to show, not admin/policies'.
+    return may_admin(caller, "api-keys", "admin:read", rt.settings.auth, rt.policy.engine)
+
+
+def _need_key_reader(request: Request, rt: Runtime, caller: Principal) -> None:
+    if not _may_read_keys(rt, caller):
+        refused = Forbidden("the policy does not allow admin:read on admin/api-keys (needed for key_id)")
+        where = f"{request.method} {request.url.path}"
+        rt.audit.offer(forbidden_event(refused, caller, request.scope, where))
+        raise refused
+
+
 def _active(row: ApiKey) -> bool:
     expires = row.expires_at
     if expires is not None and expires.tzinfo is None:  # SQLite hands back naive datetimes
@@ -202,8 +217,9 @@ def _budget(budget: Budget) -> BudgetOut:
 
 @router.get("/access", response_model=AccessReport)
 async def show_access(
+    request: Request,
     rt: Rt,
-    _: Reader,
+    caller: Reader,
     key_id: Annotated[str | None, Query(max_length=64, description="An API key's id")] = None,
     role: Annotated[list[str] | None, Query(description="A role (repeatable)")] = None,
     subject: Annotated[str | None, Query(max_length=256, description="The caller's subject")] = None,
@@ -215,6 +231,7 @@ async def show_access(
     if key_id is not None:
         if roles or subject is not None or tenant is not None:
             raise InvalidInput("give key_id alone, or role/subject/tenant, not both")
+        _need_key_reader(request, rt, caller)
         row = await rt.keys.get(key_id)
         active = _active(row)
         who_ = Principal(
@@ -284,7 +301,7 @@ async def show_access(
 @router.get("/access/who", response_model=WhoReport)
 async def show_who(
     rt: Rt,
-    _: Reader,
+    caller: Reader,
     tool: Annotated[
         str, Query(min_length=3, max_length=1100, description="crm__get_customer or crm/get_customer")
     ],
@@ -310,7 +327,10 @@ async def show_who(
         for g in who(engine, obj, "call")
     ]
     keys: list[KeyGrantOut] = []
-    for row in await rt.keys.list():
+    rows = await rt.keys.list() if _may_read_keys(rt, caller) else None
+    if rows is None:
+        warnings.append("api_keys is left empty: listing API keys needs admin:read on admin/api-keys")
+    for row in rows or []:
         if not _active(row):
             continue
         report = access(engine, Subject(row.owner, row.tenant or "", tuple(sorted(row.roles))), obj, "call")

@@ -7,7 +7,7 @@ reach agents. Every decision is an audited admin change.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 
@@ -123,25 +123,13 @@ async def decide(
     at once, on the others at their next reconcile."""
     selectors = [Selector(i.kind, i.name, i.sha256) for i in body.items]
     async with change(request, caller, f"definition.{action}", str(upstream_id)) as audit:
-        audit.before = [_brief(r) for r in await _current(revs, upstream_id, selectors)]
+        audit.before = [r.summary() for r in await _current(revs, upstream_id, selectors)]
         done = await revs.decide(
             upstream_id, action, selectors, caller.subject, acknowledge_findings=body.acknowledge_findings
         )
-        audit.after = [_brief(r) for r in done]
+        audit.after = [r.summary() for r in done]
     return [_out(r) for r in done]
 
 
 async def _current(revs: Reviews, upstream_id: int, selectors: list[Selector]) -> list[Review]:
     return [await revs.detail(upstream_id, s.kind, s.name) for s in selectors]
-
-
-def _brief(review: Review) -> dict[str, Any]:
-    item = review.item
-    return {
-        "kind": item.kind,
-        "name": item.name,
-        "status": review.status,
-        "sha256": item.sha256,
-        "approved_sha256": review.approved.sha256 if review.approved is not None else None,
-        "findings": len(item.findings or []),
-    }

@@ -171,24 +171,12 @@ async def decide(
     caller = who.principal
     # The same record as POST /admin/v1/upstreams/{id}/definitions/{action}.
     async with admin_change(who.rt.audit, caller, request, f"definition.{action}", str(upstream_id)) as ch:
-        ch.before = [_state(await revs.detail(upstream_id, kind, name))]
+        ch.before = [(await revs.detail(upstream_id, kind, name)).summary()]
         done = await revs.decide(
             upstream_id, action, selectors, caller.subject, acknowledge_findings=acknowledge_findings
         )
-        ch.after = [_state(r) for r in done]
+        ch.after = [r.summary() for r in done]
         ch.details["via"] = "console"
     verb = "approved" if action == "approve" else "rejected"
     who.session.flash.append(f"{kind} {name} {verb} (sha256 {sha256[:12]}…).")
     return redirect(f"/upstreams/{upstream_id}/definitions/{kind}/{quote(name, safe='')}")
-
-
-def _state(review: Review) -> dict[str, Any]:
-    item = review.item
-    return {
-        "kind": item.kind,
-        "name": item.name,
-        "status": review.status,
-        "sha256": item.sha256,
-        "approved_sha256": review.approved.sha256 if review.approved is not None else None,
-        "findings": len(item.findings or []),
-    }

@@ -39,6 +39,8 @@ router = APIRouter(route_class=ConsoleRoute)
 
 # The areas a console page shows: a credential with none of them has nothing to do here.
 CONSOLE_AREAS = ("upstreams", "api-keys", "audit")
+# Credentials a session may stand for: ones whose revocation or expiry viewer() notices.
+SESSION_METHODS = frozenset({"api_key", "break_glass"})
 
 _STATIC = {
     "console.css": "text/css; charset=utf-8",
@@ -101,6 +103,12 @@ async def login(
     except ArbiterError as exc:
         rt.audit.offer(auth_event(exc, request.scope, where))
         return _login_page(request, 401, "That key was not accepted (unknown, revoked or expired).")
+    if caller.auth_method not in SESSION_METHODS:
+        # A session keeps the principal, not the credential, and only an API key's principal is
+        # re-checked on each page: a session opened with a JWT would outlive the token's exp.
+        refused = Forbidden("the console takes an API key or the admin token, not a JWT")
+        rt.audit.offer(forbidden_event(refused, caller, request.scope, where))
+        return _login_page(request, 403, refused.message)
     if not any(_may(rt_caller=caller, request=request, area=a) for a in CONSOLE_AREAS):
         refused = Forbidden("this credential has no admin rights: the console has nothing to show it")
         rt.audit.offer(forbidden_event(refused, caller, request.scope, where))

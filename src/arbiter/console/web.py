@@ -141,14 +141,28 @@ async def form_viewer(request: Request) -> Viewer:
     return who
 
 
-def secure_cookie(request: Request) -> bool:
-    """Secure cookies, except over plain HTTP on loopback (a local demo has no TLS)."""
-    if request.url.scheme == "https" or request.client is None:
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
         return True
     try:
-        return not ipaddress.ip_address(request.client.host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
+        return False
+
+
+def secure_cookie(request: Request) -> bool:
+    """Secure cookies, except over plain HTTP between a browser and a server both on loopback (a local
+    demo has no TLS).
+
+    The peer address alone does not say where the browser is: a TLS terminator on the same host connects
+    from loopback (and uvicorn takes the address from X-Forwarded-For when the peer is loopback, a value
+    a client may have written). So the host the browser asked for (Host) must be loopback too.
+    """
+    if request.url.scheme == "https" or request.client is None:
         return True
+    return not (_is_loopback(request.client.host) and _is_loopback(request.url.hostname))
 
 
 def render(

@@ -51,6 +51,18 @@ class Review:
     status: str
     approved: CatalogItem | None
 
+    def summary(self) -> dict[str, Any]:
+        """What an audit record of a decision keeps of the entry: hashes and counts, no definition text."""
+        item = self.item
+        return {
+            "kind": item.kind,
+            "name": item.name,
+            "status": self.status,
+            "sha256": item.sha256,
+            "approved_sha256": self.approved.sha256 if self.approved is not None else None,
+            "findings": len(item.findings or []),
+        }
+
 
 @dataclass(frozen=True)
 class ReviewDetail(Review):
