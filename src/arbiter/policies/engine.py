@@ -138,12 +138,20 @@ class PolicyEngine:
         return cls([rule for _, rule in adapter.rules], adapter.version, enforcer=enforcer)
 
     def decide(
-        self, principal: Principal | Subject, obj: str, act: str, args: Mapping[str, Any] | None = None
+        self,
+        principal: Principal | Subject,
+        obj: str,
+        act: str,
+        args: Mapping[str, Any] | None = None,
+        annotations: Mapping[str, Any] | None = None,
     ) -> Decision:
-        """Allow or deny ``act`` on ``obj`` with ``args``; deny overrides allow, no match denies."""
+        """Allow or deny ``act`` on ``obj`` with ``args`` (and the tool's pinned ``annotations``, which
+        conditions read as ``r.tool``); deny overrides allow, no match denies."""
         sub = principal if isinstance(principal, Subject) else Subject.of(principal)
         args = args or {}
         needs_args, fields = self._target(obj, act)
+        if annotations and needs_args:  # only a conditional rule can read them
+            args = _CallArgs(args, annotations)
         reach = self._roles.named_reach(sub, sub.tenant)
         key = (
             reach,
@@ -346,6 +354,8 @@ def empty_engine() -> PolicyEngine:
 
 
 def _fingerprint(args: Mapping[str, Any]) -> str:
+    if isinstance(args, _CallArgs):  # the tool's annotations decide too
+        args = {"args": dict(args), "tool": args.annotations}
     blob = json.dumps(args, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
@@ -368,7 +378,7 @@ def _subject_fields(cond: str) -> frozenset[str]:
             continue
         parent = parents.get(id(node))
         if node.id == "r" and isinstance(parent, ast.Attribute):
-            if parent.attr == "args":
+            if parent.attr in ("args", "tool"):
                 continue
             grand = parents.get(id(parent))
             if parent.attr == "sub" and isinstance(grand, ast.Attribute) and grand.attr in SUBJECT_FIELDS:
@@ -452,14 +462,25 @@ def _wrap(value: Any) -> Any:
     return _View(cast(Mapping[str, Any], value)) if isinstance(value, Mapping) else value
 
 
-class _RequestView:
-    """What a condition sees as ``r``: ``r.args`` (the call's arguments) and ``r.sub`` (the caller)."""
+class _CallArgs(dict[str, Any]):
+    """A call's arguments with its tool's pinned annotations beside them: Casbin hands the request's
+    ``args`` to the condition function whole, so this is how ``r.tool`` reaches it."""
 
-    __slots__ = ("args", "sub")
+    def __init__(self, args: Mapping[str, Any], annotations: Mapping[str, Any]) -> None:
+        super().__init__(args)
+        self.annotations = annotations
+
+
+class _RequestView:
+    """What a condition sees as ``r``: ``r.args`` (the call's arguments), ``r.sub`` (the caller) and
+    ``r.tool`` (the tool's pinned annotations, e.g. ``r.tool.readOnlyHint``; missing ones are MISSING)."""
+
+    __slots__ = ("args", "sub", "tool")
 
     def __init__(self, sub: Subject, args: Mapping[str, Any]) -> None:
         self.sub = sub
         self.args = _View(args)
+        self.tool = _View(args.annotations if isinstance(args, _CallArgs) else {})
 
 
 def _condition(cond: str, eft: str, sub: _Caller | Subject, args: Mapping[str, Any]) -> bool:

@@ -271,10 +271,12 @@ _ALLOWED_NODES = (
 
 @lru_cache(maxsize=4096)
 def compile_condition(text: str) -> ast.Expression:
-    """Parse a condition, allowing only comparisons and boolean logic over ``r.args``/``r.sub``.
+    """Parse a condition, allowing only comparisons and boolean logic over ``r.args``/``r.sub``/``r.tool``.
 
     Examples: ``r.args.amount <= 100``, ``r.args.region == r.sub.tenant``,
-    ``r.args.status in ("open", "pending")``, ``"admin" in r.sub.roles``.
+    ``r.args.status in ("open", "pending")``, ``"admin" in r.sub.roles``, ``r.tool.readOnlyHint == True``
+    (``r.tool`` is the tool's pinned annotations: what its upstream claims, so a condition may narrow on
+    it, e.g. deny unless read-only; it is a claim, not a fact, so never a reason to allow more).
     """
     if len(text) > _MAX_CONDITION:
         raise ValueError(f"condition is longer than {_MAX_CONDITION} characters")
@@ -286,7 +288,9 @@ def compile_condition(text: str) -> ast.Expression:
         if not isinstance(node, _ALLOWED_NODES):
             raise ValueError(f"condition {text!r}: {type(node).__name__} is not allowed")
         if isinstance(node, ast.Name) and node.id != "r":
-            raise ValueError(f"condition {text!r}: only r.args and r.sub may be used, not {node.id!r}")
+            raise ValueError(
+                f"condition {text!r}: only r.args, r.sub and r.tool may be used, not {node.id!r}"
+            )
         if isinstance(node, ast.Attribute):
             _check_attribute(text, node)
         if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
@@ -298,8 +302,11 @@ def _check_attribute(text: str, node: ast.Attribute) -> None:
     if node.attr.startswith("_"):
         raise ValueError(f"condition {text!r}: attribute {node.attr!r} is not allowed")
     if isinstance(node.value, ast.Name):  # r.<x>
-        if node.attr not in ("args", "sub"):
-            raise ValueError(f"condition {text!r}: use r.args.<name> or r.sub.<field>, not r.{node.attr}")
+        if node.attr not in ("args", "sub", "tool"):
+            raise ValueError(
+                f"condition {text!r}: use r.args.<name>, r.sub.<field> or r.tool.<annotation>, "
+                f"not r.{node.attr}"
+            )
     elif (
         isinstance(node.value, ast.Attribute)
         and isinstance(node.value.value, ast.Name)

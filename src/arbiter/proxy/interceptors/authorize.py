@@ -65,7 +65,10 @@ class Authorize:
         if use is not None:
             assert ctx.upstream is not None and ctx.target is not None and ctx.exposed is not None
             obj = f"{ctx.upstream}/{ctx.target}"
-            decision = engine.decide(sub, obj, use, ctx.arguments)
+            # The pinned definition's annotations, for conditions on r.tool (a claim: they may narrow).
+            found: Any = ctx.definition.get("annotations") if ctx.definition is not None else None
+            annotations = cast(dict[str, Any], found) if isinstance(found, dict) else None
+            decision = engine.decide(sub, obj, use, ctx.arguments, annotations)
             ctx.decision = decision  # the audit record tells auditors the truth
             if not engine.visible(sub, obj, use):
                 raise not_found(like, ctx.exposed, hidden=True)
