@@ -23,8 +23,10 @@ demo: $(STAMP)
 demo-reset: $(STAMP)
 	$(VENV)/bin/arbiter demo --port $${ARBITER_PORT:-8080} --info-file demo-info.json --reset $(ARGS)
 
+# Two workers, each taking whole modules (--dist loadfile), so module- and session-wide fixtures (a demo,
+# helm, the browser) are set up by one worker only. PYTEST_ARGS="-n 0" runs it in one process.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests examples bench
