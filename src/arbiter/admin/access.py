@@ -8,6 +8,7 @@ rate limits and budgets that apply. Needs ``admin:read`` on ``admin/policies``.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -179,38 +180,24 @@ def _active(row: ApiKey) -> bool:
 
 
 def _rate(rule: RateRule) -> RateLimitOut:
-    m = rule.match
     return RateLimitOut(
         id=rule.id,
         limit=rule.limit,
         period=rule.period,
         burst=rule.capacity,
         per=list(rule.per),
-        match={
-            "subject": m.subject,
-            "role": m.role,
-            "tenant": m.tenant,
-            "upstream": m.upstream,
-            "tool": m.tool,
-        },
+        match=asdict(rule.match),
         description=rule.description,
     )
 
 
 def _budget(budget: Budget) -> BudgetOut:
-    m = budget.match
     return BudgetOut(
         id=budget.id,
         limit=budget.limit,
         period=budget.period,
         per=list(budget.per),
-        match={
-            "subject": m.subject,
-            "role": m.role,
-            "tenant": m.tenant,
-            "upstream": m.upstream,
-            "tool": m.tool,
-        },
+        match=asdict(budget.match),
         description=budget.description,
     )
 

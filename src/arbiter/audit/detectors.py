@@ -301,8 +301,9 @@ class Detectors:
         # An operator's pattern may match a single character; the built-ins need at least MIN_MATCH.
         self.min_len = 1 if custom else MIN_MATCH
 
-    def scan(self, text: str) -> tuple[str, int]:
-        """``text`` with every match replaced by its marker, and how many were."""
+    def scan(self, text: str, found: dict[str, int] | None = None) -> tuple[str, int]:
+        """``text`` with every match replaced by its marker, and how many were (per detector, added to
+        ``found`` when given: the argument and result guards say which detector found what)."""
         count = 0
         lowered: str | None = None
         for p in self.passes:
@@ -322,4 +323,6 @@ class Detectors:
             if n:
                 count += n
                 lowered = None
+                if found is not None:
+                    found[p.name] = found.get(p.name, 0) + n
         return text, count

@@ -235,16 +235,30 @@ def upstreams_definitions(
 
 
 def _decide(
-    action: str, ref: str, kind: str, name: str, sha256: str, acknowledge: bool, url: str, token: str | None
-) -> list[dict[str, Any]]:
+    action: str,
+    ref: str,
+    kind: str,
+    name: str,
+    sha256: str,
+    acknowledge: bool,
+    url: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Approve or reject one definition, and show what it is now."""
     from arbiter.cli.client import connect
+    from arbiter.cli.output import emit_json, table
 
     api = connect(url, token)
     body = {"items": [{"kind": kind, "name": name, "sha256": sha256}], "acknowledge_findings": acknowledge}
-    return cast(
+    done = cast(
         list[dict[str, Any]],
         api.json("POST", f"/upstreams/{resolve(api, ref)}/definitions/{action}", body=body),
     )
+    if as_json:
+        emit_json(done)
+    else:
+        table(done, _DEFINITION_COLUMNS[:4])
 
 
 KindArg = Annotated[Kind, typer.Argument(help="tool, prompt or resource_template")]
@@ -266,13 +280,7 @@ def upstreams_approve(
     as_json: AsJson = False,
 ) -> None:
     """Let agents use exactly this definition (security admins only)."""
-    from arbiter.cli.output import emit_json, table
-
-    done = _decide("approve", ref, kind, name, sha256, acknowledge_findings, url, token)
-    if as_json:
-        emit_json(done)
-    else:
-        table(done, _DEFINITION_COLUMNS[:4])
+    _decide("approve", ref, kind, name, sha256, acknowledge_findings, url, token, as_json)
 
 
 @upstreams_cli.command("reject")
@@ -286,10 +294,4 @@ def upstreams_reject(
     as_json: AsJson = False,
 ) -> None:
     """Refuse this definition: agents do not get it (security admins only)."""
-    from arbiter.cli.output import emit_json, table
-
-    done = _decide("reject", ref, kind, name, sha256, False, url, token)
-    if as_json:
-        emit_json(done)
-    else:
-        table(done, _DEFINITION_COLUMNS[:4])
+    _decide("reject", ref, kind, name, sha256, False, url, token, as_json)

@@ -20,7 +20,7 @@ from arbiter.settings import REDACT_DETECTORS, RedactSettings
 class NamedDetectors:
     """The passes of the named detectors, compiled once; ``patterns``: the operator's own, by name."""
 
-    __slots__ = ("exact", "folded", "names", "passes", "untriggered")
+    __slots__ = ("_detectors", "exact", "folded", "names", "passes", "untriggered")
 
     def __init__(self, names: Iterable[str], patterns: dict[str, str], where: str) -> None:
         wanted = list(dict.fromkeys(names))
@@ -32,9 +32,8 @@ class NamedDetectors:
         custom = {n: p for n, p in patterns.items() if n in wanted}
         # Built-ins run before operators' patterns (as in the audit log), so a pattern cannot break up a
         # secret a built-in would catch.
-        self.passes: tuple[Pass, ...] = (
-            Detectors(RedactSettings(detectors=builtin, patterns=custom)).passes if wanted else ()
-        )
+        self._detectors = Detectors(RedactSettings(detectors=builtin, patterns=custom)) if wanted else None
+        self.passes: tuple[Pass, ...] = self._detectors.passes if self._detectors is not None else ()
         self.names = tuple(wanted)
         # A pass without triggers runs on every string: no cheap test can rule it out.
         self.untriggered = any(not p.triggers for p in self.passes)
@@ -45,22 +44,9 @@ class NamedDetectors:
 
     def scan(self, text: str, found: dict[str, int]) -> str:
         """``text`` with every match replaced by ``[REDACTED:<detector>]``; counts added to ``found``."""
-        lowered: str | None = None
-        for p in self.passes:
-            if p.triggers:
-                if p.lower:
-                    if lowered is None:
-                        lowered = text.lower()
-                    hay = lowered
-                else:
-                    hay = text
-                if not any(t in hay for t in p.triggers):
-                    continue
-            text, n = p.apply(text)
-            if n:
-                found[p.name] = found.get(p.name, 0) + n
-                lowered = None
-        return text
+        if self._detectors is None:
+            return text
+        return self._detectors.scan(text, found)[0]
 
     def may_match(self, raw: bytes) -> bool:
         """Whether a detector could match somewhere in ``raw`` (UTF-8 JSON): False only when none of
