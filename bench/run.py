@@ -71,6 +71,7 @@ from targets import (
     ARBITER_MIN,
     ARBITER_PG,
     ARBITER_TRACED,
+    ARBITER_SDK,
     ARBITER_UNCONFIRMED,
     CONTEXTFORGE_VENV,
     FASTMCP_VENV,
@@ -102,6 +103,7 @@ TARGETS = (
     "arbiter-pg",
     "arbiter-traced",
     "arbiter-unconfirmed",
+    "arbiter-sdk",
 )
 ALIASES = {
     "all": TARGETS,
@@ -129,6 +131,7 @@ SETUPS = (
     Setup(("arbiter-pg",), lambda ctx, c: setup_arbiter(ctx, ARBITER_PG, c)),
     Setup(("arbiter-traced",), lambda ctx, c: setup_arbiter(ctx, ARBITER_TRACED, c)),
     Setup(("arbiter-unconfirmed",), lambda ctx, c: setup_arbiter(ctx, ARBITER_UNCONFIRMED, c)),
+    Setup(("arbiter-sdk",), lambda ctx, c: setup_arbiter(ctx, ARBITER_SDK, c)),
 )
 
 

@@ -278,6 +278,9 @@ class ArbiterSpec:
     # audit.confirm_before_answer (on by default): an answer waits until its audit record is stored.
     # Off here only to measure what that durability costs (docs/performance.md).
     confirm: bool = True
+    # mcp.direct_path (on by default): the pipeline's methods answered without the SDK's server
+    # transport. Off here only to measure what the direct paths save (docs/performance.md).
+    direct: bool = True
 
 
 ARBITER_MIN = ArbiterSpec("arbiter-min", governed=False, postgres=False)
@@ -285,6 +288,7 @@ ARBITER_GOV = ArbiterSpec("arbiter-gov", governed=True, postgres=False)
 ARBITER_PG = ArbiterSpec("arbiter-pg", governed=True, postgres=True)
 ARBITER_TRACED = ArbiterSpec("arbiter-traced", governed=True, postgres=False, traced=True)
 ARBITER_UNCONFIRMED = ArbiterSpec("arbiter-unconfirmed", governed=True, postgres=False, confirm=False)
+ARBITER_SDK = ArbiterSpec("arbiter-sdk", governed=True, postgres=False, direct=False)
 
 
 def _signing_key() -> str:
@@ -383,6 +387,8 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
         }
     if not spec.confirm:
         env["ARBITER_AUDIT__CONFIRM_BEFORE_ANSWER"] = "false"
+    if not spec.direct:
+        env["ARBITER_MCP__DIRECT_PATH"] = "false"
     if spec.traced:
         (sink_port,) = free_ports(1)
         sink = ctx.fleet.start(
@@ -437,8 +443,10 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
         label += ", traces exported (OTLP)"
     if not spec.confirm:
         label += ", answers not waiting for their audit record"
+    if not spec.direct:
+        label += ", every request through the SDK's server transport"
     targets = [Target(spec.name, label, resource, tool, proc, key, admin=admin)]
-    if not spec.postgres and not spec.traced and spec.confirm:
+    if not spec.postgres and not spec.traced and spec.confirm and spec.direct:
         jwt = ctx.jwks.mint(resource, "agent-1", [AGENT_ROLE], TENANT)
         label = f"Arbiter, all governance on, JWT, {store}"
         targets.append(Target(f"{spec.name}-jwt", label, resource, tool, proc, jwt, admin=admin))

@@ -58,6 +58,7 @@ from arbiter.policies.store import PolicyStore
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.endpoint import McpEndpoint
 from arbiter.proxy.front import ModernFront
+from arbiter.proxy.handshake_front import HandshakeFront, SdkSessions
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
@@ -263,6 +264,19 @@ def create_app(
     )
     # List changes and resource subscriptions, relayed (docs/protocol.md). Off: no handlers, none advertised.
     notifications = _notifications(settings, catalog, authorize, registry, pool, mcp_server, keys, audit)
+    direct = mcp_cfg.direct_path and mcp_cfg.json_response
+    handshake: HandshakeFront | None = None
+    if direct and not mcp_cfg.stateless_legacy:
+        # After the change notifications' handlers: it keeps theirs on notifications/initialized.
+        sdk_sessions = SdkSessions(manager)
+        sdk_sessions.install(mcp_server)
+        handshake = HandshakeFront(
+            pipeline,
+            sdk_sessions,
+            error_results=error_results,
+            relay_requests=mcp_cfg.relay_server_requests,
+            max_requests=mcp_cfg.input_requests_max,
+        )
     runtime = Runtime(
         settings,
         engine,
@@ -374,10 +388,11 @@ def create_app(
             pipeline,
             catalog,
             authorize.tool_visible,
-            json_response=mcp_cfg.json_response,
+            json_response=direct,
             server_info=lambda: mcp_server.server_info_stamp,
             error_results=error_results,
         ),
+        handshake=handshake,
     )
 
     admin_errors.install(app, authenticator, audit)

@@ -204,6 +204,10 @@ class McpSettings(BaseModel):
     # A body must arrive whole within this long; a client trickling bytes holds nothing open for longer.
     body_timeout_s: float = Field(default=30.0, gt=0)
     json_response: bool = True
+    # Answer the pipeline's methods (calls, reads, lists, completions) in JSON response mode without the
+    # SDK's server transport, with its checks (proxy/front.py, proxy/handshake_front.py); off: everything
+    # through the SDK, as a fallback and a benchmark baseline. See docs/architecture.md.
+    direct_path: bool = True
     # How tools/call refusals the model can act on (upstream down, policy, limits) reach the agent: a tool
     # result with isError (agent frameworks hand it to the model), or a JSON-RPC error (which ends most
     # agents' runs). See docs/resilience.md.

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.context import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPError
@@ -159,17 +162,18 @@ def _related(request_id: Any) -> ServerMessageMetadata:
     return ServerMessageMetadata(related_request_id=request_id)
 
 
-@pytest.fixture
-def arbiter(arbiter_factory: ArbiterFactory, streamer: Streamer) -> ArbiterServer:
-    """Arbiter answering handshake-era requests as event streams, so a call's messages ride its own."""
-    server = arbiter_factory(mcp={"json_response": False})
+@pytest.fixture(params=[False, True], ids=["sdk-event-stream", "direct-json"])
+def arbiter(request: pytest.FixtureRequest, arbiter_factory: ArbiterFactory, streamer: Streamer) -> ArbiterServer:
+    """Arbiter answering through the SDK's transport in event-stream mode, and on the direct paths in JSON
+    mode (the default): either way a call's messages ride its own answer."""
+    server = arbiter_factory(mcp={"json_response": request.param})
     server.register("up", streamer.url)
     return server
 
 
-# (agent's mode, mcp.json_response): the 2026-07-28 direct path (JSON unless something is streamed) and
-# the SDK's path in event-stream mode, for both eras.
-PATHS = [("legacy", False), ("2026-07-28", True), ("2026-07-28", False)]
+# (agent's mode, mcp.json_response): the direct paths of both eras (JSON unless something is streamed)
+# and the SDK's path in event-stream mode.
+PATHS = [("legacy", False), ("legacy", True), ("2026-07-28", True), ("2026-07-28", False)]
 
 
 @dataclass
@@ -187,8 +191,30 @@ class Heard:
         self.logs.append(params.data)
 
 
-def _client(server: ArbiterServer, mode: str, heard: Heard | None = None, **callbacks: Any) -> Client:
-    transport = authed_transport(server.mcp_url, server.agent_key)
+@asynccontextmanager
+async def _json_only_transport(url: str, token: str) -> AsyncGenerator[Any]:
+    """Streamable HTTP whose POSTs accept only JSON answers (the SDK client's accept event streams too)."""
+
+    async def json_only(request: httpx2.Request) -> None:
+        if request.method == "POST":
+            request.headers["accept"] = "application/json"
+
+    headers = {"authorization": f"Bearer {token}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30.0, event_hooks={"request": [json_only]}) as http,
+        streamable_http_client(url, http_client=http) as streams,
+    ):
+        yield streams
+
+
+def _client(
+    server: ArbiterServer, mode: str, heard: Heard | None = None, *, json_only: bool = False, **callbacks: Any
+) -> Client:
+    transport = (
+        _json_only_transport(server.mcp_url, server.agent_key)
+        if json_only
+        else authed_transport(server.mcp_url, server.agent_key)
+    )
     logging: Any = heard.on_log if heard is not None else None
     return Client(
         transport,  # pyright: ignore[reportArgumentType]
@@ -252,16 +278,17 @@ async def test_progress_from_a_2026_upstream_reaches_the_agent(
         assert heard.logs == [f"agent 3: log {step}" for step in (1, 2, 3)]
 
 
-async def test_a_handshake_agent_in_json_mode_gets_the_messages_on_its_session_stream(
+async def test_a_handshake_agent_that_takes_no_event_stream_gets_the_messages_on_its_session_stream(
     arbiter_factory: ArbiterFactory, streamer: Streamer
 ) -> None:
-    """JSON answers carry nothing else: the call's messages ride the agent's own session stream (GET).
-    Logs all arrive; progress arrives as long as the call is open (the SDK client drops progress for a
-    call it has its answer to), so this only checks that none is another call's."""
+    """An agent whose Accept admits only JSON gets a JSON answer, which carries nothing else: the call's
+    messages ride the agent's own session stream (GET). Logs all arrive; progress arrives as long as the
+    call is open (the SDK client drops progress for a call it has its answer to), so this only checks that
+    none is another call's."""
     arbiter = arbiter_factory()  # mcp.json_response: true, the default
     arbiter.register("up", streamer.url)
     heard = Heard()
-    async with _client(arbiter, "legacy", heard) as client:
+    async with _client(arbiter, "legacy", heard, json_only=True) as client:
         result = await client.call_tool("up__report", {"n": 5}, progress_callback=heard.on_progress)
         assert _text(result) == "report 5 done"
         await _until(lambda: len(heard.logs) == 3, "the three log messages")
@@ -398,11 +425,13 @@ async def test_the_agent_cancelling_cancels_the_upstream_call(
 ) -> None:
     with streamer.lock:
         waiting, cancelled = streamer.waiting, streamer.cancelled
-    async with _client(arbiter, mode) as client, anyio.create_task_group() as tg:
-        tg.start_soon(client.call_tool, "up__wait", {})
-        await anyio.to_thread.run_sync(lambda: streamer.until("wait", lambda s: s.waiting > waiting))
-        tg.cancel_scope.cancel()  # the SDK client sends notifications/cancelled (or closes its stream)
-    await anyio.to_thread.run_sync(lambda: streamer.until("cancel", lambda s: s.cancelled > cancelled))
+    async with _client(arbiter, mode) as client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.call_tool, "up__wait", {})
+            await anyio.to_thread.run_sync(lambda: streamer.until("wait", lambda s: s.waiting > waiting))
+            tg.cancel_scope.cancel()  # the SDK client sends notifications/cancelled (or closes its stream)
+        # With the client still open: the answer to the cancelled call (-32800) must find it listening.
+        await anyio.to_thread.run_sync(lambda: streamer.until("cancel", lambda s: s.cancelled > cancelled))
     (record,) = _tool_calls(arbiter, 1)
     assert record["reason"] == "cancelled"
     assert record["outcome"]["status"] == "cancelled"

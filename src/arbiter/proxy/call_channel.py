@@ -206,12 +206,20 @@ class SessionChannel(CallChannel):
         return not self._modern
 
     async def _ask(self, method: str, message: dict[str, Any]) -> dict[str, Any]:
-        request: Any = _REQUESTS[method].model_validate({"method": method, "params": message.get("params")})
         related = self._ctx.request_id if self._scoped else None
-        result = await self._session.send_request(
-            request, _Passed, metadata=ServerMessageMetadata(related_request_id=related)
-        )
-        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return await ask_session(self._session, method, message, related)
+
+
+async def ask_session(
+    session: ServerSession, method: str, message: dict[str, Any], related: Any = None
+) -> dict[str, Any]:
+    """Put the upstream's request ``message`` to the agent on its SDK session: on the request's own stream
+    (``related``, its id) or, without one, the session's standalone stream; the agent's result as it came."""
+    request: Any = _REQUESTS[method].model_validate({"method": method, "params": message.get("params")})
+    result = await session.send_request(
+        request, _Passed, metadata=ServerMessageMetadata(related_request_id=related)
+    )
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _error(rid: Any, code: int, message: str) -> dict[str, Any]:

@@ -42,7 +42,8 @@ from arbiter.auth.principal import Principal
 from arbiter.errors import ArbiterError, AuditUnavailable, InsufficientScope, Unauthorized
 from arbiter.proxy.body import ClientGone, Refusal, check_headers, read_body, replay_body
 from arbiter.proxy.exchange import CALLER, EXCHANGE_KEY, Exchange
-from arbiter.proxy.front import ModernFront
+from arbiter.proxy.front import ModernFront, decode
+from arbiter.proxy.handshake_front import HandshakeFront
 from arbiter.proxy.refusal import ResponseWatch, refusal_event
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,11 @@ class McpEndpoint:
         security: TransportSecuritySettings,
         audit: AuditWriter,
         front: ModernFront | None = None,
+        handshake: HandshakeFront | None = None,
     ) -> None:
         self._manager = manager
         self._front = front  # answers 2026-07-28 requests for the pipeline's methods without the SDK
+        self._handshake = handshake  # the same for handshake-era requests on established sessions
         self._audit = audit
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout_s
@@ -156,9 +159,16 @@ class McpEndpoint:
                 return None
         else:
             # The SDK checks 2026-07-28 bodies itself (JSON, batches, ids, the Mcp-* header ladder).
-            problem = _check(body, headers)
+            message = decode(body)  # parsed once, for the checks and the direct path
+            problem = _check(body, headers) if message is None else _check_message(message, headers)
             if problem is not None:
                 return problem
+            if (
+                message is not None
+                and self._handshake is not None
+                and await self._handshake.serve(request, receive, send, message, exchange)
+            ):
+                return None
         await self._manager.handle_request(scope, replay_body(body, receive), send)
         return None
 
@@ -206,7 +216,11 @@ def _check(body: bytes, headers: Mapping[str, str]) -> Refusal | None:
         return Refusal(
             400, INVALID_REQUEST, "Invalid request: the body must be a JSON-RPC object", "invalid_request"
         )
-    message = cast(dict[str, Any], decoded)
+    return _check_message(cast(dict[str, Any], decoded), headers)
+
+
+def _check_message(message: dict[str, Any], headers: Mapping[str, str]) -> Refusal | None:
+    """What is wrong with the JSON-RPC object ``message`` (a handshake-era body), or None."""
     method: Any = message.get("method")
     invalid = _envelope_problem(message)
     if invalid is not None:

@@ -86,17 +86,10 @@ class ModernFront:
     def takes(self, body: bytes) -> dict[str, Any] | None:
         """The decoded request if this path answers it: a JSON object naming one of its methods, with an
         id. Anything else (malformed bodies included) is left to the SDK, which answers it as before."""
-        if not self._json_response or _BIG_INTEGER.search(body) is not None:
+        if not self._json_response:
             return None
-        try:
-            decoded: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(decoded, dict):
-            return None
-        message = cast(dict[str, Any], decoded)
-        method: Any = message.get("method")
-        if "id" not in message or not isinstance(method, str) or method not in DIRECT_METHODS:
+        message = decode(body)
+        if message is None or not is_direct(message):
             return None
         return message
 
@@ -109,7 +102,7 @@ class ModernFront:
             await send({"type": "http.response.body", "body": b""})
             return
         rid: Any = message.get("id")
-        if not _valid_envelope(message):
+        if not valid_envelope(message):
             await _reply(send, None, error={"code": INVALID_REQUEST, "message": _INVALID_BODY})
             return
         duplicated = find_duplicated_routing_header(
@@ -146,7 +139,7 @@ class ModernFront:
             protocol_version=verdict.protocol_version,
             http_request=Request(request.scope, receive),
             principal=exchange.principal,
-            client_info=_client_info(verdict.client_info),
+            client_info=client_info(verdict.client_info),
             client_capabilities=_capabilities(verdict.client_capabilities),
             exchange=exchange,
         )
@@ -193,7 +186,25 @@ class ModernFront:
         return validate_mcp_param_headers(schema, arguments, request.headers)
 
 
-def _valid_envelope(message: dict[str, Any]) -> bool:
+def decode(body: bytes) -> dict[str, Any] | None:
+    """``body`` as a JSON object, or None: not JSON, not an object, or holding integers beyond 64 bits
+    (which orjson would read as floats; such bodies take the SDK's path, which keeps them exact)."""
+    if _BIG_INTEGER.search(body) is not None:
+        return None
+    try:
+        decoded: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return cast(dict[str, Any], decoded) if isinstance(decoded, dict) else None
+
+
+def is_direct(message: dict[str, Any]) -> bool:
+    """Whether ``message`` is a request (it has an id) for one of the methods the pipeline answers."""
+    method: Any = message.get("method")
+    return "id" in message and isinstance(method, str) and method in DIRECT_METHODS
+
+
+def valid_envelope(message: dict[str, Any]) -> bool:
     """What the SDK's ``JSONRPCRequest`` model accepts: version 2.0, a string or integer id, a string
     method and params that are an object or null (the ladder then refuses a missing ``_meta``); other
     members are ignored."""
@@ -212,7 +223,7 @@ def _capabilities(raw: Any) -> dict[str, Any] | None:
     return cast(dict[str, Any], raw) if isinstance(raw, dict) else None
 
 
-def _client_info(raw: Any) -> dict[str, Any] | None:
+def client_info(raw: Any) -> dict[str, Any] | None:
     # What the client says it is: recorded, never trusted.
     if not isinstance(raw, dict):
         return None

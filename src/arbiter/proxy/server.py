@@ -16,6 +16,7 @@ import anyio
 import mcp_types as types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
+from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp_types.methods import CACHEABLE_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -36,18 +37,18 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "arbiter"
 
 
-def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
-    # What the client says it is (initialize, or the 2026-07-28 envelope): recorded, never trusted.
-    params = ctx.session.client_params
+def session_client_info(session: ServerSession) -> dict[str, Any] | None:
+    """What the client says it is (initialize, or the 2026-07-28 envelope): recorded, never trusted."""
+    params = session.client_params
     info = params.client_info if params is not None else None
     if info is None:
         return None
     return {"name": info.name, "version": info.version, "title": info.title}
 
 
-def _client_capabilities(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
-    # What the client declared it can do (initialize, or the 2026-07-28 envelope).
-    caps = ctx.session.client_capabilities
+def session_capabilities(session: ServerSession) -> dict[str, Any] | None:
+    """What the client declared it can do (initialize, or the 2026-07-28 envelope)."""
+    caps = session.client_capabilities
     return caps.model_dump(mode="json", by_alias=True, exclude_none=True) if caps is not None else None
 
 
@@ -154,8 +155,8 @@ def build_mcp_server(
             protocol_version=ctx.protocol_version,
             http_request=http,
             principal=exchange.principal if exchange is not None else None,
-            client_info=_client_info(ctx),
-            client_capabilities=_client_capabilities(ctx),
+            client_info=session_client_info(ctx.session),
+            client_capabilities=session_capabilities(ctx.session),
             exchange=exchange,
         )
         if call.method in TARGET_KEYS:  # what the upstream streams for the call goes back to this agent

@@ -8,17 +8,20 @@ small object and nothing else. Only an agent whose ``Accept`` admits ``text/even
 ``StreamedAnswer``; for others nothing can be streamed and the messages are dropped.
 
 A 2026-07-28 agent has no back channel: a request the upstream puts to it is answered with an error (the
-base class says so); ``input_required`` results (MRTR) are how that era asks.
+base class says so); ``input_required`` results (MRTR) are how that era asks. A handshake-era agent's answer
+(``handshake_front.py``) is streamed the same way, and the upstream's requests are put to the agent through
+``ask``, on its session.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 from starlette.types import Send
 
-from arbiter.proxy.call_channel import CallChannel
+from arbiter.proxy.call_channel import MAX_REQUESTS, CallChannel
 from arbiter.proxy.pipeline import CallContext
 from arbiter.proxy.relay import encode
 
@@ -29,13 +32,29 @@ _HEADERS = [
 ]
 
 
+Ask = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
 class StreamedAnswer(CallChannel):
-    """The answer to one 2026-07-28 request on the direct path, streamed once there is something to stream."""
+    """The answer to one request on a direct path, streamed once there is something to stream."""
 
-    __slots__ = ("_closed", "_lock", "_send_asgi", "started")
+    __slots__ = ("_ask_agent", "_closed", "_headers", "_lock", "_send_asgi", "started")
 
-    def __init__(self, ctx: CallContext, send: Send) -> None:
-        super().__init__(ctx, relay_requests=False)
+    def __init__(
+        self,
+        ctx: CallContext,
+        send: Send,
+        *,
+        ask: Ask | None = None,
+        relay_requests: bool = False,
+        max_requests: int = MAX_REQUESTS,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """``ask(method, message)`` puts an upstream's request to the agent (handshake era only); ``headers``
+        are added to the event stream's (the handshake era's session id)."""
+        super().__init__(ctx, relay_requests=relay_requests, max_requests=max_requests)
+        self._ask_agent = ask
+        self._headers = [*_HEADERS, *headers] if headers else _HEADERS
         self._send_asgi = send
         self.started = False  # the response is an event stream (its status and headers are sent)
         self._closed = False
@@ -54,8 +73,15 @@ class StreamedAnswer(CallChannel):
                 return
             if not self.started:
                 self.started = True
-                await self._send_asgi({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+                await self._send_asgi({"type": "http.response.start", "status": 200, "headers": self._headers})
             await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": True})
+
+    def _can_ask(self) -> bool:
+        return self._ask_agent is not None
+
+    async def _ask(self, method: str, message: dict[str, Any]) -> dict[str, Any]:
+        assert self._ask_agent is not None  # _can_ask said so
+        return await self._ask_agent(method, message)
 
     async def finish(self, message: dict[str, Any]) -> bool:
         """End the stream with the JSON-RPC response ``message`` if it was started; False: nothing was
