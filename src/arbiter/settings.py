@@ -614,6 +614,10 @@ class LimitSettings(BaseModel):
     loop_window_s: float = Field(default=60.0, gt=0, le=86_400)
     # How long a request key (idempotency key) is remembered: a copy within it is refused (run at most once).
     request_key_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    # The same for a key made from a handshake-era session id and JSON-RPC id: a copy of such a request is
+    # a transport's retry, sent while the call runs or just after, and one is held per call made, so a
+    # long hold costs memory (or Redis) in proportion to the call rate. Keep it above the longest call.
+    session_request_key_ttl_s: float = Field(default=120.0, gt=0, le=7 * 86_400)
     # How often each replica writes its usage counts (GET /admin/v1/usage) to the database.
     usage_flush_interval_s: float = Field(default=5.0, gt=0, le=3600)
 

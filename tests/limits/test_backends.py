@@ -24,7 +24,8 @@ from arbiter.limits.backend import (
     period_id,
 )
 from arbiter.limits.factory import build_limiter, build_redis
-from arbiter.limits.limiter import Limiter
+from arbiter.limits.limiter import SESSION_KEY_PREFIX, Limiter
+from arbiter.limits.local import LocalBackend
 from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
 from arbiter.limits.store import LimitStore
@@ -252,6 +253,39 @@ async def test_a_request_is_refused_while_in_flight_and_after_commit_but_not_aft
         await limiter.aclose()
         if client is not None:
             await client.aclose()
+
+
+async def test_session_request_keys_are_held_briefly_so_a_long_session_keeps_memory_bounded(
+    limits_db: str,
+) -> None:
+    # Every handshake-era call takes a key (session id + JSON-RPC id). Held for the hour an explicit
+    # idempotency key is, a session calling at a steady rate grew the table for an hour: the soak's
+    # memory creep. Held for session_request_key_ttl_s, it stays near rate x that, however long it runs.
+    await _seed(limits_db, BudgetRow(period="day", limit=1_000_000.0))
+    clock = FakeClock()
+    limiter = await _limiter(limits_db, LimitSettings(session_request_key_ttl_s=60.0), None, clock)
+    memory = cast(LocalBackend, limiter.backend).memory
+    args = {"text": "hello"}
+
+    async def call(key: str) -> None:
+        limiter.commit(await limiter.admit(ALICE, "kb", "echo", args, key))
+
+    try:
+        await call(f"{SESSION_KEY_PREFIX}s1:int:0")
+        with pytest.raises(DuplicateRequest):  # a copy while the key is held: refused, as before
+            await call(f"{SESSION_KEY_PREFIX}s1:int:0")
+        await call("k:agent-chosen")
+        for i in range(1, 60_001):  # 100 calls a second for ten minutes, each with a new JSON-RPC id
+            clock.now += 0.01
+            await call(f"{SESSION_KEY_PREFIX}s1:int:{i}")
+        # About 6,000 keys are within their minute, plus at most one sweep interval (10,000) not yet
+        # swept; an hour's hold would keep all 60,000.
+        assert memory.sizes()["request_keys"] <= 6_000 + 10_000 + 1
+        await call(f"{SESSION_KEY_PREFIX}s1:int:0")  # long expired: a new request
+        with pytest.raises(DuplicateRequest):  # an explicit key is still held for its hour
+            await call("k:agent-chosen")
+    finally:
+        await limiter.aclose()
 
 
 async def test_per_tool_counts_each_upstreams_tool_on_its_own(limits_db: str) -> None:

@@ -58,6 +58,10 @@ _CACHE_MAX = 4096
 # What selection (subject, roles, tenant) and bucket keys (issuer|subject, tenant) depend on, and the
 # tool: not the whole Principal, whose scopes and client id vary per token of the same caller.
 _CacheKey = tuple[str, str, str | None, frozenset[str], str, str]
+# Request keys made from a handshake-era session id and JSON-RPC id start so (the limits interceptor
+# makes them); they are held for ``session_request_key_ttl_s``, not ``request_key_ttl_s``: one is taken
+# per call, so their hold bounds how much memory (or Redis) the keys take at a given call rate.
+SESSION_KEY_PREFIX = "s:"
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ class Limiter:
             cost_micros=app.cost_micros if charging else 0,
             loop=loop,
             request_key=req,
-            request_ttl_s=self.settings.request_key_ttl_s,
+            request_ttl_s=self._request_ttl_s(request_key),
             call_id=uuid.uuid4().hex,
         )
         try:
@@ -201,6 +205,11 @@ class Limiter:
         ticket.backend = verdict.holder or self.backend
         ticket.charged = verdict.charged
         return ticket
+
+    def _request_ttl_s(self, request_key: str | None) -> float:
+        if request_key is not None and request_key.startswith(SESSION_KEY_PREFIX):
+            return self.settings.session_request_key_ttl_s
+        return self.settings.request_key_ttl_s
 
     def commit(self, ticket: Ticket) -> None:
         """The call went through (or may have): its charge stands. Counts it for usage."""

@@ -3,8 +3,9 @@
 A tool call is admitted (or refused) before it is forwarded; its cost is reserved then, and given back
 if the upstream failed before the tool could run. What counts as "the same request" for charging once:
 the caller's ``params._meta["arbiter/idempotency-key"]`` if it sends one, else, in the handshake era,
-the MCP session id plus the JSON-RPC id (unique within a session by the protocol). Stateless-era
-requests without the key are each a new request: their JSON-RPC ids are unique only per client.
+the MCP session id plus the JSON-RPC id (unique within a session by the protocol), held for the shorter
+``limits.session_request_key_ttl_s``. Stateless-era requests without the key are each a new request:
+their JSON-RPC ids are unique only per client.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import REQUEST_TIMEOUT
 
 from arbiter.errors import ArbiterError, UpstreamUnavailable
-from arbiter.limits.limiter import Limiter
+from arbiter.limits.limiter import SESSION_KEY_PREFIX, Limiter
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 
 IDEMPOTENCY_META = "arbiter/idempotency-key"
@@ -33,7 +34,7 @@ def request_key(ctx: CallContext) -> str | None:
     if ctx.http_request is not None and ctx.request_id is not None:
         session = ctx.http_request.headers.get("mcp-session-id")
         if session:
-            return f"s:{session}:{type(ctx.request_id).__name__}:{ctx.request_id}"
+            return f"{SESSION_KEY_PREFIX}{session}:{type(ctx.request_id).__name__}:{ctx.request_id}"
     return None
 
 
