@@ -80,6 +80,7 @@ class ChangingUpstream:
         self.listening: list[frozenset[str]] = []  # 2026-07-28: open listen streams' resources
         self.lists = 0  # tools/list requests answered
         self.listens = 0  # subscriptions/listen requests taken
+        self.refused = 0  # subscriptions refused (either era)
         self.gets = 0  # standalone GET streams open (handshake era)
         listen = ListenHandler(self.bus)
 
@@ -114,6 +115,7 @@ class ChangingUpstream:
         async def subscribe(ctx: ServerRequestContext[Any, Any], params: Any) -> types.EmptyResult:
             self._remember(ctx.session)
             if str(params.uri) in self.refuse:
+                self.refused += 1
                 raise MCPError(types.INVALID_PARAMS, "no such resource")
             self.subscribed.add(str(params.uri))
             return types.EmptyResult()
@@ -127,6 +129,7 @@ class ChangingUpstream:
         ) -> types.SubscriptionsListenResult:
             uris = frozenset(params.notifications.resource_subscriptions or ())
             if uris & self.refuse:
+                self.refused += 1
                 raise MCPError(types.INVALID_PARAMS, "no such resource")
             self.listening.append(uris)
             self.listens += 1
@@ -162,7 +165,7 @@ class ChangingUpstream:
         """Whether Arbiter subscribed to ``uri`` here, in either era."""
         return uri in self.subscribed or any(uri in uris for uris in self.listening)
 
-    def app(self) -> ASGIApp:
+    def app(self, *, json_response: bool = False) -> ASGIApp:
         async def add(request: Request) -> Response:
             self.tools.append(request.path_params["name"])
             await self.bus.publish(ToolsListChanged())
@@ -178,7 +181,7 @@ class ChangingUpstream:
             return Response(status_code=204)
 
         routes = [Route("/add/{name}", add, methods=["POST"]), Route("/touch", touch, methods=["POST"])]
-        inner = self.server.streamable_http_app(custom_starlette_routes=routes)
+        inner = self.server.streamable_http_app(custom_starlette_routes=routes, json_response=json_response)
 
         async def counting(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http" or scope["method"] != "GET":

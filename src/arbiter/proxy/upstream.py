@@ -40,6 +40,7 @@ from arbiter.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnava
 from arbiter.net.egress import Egress, GuardedTransport, connector
 from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.catalog import UpstreamCatalog, discover
+from arbiter.proxy.fresh_retry import FreshRetry
 from arbiter.proxy.relay import (
     SESSION_HEADER,
     Interrupted,
@@ -383,6 +384,16 @@ class UpstreamClient:
             return None
         return self._egress.transport(limits=self._limits())
 
+    def _retrying_transport(self) -> FreshRetry:
+        """The SDK session's transport: pooled, and a request that met a stale pooled connection sent
+        once more on a new one (``fresh_retry.py``), so the session survives it."""
+        once = httpx2.Limits(max_connections=self._max_connections, max_keepalive_connections=0)
+        if self._egress is None:
+            return FreshRetry(
+                httpx2.AsyncHTTPTransport(limits=self._limits()), httpx2.AsyncHTTPTransport(limits=once)
+            )
+        return FreshRetry(self._egress.transport(limits=self._limits()), self._egress.transport(limits=once))
+
     def _limits(self) -> httpx2.Limits:
         return httpx2.Limits(
             max_connections=self._max_connections,
@@ -456,7 +467,7 @@ class UpstreamClient:
             limits=self._limits(),
             event_hooks={"response": [watch_session]},
             auth=self._auth,
-            transport=self._transport(),  # when given, it holds the limits above
+            transport=self._retrying_transport(),  # it holds the limits above
         )
         return Client(
             _http_transport(spec.url, http),
@@ -532,18 +543,25 @@ def _progress_relay(request: UpstreamRequest) -> ProgressFnT | None:
 
 
 def _sdk_request(request: UpstreamRequest) -> types.ClientRequest:
-    """The SDK's model of ``request``, for upstreams the relay does not serve (stdio, SSE)."""
+    """The SDK's model of ``request``, for upstreams the relay does not serve (stdio, SSE).
+
+    Without the agent's log-level opt-in: on these transports a log message carries nothing that ties it
+    to a call (one stream for everything, no request id in it), so Arbiter drops them all (``_notified``
+    hears only change notifications) and does not ask a 2026-07-28 upstream to send them."""
+    params = request.params
+    meta: Any = params.get("_meta")
+    if isinstance(meta, dict) and types.LOG_LEVEL_META_KEY in meta:
+        kept = {k: v for k, v in cast(dict[str, Any], meta).items() if k != types.LOG_LEVEL_META_KEY}
+        params = {**params, "_meta": kept}
     match request.method:
         case "tools/call":
-            return types.CallToolRequest(params=types.CallToolRequestParams.model_validate(request.params))
+            return types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
         case "prompts/get":
-            return types.GetPromptRequest(params=types.GetPromptRequestParams.model_validate(request.params))
+            return types.GetPromptRequest(params=types.GetPromptRequestParams.model_validate(params))
         case "resources/read":
-            return types.ReadResourceRequest(
-                params=types.ReadResourceRequestParams.model_validate(request.params)
-            )
+            return types.ReadResourceRequest(params=types.ReadResourceRequestParams.model_validate(params))
         case "completion/complete":
-            return types.CompleteRequest(params=types.CompleteRequestParams.model_validate(request.params))
+            return types.CompleteRequest(params=types.CompleteRequestParams.model_validate(params))
         case _:
             raise ValueError(f"no upstream request for {request.method}")
 

@@ -25,7 +25,7 @@ retried later; none reaches the request path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,39 +66,55 @@ class _Parked:
 
 @dataclass
 class _Resources:
-    """One upstream's resource URIs that are failing: not asked for again before ``until``."""
+    """One upstream's resource URIs that are failing: not asked for again before ``until`` (on ``clock``,
+    the event loop's unless a test drives it)."""
 
+    clock: Callable[[], float]
     parked: dict[str, _Parked] = field(default_factory=dict[str, _Parked])
 
     def ready(self, wanted: frozenset[str]) -> list[str]:
         """The wanted URIs not parked (now), in order; forgets parked ones nobody wants any more."""
         for uri in [uri for uri in self.parked if uri not in wanted]:
             del self.parked[uri]
-        now = anyio.current_time()
+        now = self.clock()
         return sorted(uri for uri in wanted if uri not in self.parked or self.parked[uri].until <= now)
 
     def park(self, uri: str, first: float, most: float) -> float:
         """Park ``uri`` for its next backoff (``first``, doubling to ``most``); returns that backoff."""
         held = self.parked.get(uri)
         backoff = first if held is None else min(held.backoff * 2, most)
-        self.parked[uri] = _Parked(anyio.current_time() + backoff, backoff)
+        self.parked[uri] = _Parked(self.clock() + backoff, backoff)
         return backoff
+
+    async def due(self, uri: str) -> None:
+        """Until ``uri`` may be asked for again (by ``clock``, so a test moving it is heard: no event)."""
+        while (held := self.parked.get(uri)) is not None and (left := held.until - self.clock()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(left)
 
     def release(self, uri: str) -> None:
         self.parked.pop(uri, None)
 
-    def next_due(self) -> float | None:
-        """Seconds until the first parked URI may be tried again."""
-        if not self.parked:
+    def next_due(self, held: Collection[str] = ()) -> float | None:
+        """Seconds until the first parked URI not in ``held`` (those wait on their own) is due."""
+        due = [p.until for uri, p in self.parked.items() if uri not in held]
+        if not due:
             return None
-        return max(0.0, min(p.until for p in self.parked.values()) - anyio.current_time())
+        return max(0.0, min(due) - self.clock())
 
 
 class UpstreamWatch:
-    def __init__(self, pool: UpstreamPool, hub: NotificationHub, settings: NotificationSettings) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        hub: NotificationHub,
+        settings: NotificationSettings,
+        *,
+        clock: Callable[[], float] = anyio.current_time,  # when a parked URI is due (tests drive it)
+    ) -> None:
         self._pool = pool
         self._hub = hub
         self._settings = settings
+        self._clock = clock
 
     async def run(self, stopping: anyio.Event) -> None:
         """Start and stop watchers as upstreams come and go, until ``stopping``."""
@@ -120,7 +136,7 @@ class UpstreamWatch:
     async def _watch(self, name: str, scope: anyio.CancelScope) -> None:
         backoff = self._settings.listen_backoff_s
         subscribed: set[str] = set()  # on the session below (handshake era)
-        failing = _Resources()
+        failing = _Resources(self._clock)
         session_seen: ClientSession | None = None
         with scope:
             while True:
@@ -247,15 +263,21 @@ class UpstreamWatch:
             backoff = min(backoff * 2, self._settings.listen_backoff_max_s)
 
     async def _hold_resources(self, name: str, session: ClientSession, failing: _Resources) -> None:
-        """The wanted resources' streams, re-opened (only they) when the wanted resources change."""
+        """The wanted resources' streams, re-opened when the wanted resources change (and only then: a
+        stream is never torn down just because time passed). A URI parked when they were opened gets a
+        stream of its own once it is due; one refused while held waits in its own stream's task."""
+        size = self._settings.listen_max_resources
         while True:
             changed = self._hub.changed(name)
-            uris = failing.ready(self._hub.resources_wanted(name))
-            size = self._settings.listen_max_resources
+            wanted = self._hub.resources_wanted(name)
+            held: set[str] = set()
             async with anyio.create_task_group() as tg:
-                for at in range(0, len(uris), size):
-                    tg.start_soon(self._hold_uris, name, session, uris[at : at + size], failing, tg)
-                await self._settle(changed, failing.next_due())
+                while not changed.is_set():
+                    uris = [uri for uri in failing.ready(wanted) if uri not in held]
+                    held.update(uris)
+                    for at in range(0, len(uris), size):
+                        tg.start_soon(self._hold_uris, name, session, uris[at : at + size], failing, tg)
+                    await self._settle(changed, failing.next_due(held))
                 tg.cancel_scope.cancel()
 
     async def _hold_uris(
@@ -283,8 +305,13 @@ class UpstreamWatch:
                 parked = failing.park(
                     uris[0], self._settings.listen_backoff_s, self._settings.listen_backoff_max_s
                 )
-                log.info("upstream %s: a resource subscription was refused (%s)", name, exc.error.code)
-                await anyio.sleep(parked)
+                log.info(
+                    "upstream %s: a resource subscription was refused (%s); again in %gs",
+                    name,
+                    exc.error.code,
+                    parked,
+                )
+                await failing.due(uris[0])
                 continue
             except _FAILURES as exc:
                 log.info(
@@ -303,16 +330,21 @@ class UpstreamWatch:
     ) -> None:
         """One ``subscriptions/listen`` stream, until the upstream ends it; raises if it cannot open."""
         async with AsyncExitStack() as stack:
-            with anyio.fail_after(_REQUEST_TIMEOUT_S):
-                subscription = await stack.enter_async_context(
-                    listen(
-                        session,
-                        tools_list_changed=lists.get("tools_list_changed", False),
-                        prompts_list_changed=lists.get("prompts_list_changed", False),
-                        resources_list_changed=lists.get("resources_list_changed", False),
-                        resource_subscriptions=list(uris),
+            try:
+                with anyio.fail_after(_REQUEST_TIMEOUT_S):
+                    subscription = await stack.enter_async_context(
+                        listen(
+                            session,
+                            tools_list_changed=lists.get("tools_list_changed", False),
+                            prompts_list_changed=lists.get("prompts_list_changed", False),
+                            resources_list_changed=lists.get("resources_list_changed", False),
+                            resource_subscriptions=list(uris),
+                        )
                     )
-                )
+            except RuntimeError as exc:
+                # The session closed under the watcher (its task group is gone: the connection ended, or
+                # Arbiter is stopping) before it noticed: a dropped connection, not a failure to report.
+                raise anyio.ClosedResourceError from exc
             if opened is not None:
                 opened()
             # The frames reach the hub through the client's message handler; reading them here only
