@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from arbiter.audit import tables as t
-from arbiter.audit.record import INDEXED, Event, Renderer, canonical, columns
+from arbiter.audit.record import INDEXED, Event, Renderer, canonical, columns, seal_rows
 from arbiter.audit.redact import Redactor
 from arbiter.audit.signing import Signer, generate_key
 from arbiter.audit.store import AuditStore
@@ -157,6 +157,79 @@ async def test_two_writers_on_one_database_extend_one_chain(url: str, engine: As
     assert len({r.id for r in rows}) == 600
     report = await _store(engine).verify()
     assert report.ok and report.records == 600, report.to_json()
+
+
+async def test_an_append_after_another_writer_moved_the_head_links_to_the_new_head(
+    url: str, engine: AsyncEngine
+) -> None:
+    # Each store seals its next batch after the head it last wrote (one statement on PostgreSQL):
+    # when another replica wrote in between, that batch must go after the other's records instead.
+    other = create_engine(url)
+    try:
+        a, b = _store(engine), _store(other)
+        for k in range(3):
+            assert await a.append(_bodies(k * 10, 10, "a")) == 10
+            assert await b.append(_bodies(k * 10, 10, "b")) == 10
+    finally:
+        await other.dispose()
+    rows = await _rows(engine)
+    assert [r.seq for r in rows] == list(range(1, 61))
+    assert "".join(json.loads(r.body)["subject"][0] for r in rows[::10]) == "ababab"
+    report = await _store(engine).verify()
+    assert report.ok and report.records == 60, report.to_json()
+
+
+async def test_writers_appending_small_batches_at_once_extend_one_unbroken_chain(
+    url: str, engine: AsyncEngine
+) -> None:
+    # Three replicas, each with its held connection, racing with batches of 1 to 8 records: every
+    # record stored once, each writer's in the order it sent them, one chain that verifies.
+    others = [create_engine(url) for _ in range(2)]
+    sizes = [1, 2, 3, 5, 8, 1, 1, 4]
+
+    async def write(store: AuditStore, writer: str) -> None:
+        async with store.holding():
+            sent = 0
+            for size in sizes * 4:
+                assert await store.append(_bodies(sent, size, writer)) == size
+                sent += size
+
+    try:
+        stores = [_store(e) for e in (engine, *others)]
+        await asyncio.gather(*(write(s, w) for s, w in zip(stores, "abc", strict=True)))
+    finally:
+        for other in others:
+            await other.dispose()
+    rows = await _rows(engine)
+    per_writer = sum(sizes) * 4
+    assert [r.seq for r in rows] == list(range(1, 3 * per_writer + 1))
+    assert len({r.id for r in rows}) == len(rows)
+    bodies = [json.loads(r.body) for r in rows]
+    for writer in "abc":
+        sent = [b["request_id"] for b in bodies if b["subject"][0] == writer]
+        assert sent == list(range(per_writer))
+    report = await _store(engine).verify()
+    assert report.ok and report.records == 3 * per_writer, report.to_json()
+
+
+async def test_the_one_trip_append_stores_nothing_after_a_head_that_moved(engine: AsyncEngine) -> None:
+    store = _store(engine)
+    await store.append(_bodies(0, 10))
+    stale = await store.head()
+    await store.append(_bodies(10, 5))
+    head = await store.head()
+    async with engine.connect() as conn:
+        tx = await t.appender(conn)
+        assert tx.one_trip
+        rows, seq, last = seal_rows(_bodies(15, 5), stale.seq, stale.hash)
+        assert await tx.after(stale, rows, seq, last) is None
+        assert await store.head() == head
+        assert len(await _rows(engine)) == 15
+        rows, seq, last = seal_rows(_bodies(15, 5), head.seq, head.hash)
+        moved = await tx.after(head, rows, seq, last)
+    assert moved == await store.head() and moved is not None and moved.seq == 20
+    report = await store.verify()
+    assert report.ok and report.records == 20, report.to_json()
 
 
 async def test_a_held_connection_is_kept_between_batches_and_closed_at_the_end(

@@ -8,7 +8,10 @@ they serialise only for the length of one batch insert.
 An append costs three statements whatever the batch's size (lock and read the head with RETURNING,
 insert every row with one prepared statement executed for all of them, move the head; see tables.py),
 the rows go to the driver as plain tuples, and the writer keeps its connection between batches: the
-database's own work (its indexes, its log, its commit) is most of what is left.
+database's own work (its indexes, its log, its commit) is most of what is left. An append after the
+head this store last wrote goes in one trip (on PostgreSQL one statement, its own transaction; on SQLite
+one hand-off to the driver's thread) and stores the batch only if the head is still there; otherwise
+(another replica wrote meanwhile, or a checkpoint is due) it takes the locked path.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -53,6 +57,8 @@ class AuditStore:
         self._holding = False  # see holding()
         self._held: AsyncConnection | None = None
         self._held_lock = anyio.Lock()
+        # The head as this store's last append left it: the next one is sealed after it (see _append).
+        self._head: Head | None = None
 
     @property
     def signer(self) -> Signer:
@@ -92,8 +98,19 @@ class AuditStore:
                 dedupe = True
 
     async def _append(self, conn: AsyncConnection, bodies: Sequence[dict[str, Any]], dedupe: bool) -> int:
+        tx = await t.appender(conn)
+        known = self._head
+        if tx.one_trip and known is not None and not dedupe:
+            # Sealed after the head this store last wrote, stored in one trip only if that is still
+            # the head; a checkpoint that falls due, a replay and a head another writer moved take
+            # the locked path below.
+            rows, seq, last = seal_rows(bodies, known.seq, known.hash)
+            if not self._checkpoint_due(known, seq, now_ms()):
+                moved = await tx.after(known, rows, seq, last)
+                if moved is not None:
+                    self._head = moved
+                    return len(rows)
         async with conn.begin():
-            tx = await t.appender(conn)
             head = await tx.lock_head()
             if dedupe:
                 ids = [b["id"] for b in bodies]
@@ -107,15 +124,21 @@ class AuditStore:
             await tx.insert(rows)
             values: dict[str, int | str] = {"seq": seq, "hash": last}
             now = now_ms()
-            cfg = self._settings
-            if (
-                seq - head.checkpoint_seq >= cfg.checkpoint_every
-                or now - head.checkpoint_ms >= cfg.checkpoint_interval_s * 1000
-            ):
+            moved = replace(head, seq=seq, hash=last)
+            if self._checkpoint_due(head, seq, now):
                 await self._checkpoint(conn, seq, last, now, "periodic")
                 values.update(checkpoint_seq=seq, checkpoint_ms=now)
+                moved = replace(moved, checkpoint_seq=seq, checkpoint_ms=now)
             await tx.move_head(values)
+        self._head = moved  # committed
         return len(rows)
+
+    def _checkpoint_due(self, head: Head, seq: int, now: int) -> bool:
+        cfg = self._settings
+        return (
+            seq - head.checkpoint_seq >= cfg.checkpoint_every
+            or now - head.checkpoint_ms >= cfg.checkpoint_interval_s * 1000
+        )
 
     @asynccontextmanager
     async def holding(self) -> AsyncGenerator[None]:

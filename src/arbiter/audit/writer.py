@@ -7,7 +7,9 @@ Never lossy, never on the request's latency:
 - ``submit()`` (synchronous, so it also runs when a request is cancelled) queues the record; the request
   is answered only after that, and (``audit.confirm_before_answer``, the default) only once ``confirmed()``
   says the record is in the store or the spool: a process killed after answering has lost no record of
-  what it answered. Such waits flush at once, so records that arrive during a write share the next one.
+  what it answered. Such waits flush at once, so records that arrive during a write share the next one;
+  when records come faster than one per ``_GROUP_WINDOW_S``, the write waits that long for those of
+  the requests still running (group commit).
 - The background task renders (redacts, HMACs) and stores a batch at least every
   ``flush_interval_s``. A failed write is retried; records are dropped never: in fail-closed mode they
   wait in memory (and new requests are refused), in spool mode they go to a local append-only file that
@@ -38,6 +40,9 @@ from arbiter.settings import AuditSettings
 log = logging.getLogger(__name__)
 
 State = Literal["ok", "spooling", "unavailable"]
+# How long a write that a request waits for may wait for records of other requests still running
+# (group commit), when records come faster than one per window: one write then confirms several calls.
+_GROUP_WINDOW_S = 0.002
 _STORE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
@@ -67,6 +72,9 @@ class AuditWriter:
         self._queued_total = 0
         self._safe = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Seconds between records lately: a group write waits for others only if they come that often.
+        self._gap = 1.0
+        self._last_submit = 0.0
         # Told how long each batch write to the store took, in seconds, failed ones too (metrics).
         self.on_write: Callable[[float], None] | None = None
 
@@ -114,7 +122,14 @@ class AuditWriter:
         record's number, for ``confirmed()``."""
         self._queue.append(event)
         self._queued_total += 1
-        if len(self._queue) == 1 or len(self._queue) >= self._cfg.batch_max:
+        now = time.monotonic()
+        self._gap += (now - self._last_submit - self._gap) / 8  # a moving average of the last few
+        self._last_submit = now
+        if (
+            len(self._queue) == 1
+            or len(self._queue) >= self._cfg.batch_max
+            or (self._waiters and self._in_flight() == 0)  # the last one a group write waits for
+        ):
             self._wake.set()
         return self._queued_total
 
@@ -127,9 +142,14 @@ class AuditWriter:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((number, waiter))
-        self._wake.set()  # no batch gathering while someone waits (see _wait_for_work)
+        if len(self._waiters) == 1:
+            self._wake.set()  # no long batch gathering while someone waits (see _wait_for_work)
         with anyio.move_on_after(self._cfg.write_timeout_s + self._cfg.flush_interval_s):
             await waiter
+
+    def _in_flight(self) -> int:
+        """Requests that reserved a slot and have not submitted their record yet."""
+        return self._pending - len(self._queue) - len(self._held)
 
     def _release(self, everyone: bool = False) -> None:
         waiting: list[tuple[int, asyncio.Future[None]]] = []
@@ -201,23 +221,30 @@ class AuditWriter:
         self._wake.clear()
         if idle:
             await self._checkpoint()
-        if (
-            self._queue
-            and len(self._queue) < self._cfg.batch_max
-            and not stopping.is_set()
-            and not self._waiters
-        ):
+        if self._queue and not self._waiters:
             # Let a batch gather: records still reach the store within flush_interval_s (<= 1 s). Not
-            # while a request waits for its record: then whatever came during the last write is a batch.
-            with anyio.move_on_after(self._cfg.flush_interval_s):
-                stop = asyncio.ensure_future(stopping.wait())
-                wake = asyncio.ensure_future(self._wake.wait())
-                try:
-                    await asyncio.wait({stop, wake}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
-                    wake.cancel()
-            self._wake.clear()
+            # while a request waits for its record (confirmed() wakes this up).
+            await self._gather(stopping, self._cfg.flush_interval_s)
+        if self._queue and self._waiters and self._gap < _GROUP_WINDOW_S:
+            # Group commit: a request waits for its record, and others running now would each make
+            # a write of their own a moment later. When records come that often, gather them for at
+            # most _GROUP_WINDOW_S, less if the batch fills or the last request running submits (a
+            # lone request never waits here; nor does anyone when records come further apart).
+            await self._gather(stopping, _GROUP_WINDOW_S, group=True)
+
+    async def _gather(self, stopping: anyio.Event, seconds: float, *, group: bool = False) -> None:
+        self._wake.clear()
+        if len(self._queue) >= self._cfg.batch_max or stopping.is_set() or (group and self._in_flight() <= 0):
+            return
+        with anyio.move_on_after(seconds):
+            stop = asyncio.ensure_future(stopping.wait())
+            wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({stop, wake}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                wake.cancel()
+        self._wake.clear()
 
     async def _flush_once(self) -> None:
         retry = self._cfg.retry_interval_s
