@@ -19,7 +19,8 @@ answering exactly as it does when they fail, by leaving every such request to it
 What stays with the SDK: the handshake itself, the agent's GET stream and DELETE, notifications and
 responses the agent posts (a ``notifications/cancelled`` for a call answered here cancels it, and is then
 passed on), every other method, the event-stream response mode (``mcp.json_response`` off) and stateless
-sessions (``mcp.stateless_legacy``).
+sessions (``mcp.stateless_legacy``). A call still running here when the SDK ends its session (DELETE,
+shutdown) is cancelled and answered as the SDK answers its own then.
 
 The result is shaped by the SDK's own per-version serializer, as on its path (fields of the 2026-07-28
 era that a handshake-era agent does not know are dropped); the answer is JSON, or an event stream once
@@ -49,8 +50,13 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorizat
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.session import ServerSession
-from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport, check_accept_headers
+from mcp.server.streamable_http import (
+    MCP_SESSION_ID_HEADER,
+    StreamableHTTPServerTransport,
+    check_accept_headers,
+)
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.dispatcher import as_request_id, coerce_request_id
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS
 from mcp_types import methods as _methods
@@ -73,17 +79,35 @@ REQUEST_CANCELLED = -32800  # what the SDK's handshake-era transport answers a c
 _CANCELLED = "notifications/cancelled"
 _PROTOCOL_HEADER = "mcp-protocol-version"
 _SESSION_HEADER = MCP_SESSION_ID_HEADER.lower()
+# What the SDK's transport answers a request whose session ended before its response (status 500).
+_ENDED = {
+    "jsonrpc": "2.0",
+    "id": None,
+    "error": {"code": INTERNAL_ERROR, "message": "Session terminated before the request completed"},
+}
 
 
 @dataclass(slots=True)
 class Session:
     """An established handshake-era session: the agent's SDK session (what it declared, its standalone
-    stream) and the calls answered directly on it, by request id."""
+    stream) and the calls answered directly on it, by request id (as the SDK correlates them: "7" is 7)."""
 
     session: ServerSession
-    client_info: dict[str, Any] | None
-    client_capabilities: dict[str, Any] | None
     calls: dict[object, anyio.CancelScope] = field(default_factory=lambda: {})
+    ended: bool = False  # the SDK ended the session (DELETE, idle timeout, shutdown)
+    _read_from: object = field(default_factory=object)  # the client params the two below were read from
+    _client_info: dict[str, Any] | None = None
+    _capabilities: dict[str, Any] | None = None
+
+    def declared(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """What the agent declared (its client info, its capabilities) in its latest ``initialize``: the SDK
+        takes another on an open session. Read again only when that changed."""
+        params = self.session.client_params
+        if params is not self._read_from:
+            self._read_from = params
+            self._client_info = session_client_info(self.session)
+            self._capabilities = session_capabilities(self.session)
+        return self._client_info, self._capabilities
 
 
 class SdkSessions:
@@ -118,8 +142,18 @@ class SdkSessions:
         if sid is None or sid in self._sessions or connection.session_id != sid:
             return
         session = ctx.session
-        self._sessions[sid] = Session(session, session_client_info(session), session_capabilities(session))
-        connection.exit_stack.callback(self._sessions.pop, sid, None)
+        self._sessions[sid] = Session(session)
+        connection.exit_stack.callback(self._forget, sid)
+
+    def _forget(self, sid: str) -> None:
+        """The SDK ended session ``sid``: forget it, and end the calls still running on it, as the SDK
+        ends its own (their upstream requests are cancelled; see ``_ENDED``)."""
+        session = self._sessions.pop(sid, None)
+        if session is None:
+            return
+        session.ended = True
+        for scope in session.calls.values():
+            scope.cancel()
 
     def find(self, sid: str, user: object) -> tuple[Session, StreamableHTTPServerTransport] | None:
         """The established session ``sid`` and its transport, if the caller (``user``, the ASGI scope's)
@@ -190,8 +224,10 @@ class HandshakeFront:
         if sid is None or (version_header is not None and version_header not in HANDSHAKE_PROTOCOL_VERSIONS):
             return False
         if message.get("method") == _CANCELLED and "id" not in message:
-            self._cancel(sid, request, message)
-            return False  # the SDK still takes it (and answers 202)
+            # Only a notification the SDK's transport takes (Accept, Content-Type) cancels anything.
+            if check_accept_headers(request)[0] and _json_content(headers.get("content-type", "")):
+                self._cancel(sid, request, message)
+            return False  # the SDK still takes it (and answers 202, or refuses it)
         if not is_direct(message) or not valid_envelope(message):
             return False
         found = self._sessions.find(sid, request.scope.get("user"))
@@ -201,21 +237,22 @@ class HandshakeFront:
         has_json, has_sse = check_accept_headers(request)
         if not has_json or not _json_content(headers.get("content-type", "")):
             return False
-        rid: Any = message["id"]
-        if rid in session.calls:
+        if coerce_request_id(message["id"]) in session.calls:
             return False  # the same id twice in flight: the SDK's to sort out
-        await self._answer(request, receive, send, message, exchange, session, transport, sid, has_sse)
+        with held(transport):  # as the transport holds the session for each request it serves
+            await self._answer(request, receive, send, message, exchange, session, sid, has_sse)
         return True
 
     def _cancel(self, sid: str, request: Request, message: dict[str, Any]) -> None:
         """The agent's ``notifications/cancelled`` for a call answered here: cancel it (its answer is then
         ``REQUEST_CANCELLED``, as the SDK answers, and its record says ``cancelled``)."""
         params: Any = message.get("params")
-        rid: Any = cast(dict[str, Any], params).get("requestId") if isinstance(params, dict) else None
+        named: Any = cast(dict[str, Any], params).get("requestId") if isinstance(params, dict) else None
+        rid = as_request_id(named)  # as the SDK reads it: not true, not 1.0; "7" names call 7
         found = self._sessions.find(sid, request.scope.get("user")) if rid is not None else None
-        if found is None:
+        if found is None or rid is None:
             return
-        scope = found[0].calls.get(rid)
+        scope = found[0].calls.get(coerce_request_id(rid))
         if scope is not None:
             scope.cancel()
 
@@ -227,7 +264,6 @@ class HandshakeFront:
         message: dict[str, Any],
         exchange: Exchange,
         session: Session,
-        transport: StreamableHTTPServerTransport,
         sid: str,
         has_sse: bool,
     ) -> None:
@@ -235,6 +271,7 @@ class HandshakeFront:
         method: str = message["method"]
         params: Any = message.get("params")
         version = session.session.protocol_version
+        client_info, capabilities = session.declared()
         session_header = [(b"mcp-session-id", sid.encode("latin-1"))]
         try:
             _methods.validate_client_request(method, version, params)
@@ -250,8 +287,8 @@ class HandshakeFront:
             protocol_version=version,
             http_request=Request(request.scope, receive),
             principal=exchange.principal,
-            client_info=session.client_info,
-            client_capabilities=session.client_capabilities,
+            client_info=client_info,
+            client_capabilities=capabilities,
             exchange=exchange,
         )
         streamed: StreamedAnswer | None = None
@@ -268,34 +305,39 @@ class HandshakeFront:
                 call.downstream = streamed
             else:
                 call.downstream = SessionChannel(
-                    call, session.session, relay_requests=self._relay_requests, max_requests=self._max_requests
+                    call,
+                    session.session,
+                    relay_requests=self._relay_requests,
+                    max_requests=self._max_requests,
                 )
-        response = await self._run(call, session, transport, method, version)
+        response = await self._run(call, session, method, version)
+        status = 200
+        if session.ended:  # during the call: answered as the SDK answers a request its session outlived
+            status, response = 500, _ENDED
         if streamed is not None and await streamed.finish(response):
             return
-        await _reply(send, session_header, response)
+        await _reply(send, session_header, response, status)
 
     async def _run(
         self,
         call: CallContext,
         session: Session,
-        transport: StreamableHTTPServerTransport,
         method: str,
         version: str,
     ) -> dict[str, Any]:
         """The JSON-RPC response to ``call``: its result shaped for ``version``, or its error."""
         rid = call.request_id
+        key = coerce_request_id(rid) if rid is not None else None  # never None: the envelope has an id
         error: dict[str, Any] | None = None
         result: dict[str, Any] | None = None
         with anyio.CancelScope() as cancel:
-            session.calls[rid] = cancel
+            session.calls[key] = cancel
             try:
-                with held(transport):
-                    result = await answer(self._pipeline, call, error_results=self._error_results)
+                result = await answer(self._pipeline, call, error_results=self._error_results)
             except MCPError as exc:
                 error = exc.error.model_dump(mode="json", exclude_none=True)
             finally:
-                session.calls.pop(rid, None)
+                session.calls.pop(key, None)
         if cancel.cancelled_caught:
             error = {"code": REQUEST_CANCELLED, "message": "Request cancelled"}
         if error is not None or result is None:
@@ -315,13 +357,15 @@ def _json_content(content_type: str) -> bool:
     return any(part.strip() == "application/json" for part in content_type.split(";")[0].split(","))
 
 
-async def _reply(send: Send, headers: list[tuple[bytes, bytes]], message: dict[str, Any]) -> None:
+async def _reply(
+    send: Send, headers: list[tuple[bytes, bytes]], message: dict[str, Any], status: int = 200
+) -> None:
     """One JSON-RPC response in JSON, 200 as the SDK's handshake-era transport answers errors too."""
     payload = encode(message)
     await send(
         {
             "type": "http.response.start",
-            "status": 200,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
