@@ -266,10 +266,12 @@ def create_app(
     notifications = _notifications(settings, catalog, authorize, registry, pool, mcp_server, keys, audit)
     direct = mcp_cfg.direct_path and mcp_cfg.json_response
     handshake: HandshakeFront | None = None
-    if direct and not mcp_cfg.stateless_legacy:
-        # After the change notifications' handlers: it keeps theirs on notifications/initialized.
-        sdk_sessions = SdkSessions(manager)
-        sdk_sessions.install(mcp_server)
+    if direct:
+        sdk_sessions: SdkSessions | None = None  # stateless_legacy: each POST on its own
+        if not mcp_cfg.stateless_legacy:
+            # After the change notifications' handlers: it keeps theirs on notifications/initialized.
+            sdk_sessions = SdkSessions(manager)
+            sdk_sessions.install(mcp_server)
         handshake = HandshakeFront(
             pipeline,
             sdk_sessions,

@@ -664,3 +664,45 @@ def test_results_are_shaped_for_the_sessions_version_as_the_sdk_shapes_them(
         agent.close()
         seen[direct] = [_seen(r) for r in responses]
     assert seen[True] == seen[False]
+
+
+def _stateless_answers(arbiter: ArbiterServer) -> list[tuple[int, str | None, bool, Any]]:
+    """What a handshake-era agent without a session gets for a row of requests (mcp.stateless_legacy)."""
+    agent = Agent(arbiter)  # no session: every POST stands alone
+    echo = {"name": "up__echo", "arguments": {"text": "hi"}}
+    try:
+        responses = [
+            agent.request("tools/call", echo),
+            agent.request("tools/list", None),
+            agent.request("tools/call", {"name": "up__echo", "arguments": "not an object"}),
+            agent.request("tools/call", {"name": "up__missing", "arguments": {}}),
+            agent.request("tools/call", {"arguments": {}}),
+            agent.request("tools/list", None, accept="text/plain"),
+            agent.request("tools/list", None, content_type="text/plain"),
+            agent.request("tools/list", None, mcp_protocol_version="2024-11-05"),
+            agent.request("tools/list", None, mcp_protocol_version="2024-01-01"),
+            _raw(agent, b'{"jsonrpc":"2.0","id":"s-1","method":"tools/call","params":null}'),
+            agent.http.post(
+                "/mcp",
+                json={"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": echo},
+                headers={"accept": ACCEPT, "content-type": "application/json"},  # no version header
+            ),
+        ]
+    finally:
+        agent.close()
+    return [_seen(r) for r in responses]
+
+
+def test_without_sessions_the_agent_cannot_tell_the_direct_path_from_the_sdks(
+    arbiter_factory: ArbiterFactory, gate: Gate
+) -> None:
+    seen: dict[bool, list[tuple[int, str | None, bool, Any]]] = {}
+    for direct in (False, True):
+        arbiter = arbiter_factory(mcp={"stateless_legacy": True, "direct_path": direct})
+        if not direct:
+            arbiter.register("up", gate.url)
+        seen[direct] = _stateless_answers(arbiter)
+    assert seen[True] == seen[False]
+    call = seen[True][0][3]
+    assert call["result"]["content"] == [{"type": "text", "text": "echo: hi"}]
+    assert [status for status, _, _, _ in seen[True]][:5] == [200, 200, 200, 200, 200]

@@ -296,6 +296,22 @@ async def test_a_handshake_agent_that_takes_no_event_stream_gets_the_messages_on
     assert all(m is not None and m.startswith("agent 5: step") for _, _, m in heard.progress)
 
 
+async def test_a_handshake_agent_without_a_session_gets_its_calls_messages_on_its_answer(
+    arbiter_factory: ArbiterFactory, streamer: Streamer
+) -> None:
+    """mcp.stateless_legacy: no session stream, so the call's own answer is the only way back (the SDK's
+    stateless transport in JSON mode drops what a call streams)."""
+    arbiter = arbiter_factory(mcp={"stateless_legacy": True})
+    arbiter.register("up", streamer.url)
+    heard = Heard()
+    async with _client(arbiter, "legacy", heard) as client:
+        result = await client.call_tool("up__report", {"n": 6}, progress_callback=heard.on_progress)
+        assert _text(result) == "report 6 done"
+        await _until(lambda: len(heard.progress) == 3 and len(heard.logs) == 3, "all six messages")
+    assert heard.progress == [(step, 3, f"agent 6: step {step}") for step in (1, 2, 3)]
+    assert heard.logs == [f"agent 6: log {step}" for step in (1, 2, 3)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_two_agents_at_once_each_get_only_their_own_progress(arbiter: ArbiterServer, mode: str) -> None:
     heard = {1: Heard(), 2: Heard()}

@@ -18,8 +18,7 @@ answering exactly as it does when they fail, by leaving every such request to it
 
 What stays with the SDK: the handshake itself, the agent's GET stream and DELETE, notifications and
 responses the agent posts (a ``notifications/cancelled`` for a call answered here cancels it, and is then
-passed on), every other method, the event-stream response mode (``mcp.json_response`` off) and stateless
-sessions (``mcp.stateless_legacy``). A call still running here when the SDK ends its session (DELETE,
+passed on), every other method and the event-stream response mode (``mcp.json_response`` off). A call still running here when the SDK ends its session (DELETE,
 shutdown) is cancelled and answered as the SDK answers its own then.
 
 The result is shaped by the SDK's own per-version serializer, as on its path (fields of the 2026-07-28
@@ -28,6 +27,10 @@ the upstream streams something for the call (progress, log messages: ``streamed.
 accepts one gets its call's progress on the call's own stream, before its result. A request the upstream
 puts to the agent during the call (elicitation, sampling, roots) goes on the session's standalone stream,
 as the SDK would send it.
+
+With ``mcp.stateless_legacy`` there are no sessions: each POST is taken as the SDK's stateless transport
+takes it (the header's version or the default, nothing declared, nothing asked of the agent) and answered
+here, without the transport, runner and task the SDK starts for each one.
 
 The SDK keeps its session table and idle countdown to itself; ``SdkSessions`` is the one place that reads
 them, and tests pin what it relies on.
@@ -58,7 +61,7 @@ from mcp.server.streamable_http import (
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.dispatcher import as_request_id, coerce_request_id
 from mcp.shared.exceptions import MCPError
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS
+from mcp_types import DEFAULT_NEGOTIATED_VERSION, INTERNAL_ERROR, INVALID_PARAMS
 from mcp_types import methods as _methods
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -196,12 +199,13 @@ def held(transport: StreamableHTTPServerTransport) -> Generator[None]:
 
 
 class HandshakeFront:
-    """Answers handshake-era POSTs for the pipeline's methods on established sessions (``serve``)."""
+    """Answers handshake-era POSTs for the pipeline's methods on established sessions, or, with
+    ``sessions`` None (``mcp.stateless_legacy``), each POST on its own (``serve``)."""
 
     def __init__(
         self,
         pipeline: Pipeline,
-        sessions: SdkSessions,
+        sessions: SdkSessions | None,
         *,
         error_results: bool = True,
         relay_requests: bool = True,
@@ -221,7 +225,11 @@ class HandshakeFront:
         headers = request.headers
         sid = headers.get(_SESSION_HEADER)
         version_header = headers.get(_PROTOCOL_HEADER)
-        if sid is None or (version_header is not None and version_header not in HANDSHAKE_PROTOCOL_VERSIONS):
+        if version_header is not None and version_header not in HANDSHAKE_PROTOCOL_VERSIONS:
+            return False
+        if self._sessions is None:
+            return await self._stateless(request, receive, send, message, exchange, version_header)
+        if sid is None:
             return False
         if message.get("method") == _CANCELLED and "id" not in message:
             # Only a notification the SDK's transport takes (Accept, Content-Type) cancels anything.
@@ -243,13 +251,34 @@ class HandshakeFront:
             await self._answer(request, receive, send, message, exchange, session, sid, has_sse)
         return True
 
+    async def _stateless(
+        self,
+        request: Request,
+        receive: Receive,
+        send: Send,
+        message: dict[str, Any],
+        exchange: Exchange,
+        version_header: str | None,
+    ) -> bool:
+        """A POST without a session (``mcp.stateless_legacy``), taken as the SDK's stateless transport takes
+        it: its version is the header's (or the default), it declared nothing, and nothing can be asked of
+        it (no session stream to answer on); progress and logs still ride its own answer."""
+        if not is_direct(message) or not valid_envelope(message):
+            return False
+        has_json, has_sse = check_accept_headers(request)
+        if not has_json or not _json_content(request.headers.get("content-type", "")):
+            return False
+        await self._answer(request, receive, send, message, exchange, None, None, has_sse, version_header)
+        return True
+
     def _cancel(self, sid: str, request: Request, message: dict[str, Any]) -> None:
         """The agent's ``notifications/cancelled`` for a call answered here: cancel it (its answer is then
         ``REQUEST_CANCELLED``, as the SDK answers, and its record says ``cancelled``)."""
         params: Any = message.get("params")
         named: Any = cast(dict[str, Any], params).get("requestId") if isinstance(params, dict) else None
         rid = as_request_id(named)  # as the SDK reads it: not true, not 1.0; "7" names call 7
-        found = self._sessions.find(sid, request.scope.get("user")) if rid is not None else None
+        sessions = self._sessions
+        found = sessions.find(sid, request.scope.get("user")) if rid is not None and sessions else None
         if found is None or rid is None:
             return
         scope = found[0].calls.get(coerce_request_id(rid))
@@ -263,16 +292,21 @@ class HandshakeFront:
         send: Send,
         message: dict[str, Any],
         exchange: Exchange,
-        session: Session,
-        sid: str,
+        session: Session | None,
+        sid: str | None,
         has_sse: bool,
+        version_header: str | None = None,
     ) -> None:
         rid: Any = message["id"]
         method: str = message["method"]
         params: Any = message.get("params")
-        version = session.session.protocol_version
-        client_info, capabilities = session.declared()
-        session_header = [(b"mcp-session-id", sid.encode("latin-1"))]
+        if session is not None:
+            version = session.session.protocol_version
+            client_info, capabilities = session.declared()
+        else:  # stateless: what the SDK's stateless connection is born with
+            version = version_header or DEFAULT_NEGOTIATED_VERSION
+            client_info, capabilities = None, None
+        session_header = [(b"mcp-session-id", sid.encode("latin-1"))] if sid is not None else []
         try:
             _methods.validate_client_request(method, version, params)
         except (KeyError, ValueError, ValidationError):
@@ -297,22 +331,22 @@ class HandshakeFront:
                 streamed = StreamedAnswer(
                     call,
                     send,
-                    ask=partial(ask_session, session.session),
+                    ask=partial(ask_session, session.session) if session is not None else None,
                     relay_requests=self._relay_requests,
                     max_requests=self._max_requests,
                     headers=session_header,
                 )
                 call.downstream = streamed
-            else:
+            elif session is not None:
                 call.downstream = SessionChannel(
                     call,
                     session.session,
                     relay_requests=self._relay_requests,
                     max_requests=self._max_requests,
                 )
-        response = await self._run(call, session, method, version)
+        response = await self._run(call, session.calls if session is not None else {}, method, version)
         status = 200
-        if session.ended:  # during the call: answered as the SDK answers a request its session outlived
+        if session is not None and session.ended:  # during the call: answered as the SDK answers a request its session outlived
             status, response = 500, _ENDED
         if streamed is not None and await streamed.finish(response):
             return
@@ -321,23 +355,24 @@ class HandshakeFront:
     async def _run(
         self,
         call: CallContext,
-        session: Session,
+        calls: dict[object, anyio.CancelScope],
         method: str,
         version: str,
     ) -> dict[str, Any]:
-        """The JSON-RPC response to ``call``: its result shaped for ``version``, or its error."""
+        """The JSON-RPC response to ``call``: its result shaped for ``version``, or its error. While it
+        runs it can be cancelled through ``calls`` (its session's)."""
         rid = call.request_id
         key = coerce_request_id(rid) if rid is not None else None  # never None: the envelope has an id
         error: dict[str, Any] | None = None
         result: dict[str, Any] | None = None
         with anyio.CancelScope() as cancel:
-            session.calls[key] = cancel
+            calls[key] = cancel
             try:
                 result = await answer(self._pipeline, call, error_results=self._error_results)
             except MCPError as exc:
                 error = exc.error.model_dump(mode="json", exclude_none=True)
             finally:
-                session.calls.pop(key, None)
+                calls.pop(key, None)
         if cancel.cancelled_caught:
             error = {"code": REQUEST_CANCELLED, "message": "Request cancelled"}
         if error is not None or result is None:
