@@ -255,7 +255,7 @@ class ArbiterServer:
             time.sleep(0.02)
         self.agent_key = ""
         if self.settings.admin_token is not None:  # bootstrap a test agent's key with break-glass
-            with self.admin() as admin:
+            with self.admin(self.settings.admin_token.get_secret_value()) as admin:
                 resp = admin.post(
                     "/api-keys", json={"owner": "test-agent", "roles": ["agent"], "tenant": "acme"}
                 )

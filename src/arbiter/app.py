@@ -373,7 +373,7 @@ def create_app(
         app.include_router(metrics_router(metrics, settings.telemetry.metrics_token))
     app.include_router(wellknown.router)
     if settings.console.enabled:
-        install_console(app, settings.console)  # /console (docs/console.md)
+        install_console(app, settings, engine, jwt)  # /console (docs/console.md)
     app.mcp_endpoint = McpEndpoint(
         manager,
         max_body_bytes=mcp_cfg.max_body_bytes,

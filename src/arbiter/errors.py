@@ -347,3 +347,25 @@ class AdminApiUnreachable(ArbiterError):
     """The CLI could not reach the admin API (nothing listens at ``--url``, TLS, a timeout)."""
 
     code = "admin_api_unreachable"
+
+
+class LoginRefused(Unauthorized):
+    """A console login through an identity provider did not complete: its answer was refused, or its ID
+    token (the message says why, never with a claim's value)."""
+
+    code = "login_refused"
+
+
+class BadLoginCallback(LoginRefused):
+    """The browser came back to the console's OpenID Connect callback with no login of ours to finish
+    (no or a stale pending login, a wrong state, no code)."""
+
+    code = "bad_login_callback"
+    http_status = 400
+
+
+class IdentityProviderUnavailable(ArbiterError):
+    """The identity provider's discovery document or token endpoint could not be had."""
+
+    code = "identity_provider_unavailable"
+    http_status = 502

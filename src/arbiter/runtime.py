@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import anyio
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -35,3 +36,6 @@ class Runtime:
     policy: LivePolicy
     audit: AuditWriter
     limits: Limiter
+    # Impact previews (audit/impact.py) replay on worker threads one at a time per process: however many
+    # are asked for at once they use one core, and a waiting one spends its time budget waiting.
+    previews: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))

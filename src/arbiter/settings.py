@@ -341,6 +341,25 @@ class UpstreamPolicy(BaseModel):
         return out
 
 
+class ConsoleLoginConfig(BaseModel):
+    """How people log in to the console through this issuer: OpenID Connect, authorization code + PKCE
+    (docs/console.md). The redirect URI to register is ``<console.public_url>/console/oidc/callback``."""
+
+    client_id: str = Field(min_length=1, max_length=500)
+    # Only for a confidential client (sent with client_secret_basic); a public client relies on PKCE alone.
+    client_secret: SecretStr | None = None
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile"])
+    # Unset: <issuer>/.well-known/openid-configuration. Its `issuer` must equal this issuer's.
+    discovery_url: str | None = None
+    # The login button's label; unset: the issuer's host name.
+    label: str | None = Field(default=None, max_length=100)
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, v: list[str]) -> list[str]:
+        return v if "openid" in v else ["openid", *v]
+
+
 class IssuerConfig(BaseModel):
     """A trusted OAuth 2.1 authorization server whose JWT access tokens Arbiter accepts."""
 
@@ -357,6 +376,8 @@ class IssuerConfig(BaseModel):
     client_id_claim: str = "client_id"  # Entra ID: azp / appid
     # When a token carries a `typ` header it must be one of these (RFC 9068).
     access_token_types: list[str] = Field(default_factory=lambda: ["at+jwt", "application/at+jwt"])
+    # Console login through this issuer (OpenID Connect); unset: its tokens are for /mcp only.
+    console: ConsoleLoginConfig | None = None
 
     @field_validator("algorithms")
     @classmethod
@@ -660,8 +681,24 @@ class ConsoleSettings(BaseModel):
     enabled: bool = True
     # A session not used for this long is gone: the person logs in again.
     idle_timeout_s: int = Field(default=900, ge=60, le=86400)
-    # Sessions are held in this process's memory (lost on restart, one replica's own): at most this many.
+    # However busy, a session ends this long after login (and an OpenID Connect one at its ID token's exp).
+    max_lifetime_s: int = Field(default=8 * 3600, ge=60, le=7 * 86400)
+    # Sessions are stored in the database (replicas share them): at most this many, least recently used
+    # go first.
     max_sessions: int = Field(default=1000, ge=1, le=100_000)
+    # auto: Secure cookies except for plain HTTP on loopback (a local demo); always: Secure cookies even
+    # then, for a TLS proxy on the same host that rewrites Host to a loopback address.
+    secure_cookies: Literal["auto", "always"] = "auto"
+    # The console's origin as browsers reach it (e.g. https://arbiter.example.com), for the OpenID Connect
+    # redirect URI. Unset: the origin of auth.resource_url, else http://<host>:<port>. Never the Host header.
+    public_url: str | None = Field(default=None, max_length=2048)
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/?#\s]+", v.rstrip("/")):
+            raise ValueError("console.public_url must be an origin such as https://arbiter.example.com")
+        return v.rstrip("/") if v is not None else None
 
 
 class Settings(BaseSettings):

@@ -86,7 +86,7 @@ def test_a_jwt_does_not_open_a_console_session(
     arbiter_factory: ArbiterFactory, idp: tuple[JwksServer, SigningKey]
 ) -> None:
     # A session holds the principal, not the credential: one opened with a JWT would outlive the
-    # token's exp (only the idle timeout ends it), and the console is documented as API keys only.
+    # token's exp. A person with a JWT-issuing provider logs in through it instead (test_oidc.py).
     jwks, signing = idp
     server = arbiter_factory(
         auth={"resource_url": RESOURCE, "issuers": [{"issuer": ISSUER, "jwks_uri": jwks.url}]}

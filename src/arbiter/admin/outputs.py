@@ -74,6 +74,49 @@ class DryRunOut(BaseModel):
     results: list[DryRunCaseOut]
 
 
+class ImpactCountsOut(BaseModel):
+    allow_to_deny: int
+    deny_to_allow: int
+    undecidable: int = Field(description="Decided on an argument the record redacted: not guessed")
+
+
+class ImpactAgentOut(ImpactCountsOut):
+    subject: str
+    tenant: str
+
+
+class ImpactToolOut(ImpactCountsOut):
+    tool: str
+
+
+class ImpactSampleOut(BaseModel):
+    seq: int = Field(description="The audit record's seq")
+    ts: str
+    subject: str
+    tenant: str
+    tool: str
+    action: str
+    outcome: Literal["allow_to_deny", "deny_to_allow", "undecidable"]
+    rule_before: str | None = Field(description="The rule that decided then, as recorded")
+    rule_after: str | None = Field(description="The candidate's deciding rule")
+    why: str = Field(description="For undecidable: the rule and the redacted field it reads")
+
+
+class ImpactOut(ImpactCountsOut):
+    since: str
+    until: str
+    limit: int
+    read: int = Field(description="Agent requests read from the window, newest first")
+    replayed: int = Field(description="Of those, the ones holding a policy decision (calls, reads, gets)")
+    capped: bool = Field(description="The window holds more than limit records: the oldest were not read")
+    out_of_time: bool = Field(description="Stopped at the time budget: the older records were not read")
+    oldest: str | None = Field(description="The oldest record read")
+    unchanged: int
+    agents: list[ImpactAgentOut] = Field(description="Per subject and tenant, most changes first")
+    tools: list[ImpactToolOut]
+    samples: list[ImpactSampleOut] = Field(description="The first 50 changed or undecidable records")
+
+
 # --- limits, budgets, tool costs ---------------------------------------------------------------------
 
 

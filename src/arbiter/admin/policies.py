@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbiter.admin.access import write_warnings
 from arbiter.admin.deps import change, require, runtime
-from arbiter.admin.outputs import DryRunOut, PolicyExplainOut, PolicyOut
+from arbiter.admin.outputs import DryRunOut, ImpactOut, PolicyExplainOut, PolicyOut
 from arbiter.admin.params import RowId, Version
+from arbiter.audit.impact import MAX_RECORDS, preview, window
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
 from arbiter.policies.access import unknown_roles
@@ -25,6 +27,7 @@ from arbiter.runtime import Runtime
 
 Reader = Annotated[Principal, Depends(require("policies", "admin:read"))]
 Writer = Annotated[Principal, Depends(require("policies", "admin:write"))]
+AuditReader = Annotated[Principal, Depends(require("audit", "admin:read"))]
 Rt = Annotated[Runtime, Depends(runtime)]
 
 router = APIRouter()
@@ -72,6 +75,17 @@ class DryRunIn(BaseModel):
         default=None, description="Candidate policy (Casbin CSV); omitted: the live one"
     )
     cases: list[dict[str, Any]] = Field(description="Decision table rows, as in `arbiter policy test`")
+
+
+class ImpactIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: str = Field(
+        max_length=1_000_000,
+        description="The candidate policy (Casbin CSV): the whole rule set after the change",
+    )
+    since: str | None = Field(default=None, description="ISO 8601 or epoch ms; default: 24 h before until")
+    until: str | None = Field(default=None, description="ISO 8601 or epoch ms (exclusive); default: now")
+    limit: int = Field(default=MAX_RECORDS, ge=1, le=MAX_RECORDS, description="Records read at most")
 
 
 def _validated(items: list[PolicyRuleIn], *, allow_empty: bool = False) -> list[Rule]:
@@ -212,6 +226,35 @@ async def dry_run(body: DryRunIn, rt: Rt, _: Reader) -> dict[str, object]:
         "failed": len(failed),
         "results": [o.to_json() for o in outcomes],
     }
+
+
+@router.post("/policies/impact", response_model=ImpactOut)
+async def impact(body: ImpactIn, rt: Rt, _: Reader, __: AuditReader) -> dict[str, object]:
+    """Replay the decisions the audit log recorded in a window against a candidate policy: which would
+    flip (allow→deny, deny→allow), per agent and tool; a decision that depended on an argument the
+    record redacted is counted as undecidable, not guessed. Needs read on policies and on audit."""
+    since_ms, until_ms = window(body.since, body.until)
+    # Off the event loop: a megabyte of rules takes seconds to parse and load, agents wait on it.
+    candidate = await anyio.to_thread.run_sync(_engine, body.policy, limiter=rt.previews)
+    found = await preview(
+        rt.engine,
+        candidate,
+        since_ms,
+        until_ms,
+        limit=body.limit,
+        definitions=lambda up, name: _tool(rt, up, name),
+        limiter=rt.previews,
+    )
+    return found.to_json()
+
+
+def _engine(policy: str) -> PolicyEngine:
+    return PolicyEngine(parse_csv(policy), -1)
+
+
+def _tool(rt: Runtime, upstream: str, name: str) -> dict[str, Any] | None:
+    snap = rt.catalog.get(upstream)
+    return snap.tools.get(name) if snap is not None else None
 
 
 async def _text(request: Request) -> str:

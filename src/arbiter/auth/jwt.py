@@ -112,6 +112,35 @@ class JwtVerifier:
         typ = header.get("typ")
         if typ is not None and typ.lower() not in issuer.types:
             raise InvalidToken("wrong token type")
+        await self._check_signature(issuer, obj, header)
+        self._check_claims(claims, issuer.config, issuer.config.audiences or [self._resource_url])
+        return _principal(claims, issuer.config)
+
+    async def verify_id_token(
+        self, token: str, issuer_name: str, client_id: str
+    ) -> tuple[Principal, dict[str, object]]:
+        """An OpenID Connect ID token for the console (OIDC Core 3.1.3.7): from ``issuer_name``, signed with a
+        key of that issuer's JWKS, for ``client_id``, unexpired. Returns the principal its claims map to (the
+        mapping access tokens use) and the claims: the caller checks the ``nonce``, which it alone knows."""
+        obj, header, claims = _parse(token)
+        issuer = self._issuers.get(issuer_name)
+        if issuer is None or claims.get("iss") != issuer_name:
+            raise InvalidToken("wrong issuer")
+        if header["alg"] not in issuer.config.algorithms:
+            raise InvalidToken("algorithm not allowed")
+        typ = header.get("typ")
+        if typ is not None and typ.lower() in issuer.types:  # an access token is not an ID token
+            raise InvalidToken("wrong token type")
+        await self._check_signature(issuer, obj, header)
+        self._check_claims(claims, issuer.config, [client_id])
+        aud, azp = claims.get("aud"), claims.get("azp")
+        if isinstance(aud, list) and len(cast(list[object], aud)) > 1 and azp != client_id:
+            raise InvalidToken("wrong authorized party")
+        return _principal(claims, issuer.config), claims
+
+    async def _check_signature(
+        self, issuer: _Issuer, obj: jws.CompactSignature, header: dict[str, str]
+    ) -> None:
         key = await self._key(issuer, header.get("kid"))
         try:
             valid = jws.validate_compact(obj, key, registry=issuer.registry)
@@ -120,14 +149,12 @@ class JwtVerifier:
             raise InvalidToken("signing key does not match algorithm") from None
         if not valid:
             raise InvalidToken("bad signature")
-        self._check_claims(claims, issuer.config)
-        return _principal(claims, issuer.config)
 
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
 
-    def _check_claims(self, claims: dict[str, object], config: IssuerConfig) -> None:
+    def _check_claims(self, claims: dict[str, object], config: IssuerConfig, audiences: list[str]) -> None:
         for name in ("exp", "aud"):
             if claims.get(name) is None:
                 raise InvalidToken(f"missing {name} claim")
@@ -139,7 +166,7 @@ class JwtVerifier:
             now=int(self._clock()),
             leeway=self._auth.leeway_s,
             iss={"essential": True, "value": config.issuer},
-            aud={"essential": True, "values": list(config.audiences or [self._resource_url])},
+            aud={"essential": True, "values": audiences},
             exp={"essential": True},
         )
         try:

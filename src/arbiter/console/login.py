@@ -2,7 +2,7 @@
 
 A person logs in with an admin-capable API key (or the break-glass admin token). The key is checked
 once, the way ``/admin/v1`` checks it, and not kept: the session holds the principal it stands for.
-OpenID Connect login is not in this slice (docs/console.md).
+Login through an identity provider (OpenID Connect) is console/oidc.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 
 from arbiter.audit.events import admin_change, auth_event, forbidden_event
 from arbiter.auth.principal import Principal
+from arbiter.console.sessions import credential_fingerprint
 from arbiter.console.web import (
     COOKIE,
     LOGIN_COOKIE,
@@ -38,7 +39,7 @@ from arbiter.policies.admin_rights import may_admin
 router = APIRouter(route_class=ConsoleRoute)
 
 # The areas a console page shows: a credential with none of them has nothing to do here.
-CONSOLE_AREAS = ("upstreams", "api-keys", "audit")
+CONSOLE_AREAS = ("upstreams", "api-keys", "audit", "policies", "limits", "budgets")
 # Credentials a session may stand for: ones whose revocation or expiry viewer() notices.
 SESSION_METHODS = frozenset({"api_key", "break_glass"})
 
@@ -61,9 +62,11 @@ async def static(name: str) -> Response:
     return Response(_asset(name), media_type=media_type)
 
 
-def _login_page(request: Request, status_code: int = 200, error: str | None = None) -> Response:
+def login_page(request: Request, status_code: int = 200, error: str | None = None) -> Response:
     token = secrets.token_urlsafe(32)
-    response = render(request, "login.html", None, status_code, csrf=token, error=error)
+    oidc = state(request).oidc
+    providers = oidc.providers if oidc is not None else []
+    response = render(request, "login.html", None, status_code, csrf=token, error=error, providers=providers)
     response.set_cookie(
         LOGIN_COOKIE,
         token,
@@ -81,7 +84,7 @@ async def login_form(request: Request) -> Response:
     try:
         viewer(request)
     except LoginRequired:
-        return _login_page(request)
+        return login_page(request)
     return redirect("")
 
 
@@ -102,25 +105,35 @@ async def login(
         )
     except ArbiterError as exc:
         rt.audit.offer(auth_event(exc, request.scope, where))
-        return _login_page(request, 401, "That key was not accepted (unknown, revoked or expired).")
+        return login_page(request, 401, "That key was not accepted (unknown, revoked or expired).")
     if caller.auth_method not in SESSION_METHODS:
         # A session keeps the principal, not the credential, and only an API key's principal is
         # re-checked on each page: a session opened with a JWT would outlive the token's exp.
         refused = Forbidden("the console takes an API key or the admin token, not a JWT")
         rt.audit.offer(forbidden_event(refused, caller, request.scope, where))
-        return _login_page(request, 403, refused.message)
-    if not any(_may(rt_caller=caller, request=request, area=a) for a in CONSOLE_AREAS):
+        return login_page(request, 403, refused.message)
+    if not may_use_console(caller, request):
         refused = Forbidden("this credential has no admin rights: the console has nothing to show it")
         rt.audit.offer(forbidden_event(refused, caller, request.scope, where))
-        return _login_page(request, 403, refused.message)
+        return login_page(request, 403, refused.message)
+    # A break-glass session is bound to the token: rotating or removing it ends the session.
+    credential = credential_fingerprint(key.strip()) if caller.auth_method == "break_glass" else None
     async with admin_change(rt.audit, caller, request, "console.login", caller.subject):
-        session = state(request).sessions.create(caller)
+        session = await state(request).sessions.create(caller, credential=credential)
     response = redirect("")
-    response.set_cookie(
-        COOKIE, session.id, httponly=True, samesite="strict", secure=secure_cookie(request), path=PREFIX
-    )
+    set_session_cookie(request, response, session.id)
     response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
     return response
+
+
+def set_session_cookie(request: Request, response: Response, session_id: str) -> None:
+    response.set_cookie(
+        COOKIE, session_id, httponly=True, samesite="strict", secure=secure_cookie(request), path=PREFIX
+    )
+
+
+def may_use_console(caller: Principal, request: Request) -> bool:
+    return any(_may(rt_caller=caller, request=request, area=a) for a in CONSOLE_AREAS)
 
 
 def _may(*, rt_caller: Principal, request: Request, area: str) -> bool:
@@ -131,7 +144,7 @@ def _may(*, rt_caller: Principal, request: Request, area: str) -> bool:
 @router.post("/logout")
 async def logout(request: Request, who: Annotated[Viewer, Depends(form_viewer)]) -> Response:
     async with admin_change(who.rt.audit, who.principal, request, "console.logout", who.principal.subject):
-        state(request).sessions.end(who.session.id)
+        await state(request).sessions.end(who.session.id)
     response = redirect("/login")
     response.delete_cookie(COOKIE, path=PREFIX)
     return response

@@ -1,13 +1,22 @@
-"""Mount the console: its routers under ``/console`` and the in-memory session store in ``app.state``."""
+"""Mount the console: its routers under ``/console``, its session store and OpenID Connect client in
+``app.state``."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, FastAPI, Response
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from arbiter.console import audit, catalog, keys, login
+from arbiter.auth.jwt import JwtVerifier
+from arbiter.console import access, audit, catalog, keys, limits, login, oidc, policies
+from arbiter.console.oidc_client import OidcClient
+from arbiter.console.oidc_pending import PendingLogins
+from arbiter.console.sessions import SessionStore
 from arbiter.console.web import PREFIX, ConsoleRoute, new_state, redirect
-from arbiter.settings import ConsoleSettings
+from arbiter.settings import Settings
 
+log = logging.getLogger(__name__)
 _home = APIRouter(route_class=ConsoleRoute)
 
 
@@ -16,7 +25,19 @@ async def home() -> Response:  # the app does not redirect slashes by itself
     return redirect("")
 
 
-def install(app: FastAPI, settings: ConsoleSettings) -> None:
-    app.state.console = new_state(settings.idle_timeout_s, settings.max_sessions)
-    for part in (_home, login.router, catalog.router, keys.router, audit.router):
+def install(app: FastAPI, settings: Settings, engine: AsyncEngine, jwt: JwtVerifier | None) -> None:
+    cfg = settings.console
+    sessions = SessionStore(engine, cfg.idle_timeout_s, cfg.max_lifetime_s, cfg.max_sessions)
+    # Identity providers: the issuers /mcp trusts that have a `console` block (their JWKS, our verifier).
+    logins = any(i.console is not None for i in settings.auth.issuers)
+    sso = OidcClient(settings, jwt) if jwt is not None and logins else None
+    if sso is not None and cfg.public_url is None:
+        log.warning(
+            "console single sign-on redirects to %s; set console.public_url if browsers reach Arbiter "
+            "at another address",
+            sso.redirect_uri,
+        )
+    app.state.console = new_state(sessions, sso, PendingLogins(engine) if sso is not None else None)
+    routers = (_home, login.router, oidc.router, catalog.router, keys.router, audit.router, limits.router)
+    for part in (*routers, policies.router, access.router):
         app.include_router(part, prefix=PREFIX, include_in_schema=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 from collections.abc import Callable, Coroutine, Mapping
@@ -16,7 +17,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from arbiter.audit.events import forbidden_event
 from arbiter.auth.principal import Principal
-from arbiter.console.sessions import Session, SessionStore
+from arbiter.console.oidc_client import OidcClient
+from arbiter.console.oidc_pending import PendingLogins
+from arbiter.console.sessions import Session, SessionStore, credential_fingerprint
 from arbiter.errors import ArbiterError, Forbidden
 from arbiter.policies.admin_rights import is_security_admin, may_admin
 from arbiter.runtime import Runtime
@@ -69,6 +72,8 @@ def _environment() -> Environment:
 class ConsoleState:
     sessions: SessionStore
     templates: Environment
+    oidc: OidcClient | None = None  # login through identity providers (console/oidc.py), when configured
+    logins: PendingLogins | None = None  # those logins under way
 
 
 def state(request: Request) -> ConsoleState:
@@ -81,8 +86,10 @@ def runtime(request: Request) -> Runtime:
     return rt
 
 
-def new_state(idle_timeout_s: float, max_sessions: int) -> ConsoleState:
-    return ConsoleState(SessionStore(idle_timeout_s, max_sessions), _environment())
+def new_state(
+    sessions: SessionStore, oidc: OidcClient | None = None, logins: PendingLogins | None = None
+) -> ConsoleState:
+    return ConsoleState(sessions, _environment(), oidc, logins)
 
 
 @dataclass(frozen=True)
@@ -119,16 +126,26 @@ class Viewer:
 
 def viewer(request: Request) -> Viewer:
     """The live session's viewer; ``LoginRequired`` without one, or once its API key is revoked."""
-    console, rt = state(request), runtime(request)
-    session = console.sessions.get(request.cookies.get(COOKIE))
-    if session is None:
+    rt = runtime(request)
+    session: Session | None = getattr(request.state, "console_session", None)  # ConsoleRoute loaded it
+    if session is None or session.ended:
         raise LoginRequired
     current = rt.keys.current(session.principal)  # a revoked or expired key ends its sessions
-    if current is None:
-        console.sessions.end(session.id)
+    if current is None or (current.auth_method == "break_glass" and not _admin_token_still(rt, session)):
+        session.ended = True
         raise LoginRequired
     session.principal = current
     return Viewer(session, rt)
+
+
+def _admin_token_still(rt: Runtime, session: Session) -> bool:
+    """Is the admin token the session was opened with still the configured one? Sessions outlive a
+    restart; a rotated or removed token must end them."""
+    configured = rt.settings.admin_token
+    if configured is None or session.credential is None:
+        return False
+    expected = credential_fingerprint(configured.get_secret_value())
+    return hmac.compare_digest(session.credential.encode(), expected.encode())
 
 
 async def form_viewer(request: Request) -> Viewer:
@@ -162,6 +179,8 @@ def secure_cookie(request: Request) -> bool:
     """
     if request.url.scheme == "https" or request.client is None:
         return True
+    if runtime(request).settings.console.secure_cookies == "always":
+        return True
     return not (_is_loopback(request.client.host) and _is_loopback(request.url.hostname))
 
 
@@ -193,6 +212,11 @@ class ConsoleRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
+            sessions = state(request).sessions
+            # The stylesheet and script need no session: no database read for them.
+            static = request.url.path.startswith(f"{PREFIX}/static/")
+            session = None if static else await sessions.get(request.cookies.get(COOKIE))
+            request.state.console_session = session
             try:
                 response = await handler(request)
             except LoginRequired:
@@ -203,6 +227,8 @@ class ConsoleRoute(APIRoute):
                 # Without the input: a mistyped key pasted into a form would be echoed.
                 fields = ", ".join(str(e.get("loc", ("?",))[-1]) for e in exc.errors())
                 response = _error_page(request, 400, f"the form is not valid ({fields})")
+            if session is not None:
+                await sessions.save(session)  # notices for the next page; a revoked key's session ends
             response.headers.update(HEADERS)
             return response
 
