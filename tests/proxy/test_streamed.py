@@ -163,7 +163,9 @@ def _related(request_id: Any) -> ServerMessageMetadata:
 
 
 @pytest.fixture(params=[False, True], ids=["sdk-event-stream", "direct-json"])
-def arbiter(request: pytest.FixtureRequest, arbiter_factory: ArbiterFactory, streamer: Streamer) -> ArbiterServer:
+def arbiter(
+    request: pytest.FixtureRequest, arbiter_factory: ArbiterFactory, streamer: Streamer
+) -> ArbiterServer:
     """Arbiter answering through the SDK's transport in event-stream mode, and on the direct paths in JSON
     mode (the default): either way a call's messages ride its own answer."""
     server = arbiter_factory(mcp={"json_response": request.param})

@@ -18,8 +18,9 @@ answering exactly as it does when they fail, by leaving every such request to it
 
 What stays with the SDK: the handshake itself, the agent's GET stream and DELETE, notifications and
 responses the agent posts (a ``notifications/cancelled`` for a call answered here cancels it, and is then
-passed on), every other method and the event-stream response mode (``mcp.json_response`` off). A call still running here when the SDK ends its session (DELETE,
-shutdown) is cancelled and answered as the SDK answers its own then.
+passed on), every other method and the event-stream response mode (``mcp.json_response`` off). A call
+still running here when the SDK ends its session (DELETE, shutdown) is cancelled and answered as the SDK
+answers its own then.
 
 The result is shaped by the SDK's own per-version serializer, as on its path (fields of the 2026-07-28
 era that a handshake-era agent does not know are dropped); the answer is JSON, or an event stream once
@@ -346,7 +347,9 @@ class HandshakeFront:
                 )
         response = await self._run(call, session.calls if session is not None else {}, method, version)
         status = 200
-        if session is not None and session.ended:  # during the call: answered as the SDK answers a request its session outlived
+        if (
+            session is not None and session.ended
+        ):  # during the call: answered as the SDK answers a request its session outlived
             status, response = 500, _ENDED
         if streamed is not None and await streamed.finish(response):
             return

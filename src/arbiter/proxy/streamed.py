@@ -73,7 +73,9 @@ class StreamedAnswer(CallChannel):
                 return
             if not self.started:
                 self.started = True
-                await self._send_asgi({"type": "http.response.start", "status": 200, "headers": self._headers})
+                await self._send_asgi(
+                    {"type": "http.response.start", "status": 200, "headers": self._headers}
+                )
             await self._send_asgi({"type": "http.response.body", "body": _event(message), "more_body": True})
 
     def _can_ask(self) -> bool:
