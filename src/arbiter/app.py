@@ -55,10 +55,12 @@ from arbiter.metrics_route import metrics_router
 from arbiter.net.egress import Egress
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
+from arbiter.proxy.approval_uses import ApprovalUses
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.endpoint import McpEndpoint
 from arbiter.proxy.front import ModernFront
 from arbiter.proxy.handshake_front import HandshakeFront, SdkSessions
+from arbiter.proxy.interceptors.approval import Approval
 from arbiter.proxy.interceptors.audit import Audit
 from arbiter.proxy.interceptors.authorize import Authorize
 from arbiter.proxy.interceptors.forward import Forward
@@ -210,7 +212,8 @@ def create_app(
     if key_feed is not None:
         keys.on_change = key_feed.changed
     limiter = build_limiter(settings.limits, LimitStore(sessions), redis, clock)
-    authorize = Authorize(policy)
+    authorize = Authorize(policy, approvals=True)  # the pipeline below has the approval step
+    seal = _request_state_seal(settings)  # input rounds and approvals (docs/protocol.md)
     metrics = _metrics(settings, audit, policy, pool)  # None: telemetry.metrics is off
     # Traces: an injected provider (tests) or the one telemetry.traces asks for; None when off.
     owned_provider = (
@@ -228,8 +231,15 @@ def create_app(
             Resolve(catalog),
             authorize,
             Integrity(),
+            Approval(
+                seal,
+                ApprovalUses(engine),
+                Redactor(settings.audit.redact),  # the arguments the user sees, as the audit log shows them
+                ttl_s=settings.mcp.request_state_ttl_s,
+                answer_timeout_s=settings.mcp.request_state_ttl_s,
+            ),
             InputRounds(
-                _request_state_seal(settings),
+                seal,
                 max_rounds=settings.mcp.input_rounds_max,
                 answer_timeout_s=settings.mcp.request_state_ttl_s,  # each question put to the agent
             ),

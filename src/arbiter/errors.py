@@ -250,6 +250,21 @@ class InputUnavailable(RequestRejected):
     jsonrpc_code = -31030
 
 
+class ApprovalRequired(RequestRejected):
+    """The policy lets this call run only once the user approves it, and this client cannot be asked (it
+    declared no form elicitation, or no answer came in time): refused, saying how to get it run."""
+
+    code = "approval_required"
+    jsonrpc_code = -31050
+
+
+class ApprovalDeclined(RequestRejected):
+    """The user was asked to approve this call and declined or cancelled: it does not run."""
+
+    code = "approval_declined"
+    jsonrpc_code = -31051
+
+
 class ToolQuarantined(RequestRejected):
     """The upstream offers this tool, prompt or resource template, but not a definition a security admin
     approved: new and pending review, changed since it was approved (quarantined), rejected, or disabled.

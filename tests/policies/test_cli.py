@@ -51,7 +51,11 @@ def test_a_wrong_expectation_in_a_csv_table_fails_too(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "name,text,fragment",
     [
-        ("t.yaml", "- {subject: sam, object: kb/x, expected: maybe}\n", "expected must be allow or deny"),
+        (
+            "t.yaml",
+            "- {subject: sam, object: kb/x, expected: maybe}\n",
+            "expected must be allow, deny or approve",
+        ),
         ("t.yaml", "- {subject: sam, object: kb/x, action: run, expected: allow}\n", "unknown action"),
         ("t.yaml", "- {object: kb/x, expected: allow}\n", "subject is required"),
         ("t.yaml", "- {subject: sam, object: kb/x, args: [1], expected: allow}\n", "args must be a mapping"),

@@ -38,8 +38,8 @@ router = APIRouter()
 
 
 class ConditionOut(BaseModel):
-    effect: Literal["allow", "deny"] = Field(
-        description="allow: usable when it holds; deny: refused when it holds"
+    effect: Literal["allow", "deny", "approve"] = Field(
+        description="allow: usable when it holds; deny: refused when it holds; approve: a person is asked"
     )
     condition: str
     rule: str
@@ -47,8 +47,10 @@ class ConditionOut(BaseModel):
 
 class AccessOut(BaseModel):
     visible: bool = Field(description="Listed to the caller")
-    decision: Literal["allow", "conditional", "deny"]
-    reason: str = Field(description="allowed, conditional, denied_by_rule or no_matching_rule")
+    decision: Literal["allow", "approve", "conditional", "deny"]
+    reason: str = Field(
+        description="allowed, approval_required, conditional, denied_by_rule or no_matching_rule"
+    )
     rule: str | None = Field(description="The rule that decides, when one rule does")
     conditions: list[ConditionOut] = Field(description="For conditional: the conditions that decide")
     rules: list[str] = Field(description="Every rule that applies, conditions not evaluated")

@@ -27,7 +27,7 @@ class PolicyRuleOut(BaseModel):
     tenant: str
     object: str | None = None
     action: str | None = None
-    effect: Literal["allow", "deny"] | None = None
+    effect: Literal["allow", "deny", "approve"] | None = None
     condition: str | None = None
     member: str | None = None
     role: str | None = None
@@ -46,7 +46,7 @@ class PolicyOut(BaseModel):
 
 class PolicyDecisionOut(BaseModel):
     allowed: bool
-    decision: Literal["allow", "deny"]
+    decision: Literal["allow", "deny", "approve"]
     reason: Reason
     rule: str | None = Field(description="The rule that decided, as CSV")
     policy_version: int

@@ -42,7 +42,7 @@ class PolicyRuleIn(BaseModel):
     tenant: str = "*"
     object: str | None = Field(default=None, examples=["crm/get_*"])
     action: str | None = Field(default=None, examples=["call"])
-    effect: Literal["allow", "deny"] = "allow"
+    effect: Literal["allow", "deny", "approve"] = "allow"
     condition: str = Field(default="", examples=["r.args.region == r.sub.tenant"])
     member: str | None = Field(default=None, examples=["user:alice"])
     role: str | None = Field(default=None, examples=["role:support-agent"])

@@ -5,7 +5,8 @@ condition can only be shown, not evaluated: an item is ``allow`` (an uncondition
 no conditional deny could refuse), ``deny`` (an unconditional deny applies, or no allow rule does) or
 ``conditional`` (the outcome depends on the conditions listed). Which rules apply comes from the
 engine (``PolicyEngine.matching``), so the report follows role links and tenants exactly as decisions
-do; whether the item is listed at all is the engine's own ``visible``.
+do; whether the item is listed at all is the engine's own ``visible``. An unconditional ``approve``
+rule makes an item ``approve`` (usable once a person says yes); a conditional one makes it ``conditional``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Literal
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.rules import Rule
 
-Verdict = Literal["allow", "conditional", "deny"]
+Verdict = Literal["allow", "approve", "conditional", "deny"]
 GrantKind = Literal["role", "user", "anyone"]
 # What uses each kind of catalog entry (and so which action a rule must name to grant it).
 KIND_ACTION = {"tool": "call", "prompt": "get", "resource": "read", "resource_template": "read"}
@@ -26,7 +27,7 @@ KIND_ACTION = {"tool": "call", "prompt": "get", "resource": "read", "resource_te
 
 @dataclass(frozen=True)
 class Condition:
-    effect: str  # allow: the item may be used when this holds; deny: it is refused when this holds
+    effect: str  # allow: usable when this holds; deny: refused when it holds; approve: asks a person
     condition: str
     rule: str
 
@@ -40,7 +41,7 @@ class Access:
 
     visible: bool
     decision: Verdict
-    reason: str  # allowed | conditional | denied_by_rule | no_matching_rule
+    reason: str  # allowed | approval_required | conditional | denied_by_rule | no_matching_rule
     rule: Rule | None  # the rule that decides, when one rule does
     conditions: tuple[Condition, ...]
     rules: tuple[Rule, ...]  # every rule that applies (use action and list), conditions not evaluated
@@ -64,9 +65,17 @@ def access(engine: PolicyEngine, sub: Subject, obj: str, action: str) -> Access:
     rules = (*matching, *listing)
     allows = [r for r in matching if r.values[4] == "allow"]
     denies = [r for r in matching if r.values[4] == "deny"]
+    approves = [r for r in matching if r.values[4] == "approve"]
     fixed_deny = next((r for r in denies if not r.values[5]), None)
     if fixed_deny is not None:
         return Access(visible, "deny", "denied_by_rule", fixed_deny, (), rules)
+    if approves:
+        fixed_approve = next((r for r in approves if not r.values[5]), None)
+        if fixed_approve is not None and not denies:
+            return Access(visible, "approve", "approval_required", fixed_approve, (), rules)
+        shown = [*allows, *approves, *denies] if fixed_approve is None else denies
+        conditions = tuple(Condition(r.values[4], r.values[5], r.csv()) for r in shown)
+        return Access(visible, "conditional", "conditional", fixed_approve, conditions, rules)
     if not allows:
         return Access(visible, "deny", "no_matching_rule", None, (), rules)
     fixed_allow = next((r for r in allows if not r.values[5]), None)

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 MODEL_TEXT = (files("arbiter.policies") / "model.conf").read_text(encoding="utf-8")
 _VISIBILITY = EnforceContext(rtype="r", ptype="p", etype="e", mtype="m2")
+# Approve rules live under their own policy type (model.conf): m3 decides with conditions, m4 for lists.
+_APPROVAL = EnforceContext(rtype="r", ptype="p2", etype="e", mtype="m3")
+_APPROVAL_VISIBILITY = EnforceContext(rtype="r", ptype="p2", etype="e", mtype="m4")
 _CACHE_MAX = 50_000
 # Decisions that depend on argument values: agents rarely repeat arguments, so these entries are mostly
 # single use, and each holds the arguments' fingerprint (~600 bytes). A soak with distinct arguments on
@@ -45,7 +48,7 @@ _ARGS_CACHE_MAX = 10_000
 _REACH_CACHE_MAX = 4096  # distinct (roles, tenant scope) combinations, not callers
 _ALL_FIELDS = frozenset(SUBJECT_FIELDS)
 
-Reason = Literal["allowed", "denied_by_rule", "no_matching_rule"]
+Reason = Literal["allowed", "approval_required", "denied_by_rule", "no_matching_rule"]
 
 
 @dataclass(frozen=True)
@@ -79,15 +82,26 @@ class Subject:
 
 @dataclass(frozen=True)
 class Decision:
+    """``allowed``: the call may run unattended. An ``approval_required`` decision is not allowed: it may
+    run only once a person says yes (its ``rule`` is the approve rule that matched)."""
+
     allowed: bool
     reason: Reason
-    rule: Rule | None  # the rule that decided (the deny that won, or an allow that matched)
+    rule: Rule | None  # the rule that decided (the deny that won, the approve or an allow that matched)
     version: int
+
+    @property
+    def needs_approval(self) -> bool:
+        return self.reason == "approval_required"
+
+    @property
+    def outcome(self) -> Literal["allow", "approve", "deny"]:
+        return "allow" if self.allowed else "approve" if self.needs_approval else "deny"
 
     def to_json(self) -> dict[str, object]:
         return {
             "allowed": self.allowed,
-            "decision": "allow" if self.allowed else "deny",
+            "decision": self.outcome,
             "reason": self.reason,
             "rule": self.rule.csv() if self.rule else None,
             "policy_version": self.version,
@@ -102,7 +116,7 @@ class _RulesAdapter(Adapter):  # pyright: ignore[reportUntypedBaseClass]
 
     def load_policy(self, model: Model) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         for rule in self._rules:
-            model.add_policy(rule.ptype, rule.ptype, list(rule.values))  # pyright: ignore[reportUnknownMemberType]
+            model.add_policy(rule.ptype, casbin_ptype(rule), list(rule.values))  # pyright: ignore[reportUnknownMemberType]
 
 
 class PolicyEngine:
@@ -121,6 +135,7 @@ class PolicyEngine:
         levels: int = getattr(enforcer.get_role_manager(), "max_hierarchy_level", 10)
         self._roles = _RoleGraph(self.rules, hops=levels - 1)
         self._tenants = frozenset(r.values[1] for r in self.rules if r.ptype == "p" and r.values[1] != "*")
+        self._approvals = any(casbin_ptype(r) == "p2" for r in self.rules)  # else m3/m4 never run
         # Registered here rather than in _configure: it answers from this engine's role map.
         enforcer.add_function("subjectMatch", self._subject_match)
         # First in, first out: a hit costs one dict lookup (an LRU would reorder on every hit, doubling
@@ -145,8 +160,9 @@ class PolicyEngine:
         args: Mapping[str, Any] | None = None,
         annotations: Mapping[str, Any] | None = None,
     ) -> Decision:
-        """Allow or deny ``act`` on ``obj`` with ``args`` (and the tool's pinned ``annotations``, which
-        conditions read as ``r.tool``); deny overrides allow, no match denies."""
+        """Allow, deny or ask for approval of ``act`` on ``obj`` with ``args`` (and the tool's pinned
+        ``annotations``, which conditions read as ``r.tool``): deny overrides approve, approve overrides
+        allow (the safe choice when both match: a person is asked), no match denies."""
         sub = principal if isinstance(principal, Subject) else Subject.of(principal)
         args = args or {}
         needs_args, fields = self._target(obj, act)
@@ -166,9 +182,17 @@ class PolicyEngine:
             return cache[key]
         except KeyError:
             pass
-        allowed, explain = self._enforcer.enforce_ex(_Caller(sub, reach), sub.tenant, obj, act, args)
+        caller = _Caller(sub, reach)
+        allowed, explain = self._enforcer.enforce_ex(caller, sub.tenant, obj, act, args)
         rule = Rule("p", tuple(explain)) if explain else None
-        if allowed:
+        denied = rule is not None and not allowed and rule.values[4] == "deny"
+        approve: list[str] = []
+        if self._approvals and not denied:
+            asked, approve = self._enforcer.enforce_ex(_APPROVAL, caller, sub.tenant, obj, act, args)
+            approve = approve if asked else []
+        if approve:
+            decision = Decision(False, "approval_required", Rule("p", tuple(approve)), self.version)
+        elif allowed:
             decision = Decision(True, "allowed", rule, self.version)
         elif rule is not None and rule.values[4] == "deny":
             decision = Decision(False, "denied_by_rule", rule, self.version)
@@ -211,10 +235,14 @@ class PolicyEngine:
         except KeyError:
             pass
         caller = _Caller(sub, reach)
-        seen = any(
-            self._enforcer.enforce(_VISIBILITY, caller, sub.tenant, obj, act, {})
-            for act in (use_action, "list")
-        )
+        seen = False
+        for act in (use_action, "list"):
+            seen, rule = self._enforcer.enforce_ex(_VISIBILITY, caller, sub.tenant, obj, act, {})
+            hidden = not seen and bool(rule) and rule[4] == "deny"  # an unconditional deny hides
+            if not seen and not hidden and self._approvals:  # usable once a person says yes
+                seen = self._enforcer.enforce(_APPROVAL_VISIBILITY, caller, sub.tenant, obj, act, {})
+            if seen:
+                break
         self._visible[key] = seen
         return seen
 
@@ -346,6 +374,11 @@ def _configure(enforcer: Any) -> None:
     enforcer.add_function("domainMatch", _tenant_matches)
     enforcer.add_function("objectMatch", object_matches)
     enforcer.add_function("condition", _condition)
+
+
+def casbin_ptype(rule: Rule) -> str:
+    """The Casbin policy type a rule is loaded as: ``p2`` for approve rules (model.conf), else its own."""
+    return "p2" if rule.ptype == "p" and rule.values[4] == "approve" else rule.ptype
 
 
 def empty_engine() -> PolicyEngine:
@@ -493,6 +526,7 @@ def _condition(cond: str, eft: str, sub: _Caller | Subject, args: Mapping[str, A
         outcome: object = evaluator.eval(cond, previously_parsed=tree.body)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         return bool(outcome)  # pyright: ignore[reportUnknownArgumentType]
     except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated must fail closed
-        # E.g. comparing a string with a number: an allow rule then does not match, a deny rule does.
+        # E.g. comparing a string with a number: an allow rule then does not match, a deny rule does, and
+        # so does an approve rule (the call is not run unattended; a person sees it first).
         log.debug("policy condition %r could not be evaluated: %s", cond, type(exc).__name__)
-        return eft == "deny"
+        return eft in ("deny", "approve")

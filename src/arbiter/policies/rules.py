@@ -5,7 +5,8 @@ Two kinds of line, as in Casbin:
 ``p, <subject>, <tenant>, <object>, <action>, <effect>[, <condition>]``
     ``subject`` is ``user:<sub>``, ``role:<name>`` or ``*``; ``tenant`` a tenant name or ``*``;
     ``object`` ``<upstream>/<name>`` with ``*``/``?`` globs (or ``admin/<area>`` for admin actions);
-    ``effect`` ``allow`` or ``deny``; ``condition`` an expression over ``r.args`` and ``r.sub``.
+    ``effect`` ``allow``, ``deny`` or ``approve`` (allowed once a person says yes; ``call`` only);
+    ``condition`` an expression over ``r.args`` and ``r.sub``.
 ``g, <member>, role:<name>[, <tenant>]``
     ``member`` (a ``user:`` or ``role:``) inherits everything granted to the role, in that tenant.
 
@@ -27,7 +28,9 @@ from arbiter.errors import InvalidInput
 AGENT_ACTIONS = ("list", "call", "read", "get")
 ADMIN_ACTIONS = ("admin:read", "admin:write")
 ACTIONS = AGENT_ACTIONS + ADMIN_ACTIONS
-EFFECTS = ("allow", "deny")
+EFFECTS = ("allow", "deny", "approve")
+# Actions an ``approve`` rule may name: only a tool call can wait for the user's answer (an input round).
+APPROVE_ACTIONS = ("call",)
 # What the agent uses an item for, by the method that uses it; ``list`` only makes an item visible.
 USE_ACTION = {"tools/call": "call", "resources/read": "read", "prompts/get": "get"}
 SUBJECT_FIELDS = frozenset({"subject", "tenant", "roles", "issuer", "client_id", "auth_method"})
@@ -53,6 +56,10 @@ class Rule:
     @classmethod
     def deny(cls, sub: str, obj: str, act: str, dom: str = "*", cond: str = "") -> Rule:
         return cls("p", (sub, dom, obj, act, "deny", cond))
+
+    @classmethod
+    def approve(cls, sub: str, obj: str, act: str = "call", dom: str = "*", cond: str = "") -> Rule:
+        return cls("p", (sub, dom, obj, act, "approve", cond))
 
     @classmethod
     def role(cls, member: str, role: str, dom: str = "*") -> Rule:
@@ -192,7 +199,9 @@ def check(rule: Rule) -> None:
         raise ValueError(f"unknown action {act!r}; actions are: {', '.join(ACTIONS)}")
     check_object(obj, admin=act in ADMIN_ACTIONS)
     if eft not in EFFECTS:
-        raise ValueError(f"effect {eft!r} must be allow or deny")
+        raise ValueError(f"effect {eft!r} must be allow, deny or approve")
+    if eft == "approve" and act not in APPROVE_ACTIONS:
+        raise ValueError(f"an approve rule applies to tool calls (action call), not {act!r}")
     if cond:
         compile_condition(cond)
 

@@ -21,7 +21,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from arbiter.errors import Conflict, NotFound
-from arbiter.policies.engine import MODEL_TEXT, PolicyEngine
+from arbiter.policies.engine import MODEL_TEXT, PolicyEngine, casbin_ptype
 from arbiter.policies.rules import Rule, check, check_roles
 from arbiter.store.models import PolicyRuleRow, PolicyState, utcnow
 
@@ -92,7 +92,7 @@ class SqlModelAdapter(AsyncAdapter):  # pyright: ignore[reportUntypedBaseClass]
                 continue
             assert row.id is not None
             self.rules.append((row.id, rule))
-            model.add_policy(rule.ptype, rule.ptype, list(rule.values))
+            model.add_policy(rule.ptype, casbin_ptype(rule), list(rule.values))
 
     async def save_policy(self, model: Any) -> None:
         raise NotImplementedError("policies change through PolicyStore, which versions every change")

@@ -3,7 +3,8 @@
 A table is YAML (a list of cases, or ``{cases: [...]}``) or CSV with a header row. Each case has
 ``subject``, ``roles`` (a list; in CSV separated by ``;`` or spaces), ``tenant``, ``object``
 (``crm/get_customer``, or the agent-facing ``crm__get_customer``), ``action`` (default ``call``),
-``args`` (a mapping; in CSV a JSON object) and ``expected`` (``allow`` or ``deny``).
+``args`` (a mapping; in CSV a JSON object) and ``expected`` (``allow``, ``deny`` or ``approve``: allowed
+once a person says yes).
 """
 
 from __future__ import annotations
@@ -46,13 +47,11 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return (self.decision.allowed and self.case.expected == "allow") or (
-            not self.decision.allowed and self.case.expected == "deny"
-        )
+        return self.decision.outcome == self.case.expected
 
     def describe(self) -> str:
         c, d = self.case, self.decision
-        got = "allow" if d.allowed else "deny"
+        got = d.outcome
         roles = ",".join(c.roles) or "-"
         args = json.dumps(dict(c.args), sort_keys=True) if c.args else "{}"
         why = d.rule.csv() if d.rule else "no rule matched (default deny)"
@@ -127,8 +126,8 @@ def _case(row: Any, line: int) -> Case:
         if not data.get(required):
             raise ValueError(f"{required} is required")
     expected = str(data["expected"]).strip().lower()
-    if expected not in ("allow", "deny"):
-        raise ValueError(f"expected must be allow or deny, not {data['expected']!r}")
+    if expected not in ("allow", "deny", "approve"):
+        raise ValueError(f"expected must be allow, deny or approve, not {data['expected']!r}")
     action = str(data.get("action") or "call").strip()
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")

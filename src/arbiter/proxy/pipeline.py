@@ -80,6 +80,9 @@ class CallContext:
     # record carries them, never their content).
     downstream: Downstream | None = None
     input_rounds: list[dict[str, str | int]] | None = None
+    # Approval (interceptors/approval.py), when the policy said a person must approve the call: how the
+    # user was asked and what they answered (never the content); the audit record carries it.
+    approval: dict[str, object] | None = None
     # Tracing (proxy/interceptors/tracing.py, only when traces are on): this request's trace id (32 hex),
     # and the W3C context (traceparent, tracestate) the upstream call carries in _meta and HTTP headers.
     trace_id: str | None = None

@@ -10,7 +10,9 @@ every claim checked before anything is forwarded, so a state presented by anothe
 tool or other arguments, expired or altered, never reaches the upstream. The token is encrypted, so the
 agent cannot read the upstream's state either.
 The same caller may present one state again while it is fresh: whether a state is single use is the
-upstream's to decide (Arbiter keeps no record of the states it opened).
+upstream's to decide (Arbiter keeps no record of the states it opened). Arbiter's own approval rounds
+(``interceptors/approval.py``) seal their state with ``kind="approval"``, a claim no upstream state can
+carry, and are single use: that step records each one it accepts.
 
 Keys: derived (HKDF-SHA256, an info string of its own) from ``secret_key``, the first key sealing and
 every key opening, so rotation works as for upstream secrets; without ``secret_key`` a key made at start
@@ -60,6 +62,7 @@ class Opened:
 
     state: str
     via: str
+    kind: str | None = None  # "approval": Arbiter's own approval round, not an upstream's state
 
 
 class StateRefused(Exception):
@@ -91,12 +94,14 @@ class RequestStateSeal:
         keys = [k.strip().encode() for k in secret_key.split(",") if k.strip()] if secret_key else []
         return cls(keys or [os.urandom(32)], ttl_s=ttl_s)
 
-    def seal(self, round_: Round, state: str, *, via: str | None = None) -> str:
+    def seal(self, round_: Round, state: str, *, via: str | None = None, kind: str | None = None) -> str:
         """Seal ``state`` to ``round_``; ``via``: the upstream that answered, when not the tool's own (its
-        fallback), which then alone gets the retry."""
+        fallback), which then alone gets the retry; ``kind``: a round of Arbiter's own (``approval``)."""
         claims: dict[str, Any] = {"exp": self._clock() + self._ttl_s, "b": _binding(round_), "s": state}
         if via is not None and via != round_.upstream:
             claims["v"] = via
+        if kind is not None:
+            claims["k"] = kind
         nonce = os.urandom(_NONCE_LEN)
         sealed = self._ring[self._kid].encrypt(nonce, orjson.dumps(claims), _PREFIX.encode() + self._kid)
         return _PREFIX + base64.urlsafe_b64encode(self._kid + nonce + sealed).decode().rstrip("=")
@@ -136,9 +141,10 @@ class RequestStateSeal:
                 raise StateRefused(_CLAIMS[claim])
         state: Any = claims.get("s")
         via: Any = claims.get("v", round_.upstream)
-        if not isinstance(state, str) or not isinstance(via, str):
+        kind: Any = claims.get("k")
+        if not isinstance(state, str) or not isinstance(via, str) or not isinstance(kind, str | None):
             raise StateRefused("malformed")
-        return Opened(state, via)
+        return Opened(state, via, kind)
 
 
 _CLAIMS = {"p": "principal", "u": "target", "m": "target", "t": "target", "a": "arguments"}

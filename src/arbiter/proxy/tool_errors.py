@@ -44,6 +44,11 @@ _SENTENCES: dict[str, str] = {
     "audit_unavailable": _OUT.replace("{why}", "audit log unavailable"),
     "input_unavailable": "{tool} needs input from the user that this client cannot ask for; "
     "answer without it",
+    # Approval as a policy outcome (docs/policies.md): the user must say yes, and could not, or did not.
+    "approval_required": "{tool} runs only once the user approves it, and this client cannot ask the user "
+    "(it declared no form elicitation); use a client that can, or answer without it",
+    "approval_declined": "the user did not approve this call to {tool}; do not retry it unless the user "
+    "asks you to",
     # Pinned definitions (docs/integrity.md): structuredContent's status says pending, quarantined, ...
     "tool_quarantined": "{tool} cannot be used right now (a security admin has not approved its definition); "
     "answer without it",

@@ -99,6 +99,8 @@ def mcp_event(ctx: CallContext, result: Result | None, error: BaseException | No
         outcome["input_rounds"] = ctx.input_rounds
     if ctx.input_round is not None:  # a multi-round-trip round: input asked for / given (keys only)
         outcome.update(ctx.input_round)
+    if ctx.approval is not None:  # the user was to approve the call: how asked, the answer (never content)
+        outcome["approval"] = ctx.approval
     if ctx.guard is not None:  # what the argument and result guards found: detector names and paths
         outcome["guard"] = ctx.guard
     policy = ctx.decision

@@ -1,5 +1,7 @@
 """Pipeline step 2: the policy decides. Lists show only what the caller may use; a call to something the
 caller may not see is answered as if it did not exist; a visible but refused call is ``policy_denied``.
+A call the policy lets run only once a person approves it goes on to the approval step
+(``approval.py``) when the pipeline has one, and is refused (``approval_required``) when it has none.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, cast
 
 from arbiter.auth.principal import Principal
-from arbiter.errors import PolicyDenied
+from arbiter.errors import ApprovalRequired, PolicyDenied
 from arbiter.naming import split_name, split_uri
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.live import LivePolicy
@@ -27,8 +29,9 @@ _LISTS: dict[str, tuple[str, str, bool, str]] = {
 
 
 class Authorize:
-    def __init__(self, live: LivePolicy) -> None:
+    def __init__(self, live: LivePolicy, *, approvals: bool = False) -> None:
         self._live = live
+        self._approvals = approvals  # an approval step follows: it asks the user (else: refused)
 
     def tool_visible(self, principal: Principal, exposed: str) -> bool:
         """Whether ``principal`` may see the tool named ``exposed`` (``<upstream>__<tool>``)."""
@@ -72,6 +75,10 @@ class Authorize:
             ctx.decision = decision  # the audit record tells auditors the truth
             if not engine.visible(sub, obj, use):
                 raise not_found(like, ctx.exposed, hidden=True)
+            if decision.needs_approval:
+                if not self._approvals:
+                    raise ApprovalRequired(f"{ctx.exposed} runs only once a person approves it")
+                return await call_next(ctx)
             if not decision.allowed:
                 raise PolicyDenied(
                     f"the policy does not allow you to {use} {ctx.exposed}", policy_version=engine.version

@@ -74,6 +74,8 @@ class InputRounds:
             return
         try:
             opened = self._seal.open(self._round(ctx), wire)
+            if opened.kind is not None:  # Arbiter's own approval round, for a call no longer asking it
+                raise StateRefused("kind")
         except StateRefused as exc:
             round_info["request_state"] = str(exc)
             raise InvalidRequestState("Invalid or expired requestState") from None

@@ -287,7 +287,7 @@ def _decided(span: Span, ctx: CallContext) -> None:
         span.set_attribute("arbiter.policy.version", ctx.policy_version)
     decision = ctx.decision
     if decision is not None:
-        span.set_attribute("arbiter.decision", "allow" if decision.allowed else "deny")
+        span.set_attribute("arbiter.decision", decision.outcome)  # allow, approve or deny
         span.set_attribute("arbiter.decision.reason", decision.reason)
     if ctx.cost is not None:
         span.set_attribute("arbiter.cost", ctx.cost)

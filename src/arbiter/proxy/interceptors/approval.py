@@ -1,0 +1,205 @@
+"""Pipeline step (after authorize and integrity, before input rounds): a call the policy lets run only once
+a person approves it (an ``approve`` rule, docs/policies.md) waits for the end user's yes.
+
+The user is the person at the agent's client, asked through MCP itself with a form elicitation that shows
+what would run: the tool, its upstream and the arguments as the audit log's redaction rules let them be
+shown (a secret in them is never put in front of the user, nor back on the wire).
+
+- A 2026-07-28 agent gets ``resultType: "input_required"``: the question, and a ``requestState`` sealed
+  (``RequestStateSeal``, ``kind="approval"``) to the caller, upstream, tool, a digest of the arguments
+  and an expiry (``mcp.request_state_ttl_s``), carrying the policy version that asked. Its retry with the
+  user's answer is checked before anything runs: a state for another caller, tool or arguments, expired,
+  altered, minted under another policy version, or presented a second time (on any replica:
+  ``approval_uses.py``) is ``invalid_request_state``; an acceptance runs the call once, a decline or a
+  cancel ends it (``approval_declined``).
+- A handshake-era agent is asked during the call, over its own session (``elicitation/create`` through the
+  call's downstream channel), for at most ``answer_timeout_s``.
+- An agent that declared no form elicitation cannot be asked: ``approval_required``, a tool error result
+  saying so.
+
+Once approved, the rounds an upstream itself asks for (``input_required`` with its own state) continue
+without asking again: their states are sealed to the same caller, tool and arguments.
+
+The audit record's ``outcome.approval`` says how the user was asked and what they answered (``accepted``,
+``declined``, ``cancelled``, ``unavailable``, ``timeout``; ``earlier`` on an upstream's own round after
+it) or why a state was refused; never what the form held.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, cast
+
+import anyio
+from mcp_types import CLIENT_CAPABILITIES_META_KEY
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from arbiter.audit.redact import Redactor
+from arbiter.errors import ApprovalDeclined, ApprovalRequired, InvalidRequestState
+from arbiter.proxy.approval_uses import ApprovalUses
+from arbiter.proxy.pipeline import CallContext, CallNext, Result
+from arbiter.proxy.request_state import RequestStateSeal, Round, StateRefused
+
+APPROVAL = "approval"  # the state's kind, and what the audit record calls the step
+ANSWER_KEY = "arbiter_approval"  # the inputRequests key the user's answer comes back under
+_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "approve": {"type": "boolean", "title": "Run this call once", "default": True},
+    },
+}
+_USE_MARGIN_S = 60.0  # a used id is kept this long past its state's expiry, whatever the clocks' skew
+_ANSWERS = {"accept": "accepted", "decline": "declined", "cancel": "cancelled"}
+
+
+class Approval:
+    def __init__(
+        self,
+        seal: RequestStateSeal,
+        uses: ApprovalUses,
+        redactor: Redactor,
+        *,
+        ttl_s: float,
+        answer_timeout_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._seal = seal
+        self._uses = uses
+        self._redactor = redactor
+        self._ttl_s = ttl_s  # the seal's: how long an approval round may wait for the retry
+        self._answer_timeout_s = answer_timeout_s  # handshake era: how long the user may take
+        self._clock = clock
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Result:
+        decision = ctx.decision
+        if ctx.method != "tools/call" or decision is None or not decision.needs_approval:
+            return await call_next(ctx)
+        ctx.approval = {"requested": True}
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            if ctx.params.get("requestState") is None:
+                return self._input_required(ctx)
+            return await self._retry(ctx, call_next)
+        await self._ask_session(ctx)
+        return await call_next(ctx)
+
+    def _input_required(self, ctx: CallContext) -> Result:
+        """The first round for a 2026-07-28 agent: the question, and the state its retry must carry."""
+        self._require_elicitation(ctx, _capabilities(ctx))
+        expires = self._clock() + self._ttl_s
+        inner = json.dumps({"id": secrets.token_urlsafe(18), "pv": ctx.policy_version, "exp": expires})
+        state = self._seal.seal(_round(ctx), inner, kind=APPROVAL)
+        _note(ctx, via="input_required")
+        ask = {"method": "elicitation/create", "params": self._form(ctx)}
+        return {"resultType": "input_required", "inputRequests": {ANSWER_KEY: ask}, "requestState": state}
+
+    async def _retry(self, ctx: CallContext, call_next: CallNext) -> Result:
+        _note(ctx, via="input_required")
+        try:
+            opened = self._seal.open(_round(ctx), ctx.params.get("requestState"))
+        except StateRefused as exc:
+            _refuse(ctx, str(exc))
+        if opened.kind != APPROVAL:  # an upstream's own round of a call the user approved (see above)
+            _note(ctx, answer="earlier")
+            return await call_next(ctx)
+        inner: Any = json.loads(opened.state)  # sealed by this step: well formed
+        if inner.get("pv") != ctx.policy_version:  # the policy changed since the user was asked
+            _refuse(ctx, "policy_version")
+        if not await self._uses.claim(str(inner["id"]), float(inner["exp"]) + _USE_MARGIN_S):
+            _refuse(ctx, "used")
+        responses: Any = ctx.params.get("inputResponses")
+        answer: Any = cast(dict[str, Any], responses).get(ANSWER_KEY) if isinstance(responses, dict) else None
+        _decide(ctx, answer)
+        # The approval is spent: what goes on is the call itself, without Arbiter's round.
+        ctx.params = {k: v for k, v in ctx.params.items() if k not in ("requestState", "inputResponses")}
+        return await call_next(ctx)
+
+    async def _ask_session(self, ctx: CallContext) -> None:
+        """A handshake-era agent: asked during the call, on its own session."""
+        _note(ctx, via="elicitation")
+        self._require_elicitation(ctx, ctx.client_capabilities or {})
+        assert ctx.downstream is not None  # checked by _require_elicitation
+        message = {
+            "jsonrpc": "2.0",
+            "id": f"arbiter-approval-{secrets.token_hex(4)}",
+            "method": "elicitation/create",
+            "params": self._form(ctx),
+        }
+        try:
+            with anyio.fail_after(self._answer_timeout_s):
+                reply = await ctx.downstream.message(message)
+        except TimeoutError:
+            _note(ctx, answer="timeout")
+            raise ApprovalDeclined(
+                f"{ctx.exposed} needs the user's approval, which did not come within "
+                f"{self._answer_timeout_s:g} s"
+            ) from None
+        answer: Any = reply.get("result") if reply is not None else None
+        if not isinstance(answer, dict):  # the client refused the question (e.g. relaying turned off)
+            _note(ctx, answer="unavailable")
+            raise ApprovalRequired(
+                f"{ctx.exposed} runs only once the user approves it, and the user could not be asked"
+            )
+        _decide(ctx, answer)
+
+    def _require_elicitation(self, ctx: CallContext, caps: Mapping[str, Any]) -> None:
+        elicitation: Any = caps.get("elicitation")
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        can = isinstance(elicitation, dict) and (
+            "form" in elicitation or not elicitation  # empty: form mode, as declared before modes existed
+        )
+        if not can or (not modern and ctx.downstream is None):
+            _note(ctx, answer="unavailable")
+            raise ApprovalRequired(
+                f"{ctx.exposed} runs only once the user approves it, and this client declared no form "
+                "elicitation to ask the user with"
+            )
+
+    def _form(self, ctx: CallContext) -> dict[str, Any]:
+        shown = self._redactor.arguments(ctx.arguments or {}).value
+        args = json.dumps(shown, ensure_ascii=False, sort_keys=True, indent=2)
+        message = (
+            f"Approve this call? The agent wants to run the tool {ctx.exposed} "
+            f"({ctx.target} on {ctx.upstream}) with these arguments:\n{args}"
+        )
+        return {"mode": "form", "message": message, "requestedSchema": _SCHEMA}
+
+
+def _decide(ctx: CallContext, answer: Any) -> None:
+    """Record the user's answer; only an acceptance (not unticking ``approve``) lets the call run."""
+    action: Any = cast(dict[str, Any], answer).get("action") if isinstance(answer, dict) else None
+    content: Any = cast(dict[str, Any], answer).get("content") if isinstance(answer, dict) else None
+    said = _ANSWERS.get(action, "cancelled") if isinstance(action, str) else "cancelled"
+    unticked = isinstance(content, dict) and cast(dict[str, Any], content).get("approve") is False
+    if said == "accepted" and unticked:
+        said = "declined"
+    _note(ctx, answer=said)
+    if said != "accepted":
+        raise ApprovalDeclined(f"the user {said} the call to {ctx.exposed}")
+
+
+def _refuse(ctx: CallContext, why: str) -> NoReturn:
+    _note(ctx, request_state=why)
+    raise InvalidRequestState("Invalid or expired requestState")
+
+
+def _note(ctx: CallContext, **facts: object) -> None:
+    found: dict[str, object] = ctx.approval if ctx.approval is not None else {"requested": True}
+    found.update(facts)
+    ctx.approval = found
+
+
+def _round(ctx: CallContext) -> Round:
+    assert ctx.principal is not None and ctx.upstream is not None and ctx.target is not None
+    return Round(ctx.principal, ctx.upstream, ctx.method, ctx.target, ctx.arguments)
+
+
+def _capabilities(ctx: CallContext) -> Mapping[str, Any]:
+    """What the agent declared on this request: the context's, else the 2026-07-28 ``_meta`` envelope."""
+    if ctx.client_capabilities is not None:
+        return ctx.client_capabilities
+    meta: Any = ctx.params.get("_meta")
+    caps: Any = cast(dict[str, Any], meta).get(CLIENT_CAPABILITIES_META_KEY) if isinstance(meta, dict) else {}
+    return cast(dict[str, Any], caps) if isinstance(caps, dict) else {}
