@@ -95,6 +95,7 @@ def test_the_repositorys_own_variables_are_known_or_declared_not_settings() -> N
         "ARBITER_PG",
         "ARBITER_TRACED",
         "ARBITER_UNCONFIRMED",
+        "ARBITER_SDK",
         "ARBITER_BIN",
     }
     assert unknown_settings(dict.fromkeys(names - bench_constants, "x")) == []
