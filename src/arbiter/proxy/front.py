@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import orjson
@@ -248,6 +248,13 @@ async def _reply(
     else:
         status = 200
         message = {"jsonrpc": "2.0", "id": rid, "result": result}
+    await send_json(send, message, status)
+
+
+async def send_json(
+    send: Send, message: dict[str, Any], status: int = 200, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """``message`` as one JSON response (encoded once, with orjson), with ``headers`` added."""
     payload = encode(message)
     await send(
         {
@@ -256,6 +263,7 @@ async def _reply(
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                *headers,
             ],
         }
     )

@@ -71,9 +71,8 @@ from starlette.types import Receive, Send
 
 from arbiter.proxy.call_channel import MAX_REQUESTS, SessionChannel, ask_session
 from arbiter.proxy.exchange import Exchange
-from arbiter.proxy.front import is_direct, valid_envelope
+from arbiter.proxy.front import is_direct, send_json, valid_envelope
 from arbiter.proxy.pipeline import TARGET_KEYS, CallContext, Pipeline
-from arbiter.proxy.relay import encode
 from arbiter.proxy.server import answer, session_capabilities, session_client_info
 from arbiter.proxy.streamed import StreamedAnswer
 
@@ -313,7 +312,7 @@ class HandshakeFront:
         except (KeyError, ValueError, ValidationError):
             # As the SDK's runner answers params its surface refuses.
             error = {"code": INVALID_PARAMS, "message": "Invalid request parameters", "data": ""}
-            await _reply(send, session_header, {"jsonrpc": "2.0", "id": rid, "error": error})
+            await send_json(send, {"jsonrpc": "2.0", "id": rid, "error": error}, 200, session_header)
             return
         call = CallContext(
             method=method,
@@ -353,7 +352,7 @@ class HandshakeFront:
             status, response = 500, _ENDED
         if streamed is not None and await streamed.finish(response):
             return
-        await _reply(send, session_header, response, status)
+        await send_json(send, response, status, session_header)  # 200 for errors too, as the SDK
 
     async def _run(
         self,
@@ -393,22 +392,3 @@ class HandshakeFront:
 def _json_content(content_type: str) -> bool:
     # The SDK's content-type check: application/json, parameters and lists allowed.
     return any(part.strip() == "application/json" for part in content_type.split(";")[0].split(","))
-
-
-async def _reply(
-    send: Send, headers: list[tuple[bytes, bytes]], message: dict[str, Any], status: int = 200
-) -> None:
-    """One JSON-RPC response in JSON, 200 as the SDK's handshake-era transport answers errors too."""
-    payload = encode(message)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
