@@ -322,3 +322,109 @@ async def test_an_approved_call_still_answers_its_upstreams_own_questions(
     records = _refund_records(server, 3 if mode == MODERN else 1)
     answers = [r["outcome"]["approval"].get("answer") for r in records]
     assert answers == ([None, "accepted", "earlier"] if mode == MODERN else ["accepted"])
+
+
+# Attacks on the approval step (review of issue 19's first slice).
+
+WHERE_YES: types.InputResponses = {"where": types.ElicitResult(action="accept", content={"city": "Lyon"})}
+
+
+async def _ship(client: Client, **extra: Any) -> types.Result:
+    return await client.session.call_tool("pay__ship", {"item": "box"}, allow_input_required=True, **extra)
+
+
+async def test_an_upstreams_round_after_an_approval_runs_once(
+    arbiter: ArbiterServer, payments: Payments
+) -> None:
+    """The user approved one run: the upstream's own state that follows must not run the call again."""
+    async with _client(arbiter, MODERN, User()) as client:
+        asked = await _ship(client)
+        assert isinstance(asked, types.InputRequiredResult) and asked.request_state is not None
+        where = await _ship(client, input_responses=YES, request_state=asked.request_state)
+        assert isinstance(where, types.InputRequiredResult) and where.request_state is not None
+        done = await _ship(client, input_responses=WHERE_YES, request_state=where.request_state)
+        assert isinstance(done, types.CallToolResult) and not done.is_error
+        with pytest.raises(MCPError) as replayed:
+            await _ship(client, input_responses=WHERE_YES, request_state=where.request_state)
+    assert replayed.value.error.code == types.INVALID_PARAMS
+    assert payments.refunds() == [{"ship": "box"}]
+    records = _refund_records(arbiter, 4)  # one record a request, each with the approval's facts
+    assert [r["outcome"]["approval"].get("answer") for r in records] == [None, "accepted", "earlier", None]
+    assert records[-1]["outcome"]["approval"]["request_state"] == "used"
+
+
+async def test_an_upstream_state_from_before_the_approve_rule_asks_the_user(
+    arbiter: ArbiterServer, payments: Payments
+) -> None:
+    """A state the upstream issued while the call ran unattended is not an approval once a rule asks."""
+    with arbiter.admin() as admin:
+        resp = admin.post(
+            "/policies/import", content="p, *, *, *, call, allow\n", headers={"content-type": "text/csv"}
+        )
+        assert resp.status_code == 200, resp.text
+    async with _client(arbiter, MODERN, User()) as client:
+        where = await _ship(client)
+        assert isinstance(where, types.InputRequiredResult) and where.request_state is not None
+        assert set(where.input_requests or {}) == {"where"}  # unattended: the upstream's own question
+        with arbiter.admin() as admin:
+            resp = admin.post("/policies/import", content=POLICY, headers={"content-type": "text/csv"})
+            assert resp.status_code == 200, resp.text
+        with pytest.raises(MCPError) as skipped:
+            await _ship(client, input_responses=WHERE_YES, request_state=where.request_state)
+    assert skipped.value.error.code == types.INVALID_PARAMS
+    assert payments.refunds() == []
+    last = _refund_records(arbiter, 2)[-1]
+    assert (
+        last["reason"] == "invalid_request_state" and last["outcome"]["approval"]["request_state"] == "kind"
+    )
+
+
+class Sloppy(User):
+    """Accepts, but with content that is not the form's yes."""
+
+    def __init__(self, content: Any) -> None:
+        super().__init__("accept")
+        self.content = content
+
+    async def __call__(
+        self, context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        self.seen.append(params.message)
+        return types.ElicitResult(action="accept", content=self.content)
+
+
+@pytest.mark.parametrize("mode", [MODERN, LEGACY])
+@pytest.mark.parametrize("content", [{"approve": "false"}, {"approve": 0}, {"approve": "no"}])
+async def test_an_acceptance_without_a_yes_does_not_run(
+    arbiter_factory: ArbiterFactory, payments: Payments, mode: str, content: Any
+) -> None:
+    server = _start(arbiter_factory, payments)
+    async with _client(server, mode, Sloppy(content)) as client:
+        result = await client.call_tool("pay__refund", BIG)
+    assert tool_refusal(result)["reason"] == "approval_declined"
+    assert payments.refunds() == []
+
+
+async def test_two_retries_racing_with_one_approval_run_it_once(
+    arbiter: ArbiterServer, payments: Payments
+) -> None:
+    """The same accepted state sent twice at once (or for another tool): one run, the rest refused."""
+    outcomes: list[str] = []
+
+    async def retry(client: Client, state: str) -> None:
+        try:
+            done = await _retry(client, BIG, state)
+            outcomes.append("ran" if not done.is_error else "error")
+        except MCPError as exc:
+            outcomes.append(str((exc.error.data or {}).get("reason")))
+
+    async with _client(arbiter, MODERN, User()) as one, _client(arbiter, MODERN, User()) as two:
+        state = await _first_round(one, BIG)
+        with pytest.raises(MCPError) as other_tool:
+            await _ship(one, input_responses=YES, request_state=state)
+        assert other_tool.value.error.code == types.INVALID_PARAMS
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(retry, one, state)
+            tg.start_soon(retry, two, state)
+    assert sorted(outcomes) == ["invalid_request_state", "ran"]
+    assert payments.refunds() == [{"amount": 500, "customer": "acme"}]

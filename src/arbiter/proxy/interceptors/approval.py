@@ -18,7 +18,10 @@ shown (a secret in them is never put in front of the user, nor back on the wire)
   saying so.
 
 Once approved, the rounds an upstream itself asks for (``input_required`` with its own state) continue
-without asking again: their states are sealed to the same caller, tool and arguments.
+without asking again: this step re-seals each such state (``kind="approved"``) with the policy version
+and an id of its own, and takes it back once, like its own (``approval_uses.py``). An upstream state that
+was not re-sealed so (issued while the call ran unattended, before an approve rule) is no approval, and
+a replayed one would run the call a second time: both are ``invalid_request_state``.
 
 The audit record's ``outcome.approval`` says how the user was asked and what they answered (``accepted``,
 ``declined``, ``cancelled``, ``unavailable``, ``timeout``; ``earlier`` on an upstream's own round after
@@ -44,6 +47,7 @@ from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.request_state import RequestStateSeal, Round, StateRefused
 
 APPROVAL = "approval"  # the state's kind, and what the audit record calls the step
+APPROVED = "approved"  # the kind of an upstream's own round of a call the user approved (re-sealed here)
 ANSWER_KEY = "arbiter_approval"  # the inputRequests key the user's answer comes back under
 _SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -101,20 +105,42 @@ class Approval:
             opened = self._seal.open(_round(ctx), ctx.params.get("requestState"))
         except StateRefused as exc:
             _refuse(ctx, str(exc))
-        if opened.kind != APPROVAL:  # an upstream's own round of a call the user approved (see above)
-            _note(ctx, answer="earlier")
-            return await call_next(ctx)
+        if opened.kind not in (APPROVAL, APPROVED):  # an upstream's state this step never approved
+            _refuse(ctx, "kind")
         inner: Any = json.loads(opened.state)  # sealed by this step: well formed
         if inner.get("pv") != ctx.policy_version:  # the policy changed since the user was asked
             _refuse(ctx, "policy_version")
         if not await self._uses.claim(str(inner["id"]), float(inner["exp"]) + _USE_MARGIN_S):
             _refuse(ctx, "used")
+        if opened.kind == APPROVED:  # an upstream's own round of a call the user approved (see above)
+            _note(ctx, answer="earlier")
+            upstream_state = self._seal.seal(_round(ctx), str(inner["s"]), via=str(inner["v"]))
+            ctx.params = {**ctx.params, "requestState": upstream_state}  # for the input rounds step
+            return await self._run(ctx, call_next)
         responses: Any = ctx.params.get("inputResponses")
         answer: Any = cast(dict[str, Any], responses).get(ANSWER_KEY) if isinstance(responses, dict) else None
         _decide(ctx, answer)
         # The approval is spent: what goes on is the call itself, without Arbiter's round.
         ctx.params = {k: v for k, v in ctx.params.items() if k not in ("requestState", "inputResponses")}
-        return await call_next(ctx)
+        return await self._run(ctx, call_next)
+
+    async def _run(self, ctx: CallContext, call_next: CallNext) -> Result:
+        """Run the approved call; an upstream's round that follows gets its state re-sealed as approved
+        (single use, this policy version), so that neither a replay nor an older state skips the user."""
+        result = await call_next(ctx)
+        state: Any = result.get("requestState")
+        if result.get("resultType") != "input_required" or not isinstance(state, str):
+            return result
+        opened = self._seal.open(_round(ctx), state)  # sealed by the input rounds step, just now
+        inner = {
+            "id": secrets.token_urlsafe(18),
+            "pv": ctx.policy_version,
+            "exp": self._clock() + self._ttl_s,
+            "s": opened.state,
+            "v": opened.via,
+        }
+        result["requestState"] = self._seal.seal(_round(ctx), json.dumps(inner), kind=APPROVED)
+        return result
 
     async def _ask_session(self, ctx: CallContext) -> None:
         """A handshake-era agent: asked during the call, on its own session."""
@@ -168,12 +194,15 @@ class Approval:
 
 
 def _decide(ctx: CallContext, answer: Any) -> None:
-    """Record the user's answer; only an acceptance (not unticking ``approve``) lets the call run."""
+    """Record the user's answer; only an acceptance whose ``approve`` is true (or left out: the form's
+    default) lets the call run. Anything else in the form (false, 0, "no", not an object) is no yes."""
     action: Any = cast(dict[str, Any], answer).get("action") if isinstance(answer, dict) else None
     content: Any = cast(dict[str, Any], answer).get("content") if isinstance(answer, dict) else None
     said = _ANSWERS.get(action, "cancelled") if isinstance(action, str) else "cancelled"
-    unticked = isinstance(content, dict) and cast(dict[str, Any], content).get("approve") is False
-    if said == "accepted" and unticked:
+    yes = content is None or (
+        isinstance(content, dict) and cast(dict[str, Any], content).get("approve", True) is True
+    )
+    if said == "accepted" and not yes:
         said = "declined"
     _note(ctx, answer=said)
     if said != "accepted":
