@@ -27,7 +27,7 @@ from arbiter.auth.outbound import CredentialSpec
 from arbiter.auth.principal import Principal
 from arbiter.naming import exposed_target
 from arbiter.proxy.catalog import KIND_FIELDS
-from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition
+from arbiter.proxy.definitions import UpstreamChanges, UpstreamDefinition, widens_auto_approve
 from arbiter.proxy.registry import UpstreamRegistry
 from arbiter.proxy.retries import ToolSetting
 from arbiter.runtime import Runtime
@@ -176,16 +176,16 @@ async def get_upstream(upstream_id: RowId, reg: Registry, _: Reader) -> Upstream
 async def update_upstream(
     upstream_id: RowId, body: UpstreamUpdate, reg: Registry, caller: Admin, request: Request
 ) -> UpstreamOut:
-    if body.auto_approve or (
-        # Another server behind an auto-approving upstream: its new names would be approved unreviewed.
-        (body.url is not None or body.transport is not None)
-        and body.auto_approve is None
-        and (await reg.get(upstream_id)).auto_approve
-    ):
+    changes = _changes(body)
+
+    async def currently() -> bool:
+        return (await reg.get(upstream_id)).auto_approve
+
+    if await widens_auto_approve(changes, currently):
         await _may_auto_approve(request, caller, runtime(request))
     async with change(request, caller, "upstream.update", str(upstream_id)) as audit:
         audit.before = (await _one(reg, await reg.get(upstream_id))).model_dump(mode="json")
-        out = await _one(reg, await reg.update(upstream_id, _changes(body)))
+        out = await _one(reg, await reg.update(upstream_id, changes))
         audit.after = out.model_dump(mode="json")
     return out
 

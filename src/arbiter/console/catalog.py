@@ -109,7 +109,8 @@ async def upstreams(request: Request, who: Who, page: int = 1) -> Response:
     counts = await reg.counts()
     pager = paginate(await reg.list(), page, PAGE)
     rows = [_upstream_row(who, row, counts) for row in pager.items]
-    return render(request, "upstreams.html", who, rows=rows, pager=pager)
+    may_write = who.may("upstreams", "admin:write")
+    return render(request, "upstreams.html", who, rows=rows, pager=pager, may_write=may_write)
 
 
 @router.get("/upstreams/{upstream_id}")
@@ -128,6 +129,7 @@ async def upstream(request: Request, who: Who, upstream_id: int, status: str = "
         pager=pager,
         status=status,
         statuses=("approved", "pending", "quarantined", "rejected", "disabled"),
+        may_write=who.may("upstreams", "admin:write"),  # edit, disable, delete (console/upstream_forms.py)
     )
 
 

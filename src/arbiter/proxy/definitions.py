@@ -6,6 +6,7 @@ carry only what a caller asked for.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
@@ -73,3 +74,13 @@ class UpstreamChanges:
         changed: dict[str, str | float | bool | None] = {k: v for k, v in values.items() if v is not None}
         changed.update(dict.fromkeys(self.clear & {"max_concurrency", "fallback"}))
         return changed
+
+
+async def widens_auto_approve(changes: UpstreamChanges, currently: Callable[[], Awaitable[bool]]) -> bool:
+    """Would ``changes`` approve definitions nobody reviewed? Turning auto-approve on, or pointing an
+    auto-approving upstream at another server (its new names would be approved unreviewed): only
+    security admins may. ``currently`` (the upstream's present setting) is read only when it matters."""
+    if changes.auto_approve:
+        return True
+    moves = changes.url is not None or changes.transport is not None
+    return moves and changes.auto_approve is None and await currently()
