@@ -9,7 +9,6 @@ rate limits and budgets that apply. Needs ``admin:read`` on ``admin/policies``.
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,14 +21,13 @@ from arbiter.auth.principal import Principal
 from arbiter.errors import Forbidden, InvalidInput
 from arbiter.limits.rules import Budget, RateRule, select, tool_settings
 from arbiter.naming import exposed_name, exposed_target
-from arbiter.policies.access import KIND_ACTION, Access, access, unknown_roles, who
+from arbiter.policies.access import KIND_ACTION, Access, access, key_active, key_grants, unknown_roles, who
 from arbiter.policies.admin_rights import may_admin
 from arbiter.policies.engine import Subject
 from arbiter.policies.lint import Known, object_warnings
 from arbiter.policies.rules import Rule
 from arbiter.policies.tables import object_name
 from arbiter.runtime import Runtime
-from arbiter.store.models import ApiKey
 
 Reader = Annotated[Principal, Depends(require("policies", "admin:read"))]
 Rt = Annotated[Runtime, Depends(runtime)]
@@ -174,13 +172,6 @@ def _need_key_reader(request: Request, rt: Runtime, caller: Principal) -> None:
         raise refused
 
 
-def _active(row: ApiKey) -> bool:
-    expires = row.expires_at
-    if expires is not None and expires.tzinfo is None:  # SQLite hands back naive datetimes
-        expires = expires.replace(tzinfo=UTC)
-    return row.revoked_at is None and (expires is None or expires > datetime.now(UTC))
-
-
 def _rate(rule: RateRule) -> RateLimitOut:
     return RateLimitOut(
         id=rule.id,
@@ -222,7 +213,7 @@ async def show_access(
             raise InvalidInput("give key_id alone, or role/subject/tenant, not both")
         _need_key_reader(request, rt, caller)
         row = await rt.keys.get(key_id)
-        active = _active(row)
+        active = key_active(row)
         who_ = Principal(
             row.owner,
             ISSUER,
@@ -301,16 +292,8 @@ async def show_who(
     if not sep or not upstream or not name:
         raise InvalidInput("tool must be <upstream>__<tool> or <upstream>/<tool>")
     engine = rt.policy.engine
-    warnings: list[str] = []
-    snap = rt.catalog.get(upstream)
-    if snap is None or (name not in snap.tools and ("tool", name) not in snap.held):
-        warnings.append(
-            f"no tool {exposed_name(upstream, name)} in the catalog; showing what the policy says"
-        )
-    elif ("tool", name) in snap.held:
-        warnings.append(
-            f"{exposed_name(upstream, name)} is not approved for agents ({snap.held[('tool', name)]})"
-        )
+    notice = rt.catalog.tool_notice(upstream, name)
+    warnings: list[str] = [notice] if notice is not None else []
     grants = [
         GrantOut(**AccessOut.of(g.access).model_dump(), kind=g.kind, name=g.name, tenant=g.tenant)
         for g in who(engine, obj, "call")
@@ -319,20 +302,16 @@ async def show_who(
     rows = await rt.keys.list() if _may_read_keys(rt, caller) else None
     if rows is None:
         warnings.append("api_keys is left empty: listing API keys needs admin:read on admin/api-keys")
-    for row in rows or []:
-        if not _active(row):
-            continue
-        report = access(engine, Subject(row.owner, row.tenant or "", tuple(sorted(row.roles))), obj, "call")
-        if report.decision != "deny":
-            keys.append(
-                KeyGrantOut(
-                    **AccessOut.of(report).model_dump(),
-                    id=row.id,
-                    owner=row.owner,
-                    roles=sorted(row.roles),
-                    tenant=row.tenant,
-                )
+    for row, report in key_grants(engine, rows or [], obj, "call"):
+        keys.append(
+            KeyGrantOut(
+                **AccessOut.of(report).model_dump(),
+                id=row.id,
+                owner=row.owner,
+                roles=sorted(row.roles),
+                tenant=row.tenant,
             )
+        )
     return WhoReport(
         tool=exposed_name(upstream, name),
         object=obj,

@@ -9,7 +9,6 @@ key, or seeing which keys may call a tool, also needs ``admin:read`` on ``admin/
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -20,20 +19,12 @@ from arbiter.console.web import ConsoleRoute, Viewer, query_text, render, viewer
 from arbiter.errors import InvalidInput
 from arbiter.limits.rules import select, tool_settings
 from arbiter.naming import exposed_name, exposed_target
-from arbiter.policies.access import KIND_ACTION, Access, access, unknown_roles, who
+from arbiter.policies.access import KIND_ACTION, Access, access, key_active, key_grants, unknown_roles, who
 from arbiter.policies.engine import Subject
 from arbiter.policies.tables import object_name
-from arbiter.store.models import ApiKey
 
 router = APIRouter(route_class=ConsoleRoute)
 Who = Annotated[Viewer, Depends(viewer)]
-
-
-def _active(row: ApiKey) -> bool:
-    expires = row.expires_at
-    if expires is not None and expires.tzinfo is None:  # SQLite hands back naive datetimes
-        expires = expires.replace(tzinfo=UTC)
-    return row.revoked_at is None and (expires is None or expires > datetime.now(UTC))
 
 
 def _shown(a: Access) -> dict[str, Any]:
@@ -62,7 +53,7 @@ async def _caller(request: Request, who_: Viewer, given: dict[str, str]) -> tupl
             client_id=row.id,
             api_key_id=row.id,
         )
-        return found, _active(row)
+        return found, key_active(row)
     if roles or given["subject"]:
         return Principal(given["subject"], ISSUER, "api_key", given["tenant"] or None, frozenset(roles)), True
     raise InvalidInput("choose an API key, or give at least one role or a subject (with its tenant)")
@@ -75,7 +66,7 @@ async def agent(request: Request, who_: Who) -> Response:
     params = request.query_params
     given = {name: query_text(params, name)[:256] for name in ("key_id", "roles", "subject", "tenant")}
     may_keys = who_.may("api-keys")
-    keys = [k for k in await who_.rt.keys.list() if _active(k)] if may_keys else []
+    keys = [k for k in await who_.rt.keys.list() if key_active(k)] if may_keys else []
     context: dict[str, Any] = {"given": given, "keys": keys, "report": None, "error": None}
     if any(given.values()):
         try:
@@ -151,30 +142,16 @@ async def tool_callers(request: Request, who_: Who) -> Response:
 async def _who(who_: Viewer, obj: str, upstream: str, name: str) -> dict[str, Any]:
     rt = who_.rt
     engine = rt.policy.engine
-    warnings: list[str] = []
-    snap = rt.catalog.get(upstream)
-    if snap is None or (name not in snap.tools and ("tool", name) not in snap.held):
-        warnings.append(
-            f"no tool {exposed_name(upstream, name)} in the catalog; showing what the policy says"
-        )
-    elif ("tool", name) in snap.held:
-        warnings.append(
-            f"{exposed_name(upstream, name)} is not approved for agents ({snap.held[('tool', name)]})"
-        )
+    notice = rt.catalog.tool_notice(upstream, name)
+    warnings: list[str] = [notice] if notice is not None else []
     grants = [
         {"kind": g.kind, "name": g.name, "tenant": g.tenant, **_shown(g.access)}
         for g in who(engine, obj, "call")
     ]
     keys: list[dict[str, Any]] = []
     if who_.may("api-keys"):
-        for row in await rt.keys.list():
-            if not _active(row):
-                continue
-            found = access(
-                engine, Subject(row.owner, row.tenant or "", tuple(sorted(row.roles))), obj, "call"
-            )
-            if found.decision != "deny":
-                keys.append({"id": row.id, "owner": row.owner, "roles": sorted(row.roles), **_shown(found)})
+        for row, found in key_grants(engine, await rt.keys.list(), obj, "call"):
+            keys.append({"id": row.id, "owner": row.owner, "roles": sorted(row.roles), **_shown(found)})
     else:
         warnings.append("API keys are not listed: that needs admin:read on admin/api-keys")
     return {

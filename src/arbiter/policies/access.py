@@ -14,10 +14,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.rules import Rule
+from arbiter.store.models import ApiKey
 
 Verdict = Literal["allow", "approve", "conditional", "deny"]
 GrantKind = Literal["role", "user", "anyone"]
@@ -147,6 +149,27 @@ def who(engine: PolicyEngine, obj: str, action: str) -> list[Grant]:
 
 def _same(a: Access) -> tuple[object, ...]:
     return (a.decision, a.rule, a.conditions)
+
+
+def key_active(row: ApiKey) -> bool:
+    """Whether an API key still authenticates: not revoked, not expired."""
+    expires = row.expires_at
+    if expires is not None and expires.tzinfo is None:  # SQLite hands back naive datetimes
+        expires = expires.replace(tzinfo=UTC)
+    return row.revoked_at is None and (expires is None or expires > datetime.now(UTC))
+
+
+def key_subject(row: ApiKey) -> Subject:
+    """Who the policy sees behind an API key."""
+    return Subject(row.owner, row.tenant or "", tuple(sorted(row.roles)))
+
+
+def key_grants(
+    engine: PolicyEngine, rows: Iterable[ApiKey], obj: str, action: str
+) -> list[tuple[ApiKey, Access]]:
+    """The active API keys among ``rows`` that may use ``obj`` (``action``), each with the report."""
+    found = ((row, access(engine, key_subject(row), obj, action)) for row in rows if key_active(row))
+    return [(row, report) for row, report in found if report.decision != "deny"]
 
 
 # --- names the policy does not know ---------------------------------------------------------------------

@@ -141,6 +141,17 @@ class Catalog:
     def hidden(self) -> list[str]:
         return sorted(self._hidden)
 
+    def tool_notice(self, upstream: str, name: str) -> str | None:
+        """Why a report on who may call ``upstream``'s tool ``name`` is about the policy alone: the catalog
+        has no such tool, or holds it back from agents (its review status); None when agents are served it."""
+        snap = self._snaps.get(upstream)
+        status = snap.held.get(("tool", name)) if snap is not None else None
+        if snap is None or (name not in snap.tools and status is None):
+            return f"no tool {exposed_name(upstream, name)} in the catalog; showing what the policy says"
+        if status is not None:
+            return f"{exposed_name(upstream, name)} is not approved for agents ({status})"
+        return None
+
     def upstreams(self) -> list[str]:
         return sorted(self._snaps)
 
