@@ -40,7 +40,9 @@ async def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one_but_neve
         async with httpx2.AsyncClient(transport=transport) as http:
             assert (await http.post(url, json=_rpc("tools/list", 1))).status_code == 200
             await until_all_idle(stale)
-            with pytest.raises(httpx2.RemoteProtocolError):  # it may have run: never sent twice
+            # It may have run: never sent twice. The dropped connection reaches the client as an early
+            # end (RemoteProtocolError) or, on a busy machine, as a reset (ReadError): either is no answer.
+            with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
                 await http.post(url, json=_rpc("tools/call", 2))
             assert (stale.dropped, transport.resent) == (1, 0)
 
