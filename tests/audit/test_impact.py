@@ -11,7 +11,7 @@ import pytest
 
 from arbiter.audit.impact import MAX_RECORDS, preview, window
 from arbiter.audit.record import Event, canonical, record_hash
-from arbiter.audit.replay import reads, recorded_call, replay
+from arbiter.audit.replay import reads, recorded_call, recorded_outcome, replay
 from arbiter.errors import InvalidInput
 from arbiter.policies.engine import PolicyEngine
 from arbiter.policies.rules import parse_csv
@@ -64,6 +64,28 @@ def call(
     )
 
 
+APPROVE_SEARCH = "p, user:alice, *, kb/search_docs, call, approve\n"
+
+
+def approval(ts_ms: int, answer: str = "accepted", subject: str = "alice") -> Event:
+    """A call an approve rule sent to the user, as the pipeline records it: the policy's decision is
+    ``approve`` whatever the answer; the request's own ``decision`` says whether it then ran."""
+    event = call(ts_ms, subject)
+    ran = answer == "accepted"
+    event.decision = "allow" if ran else "deny"
+    event.reason = "allowed" if ran else "approval_declined"
+    event.policy = {
+        "allowed": False,
+        "decision": "approve",
+        "reason": "approval_required",
+        "rule": APPROVE_SEARCH.strip(),
+        "policy_version": 2,
+    }
+    event.outcome = {"status": "ok"} if ran else {"status": "refused", "error_code": -31051}
+    event.outcome["approval"] = {"asked": "elicitation", "answer": answer}
+    return event
+
+
 def engine(csv: str) -> PolicyEngine:
     return PolicyEngine(parse_csv(csv), -1)
 
@@ -99,6 +121,10 @@ async def test_a_candidate_deny_flips_the_agents_allowed_calls_and_only_theirs(s
         "tenant": "acme",
         "allow_to_deny": 0,
         "deny_to_allow": 1,
+        "allow_to_approve": 0,
+        "approve_to_allow": 0,
+        "approve_to_deny": 0,
+        "deny_to_approve": 0,
         "undecidable": 0,
     }
     by_tool = {t["tool"]: t for t in report["tools"]}
@@ -109,6 +135,68 @@ async def test_a_candidate_deny_flips_the_agents_allowed_calls_and_only_theirs(s
 
     same = await run(sqlite_url, ALLOW_KB, BASE_MS, BASE_MS + HOUR_MS)  # the policy in force then
     assert (same["allow_to_deny"], same["unchanged"]) == (0, 3) and same["deny_to_allow"] == 1
+
+
+async def test_an_approve_rule_added_over_allowed_calls_is_allow_to_approve_not_a_denial(
+    sqlite_url: str,
+) -> None:
+    await append(
+        sqlite_url,
+        [
+            call(BASE_MS + 1, "alice"),
+            call(BASE_MS + 2, "alice"),
+            call(BASE_MS + 3, "bob"),
+            call(BASE_MS + 4, "alice", tool="get_doc", allowed=False),
+        ],
+    )
+    report = await run(sqlite_url, ALLOW_KB + APPROVE_SEARCH, BASE_MS, BASE_MS + HOUR_MS)
+    assert report["allow_to_approve"] == 2, report
+    assert (report["allow_to_deny"], report["approve_to_deny"], report["undecidable"]) == (0, 0, 0)
+    assert report["deny_to_allow"] == 1 and report["unchanged"] == 1  # get_doc (no rule then); bob's search
+    alice = next(a for a in report["agents"] if a["subject"] == "alice")
+    assert (alice["allow_to_approve"], alice["deny_to_allow"], alice["allow_to_deny"]) == (2, 1, 0)
+    by_tool = {t["tool"]: t for t in report["tools"]}
+    assert by_tool["kb__search_docs"]["allow_to_approve"] == 2
+    moved = [s for s in report["samples"] if s["outcome"] == "allow_to_approve"]
+    assert len(moved) == 2 and (moved[0]["before"], moved[0]["after"]) == ("allow", "approve")
+    assert moved[0]["rule_after"] == APPROVE_SEARCH.strip()
+
+    # A deny of the same calls is still a denial, next to the approve rule too (deny overrides approve).
+    denied = await run(
+        sqlite_url,
+        ALLOW_KB + APPROVE_SEARCH + "p, user:alice, *, kb/search_docs, call, deny\n",
+        BASE_MS,
+        BASE_MS + HOUR_MS,
+    )
+    assert (denied["allow_to_deny"], denied["allow_to_approve"]) == (2, 0)
+    # A denied call the candidate sends for approval.
+    asked = await run(
+        sqlite_url, ALLOW_KB + "p, *, *, kb/get_doc, call, approve\n", BASE_MS, BASE_MS + HOUR_MS
+    )
+    assert (asked["deny_to_approve"], asked["deny_to_allow"], asked["unchanged"]) == (1, 0, 3)
+
+
+async def test_calls_recorded_as_approval_required_replay_as_approve_whatever_the_user_answered(
+    sqlite_url: str,
+) -> None:
+    await append(
+        sqlite_url,
+        [approval(BASE_MS + 1), approval(BASE_MS + 2, "declined"), call(BASE_MS + 3, "bob")],
+    )
+    # The approve rule removed: both approvals would run unattended, whether the user said yes or no.
+    removed = await run(sqlite_url, ALLOW_KB, BASE_MS, BASE_MS + HOUR_MS)
+    assert (removed["approve_to_allow"], removed["unchanged"]) == (2, 1), removed
+    assert (removed["deny_to_allow"], removed["allow_to_deny"]) == (0, 0)
+    assert {(s["before"], s["after"]) for s in removed["samples"]} == {("approve", "allow")}
+    assert removed["samples"][0]["rule_before"] == APPROVE_SEARCH.strip()
+    assert removed["agents"][0]["subject"] == "alice" and removed["agents"][0]["approve_to_allow"] == 2
+
+    kept = await run(sqlite_url, ALLOW_KB + APPROVE_SEARCH, BASE_MS, BASE_MS + HOUR_MS)
+    assert (kept["unchanged"], kept["approve_to_allow"]) == (3, 0)
+    denied = await run(
+        sqlite_url, ALLOW_KB + "p, user:alice, *, kb/*, call, deny\n", BASE_MS, BASE_MS + HOUR_MS
+    )
+    assert (denied["approve_to_deny"], denied["allow_to_deny"], denied["unchanged"]) == (2, 0, 1)
 
 
 async def test_a_condition_on_a_redacted_argument_cannot_be_decided(sqlite_url: str) -> None:
@@ -146,6 +234,15 @@ async def test_a_condition_on_a_redacted_argument_cannot_be_decided(sqlite_url: 
     )
     denied = await run(sqlite_url, fixed, BASE_MS, BASE_MS + HOUR_MS)
     assert denied["undecidable"] == 0 and denied["allow_to_deny"] == 4
+
+    # An approve condition on a redacted field cannot be decided either; next to an unconditional
+    # approve, neither an allow nor an approve condition can change the outcome.
+    approve_if = ALLOW_KB + "p, role:agent, *, kb/*, call, approve, r.args.password == 'hunter2'\n"
+    unknown = await run(sqlite_url, approve_if, BASE_MS, BASE_MS + HOUR_MS)
+    assert unknown["undecidable"] == 1 and unknown["unchanged"] == 3
+    always = approve_if + "p, role:agent, *, kb/*, call, approve\n"
+    asked = await run(sqlite_url, always, BASE_MS, BASE_MS + HOUR_MS)
+    assert asked["undecidable"] == 0 and asked["allow_to_approve"] == 4
 
 
 async def test_the_replay_stops_at_the_cap_and_says_so(sqlite_url: str) -> None:
@@ -243,6 +340,19 @@ def test_a_record_without_a_policy_decision_is_not_replayed() -> None:
     )
     assert found is not None and found.action == "read" and found.subject.roles == ("a", "b")
     assert replay(engine("p, role:a, *, kb/*, read, allow\n"), found).outcome == "deny_to_allow"
+
+
+def test_the_recorded_outcome_is_the_policys_decision() -> None:
+    assert (
+        recorded_outcome({"allowed": False, "decision": "approve", "reason": "approval_required"})
+        == "approve"
+    )
+    assert recorded_outcome({"allowed": True, "decision": "allow"}) == "allow"
+    assert recorded_outcome({"allowed": False, "decision": "deny"}) == "deny"
+    # Without a decision (an older or hand-made record): allowed, else approve by its reason, else deny.
+    assert recorded_outcome({"allowed": True}) == "allow"
+    assert recorded_outcome({"allowed": False, "reason": "approval_required"}) == "approve"
+    assert recorded_outcome({"allowed": False, "reason": "no_matching_rule"}) == "deny"
 
 
 def test_the_window_defaults_to_the_last_day_and_is_checked() -> None:

@@ -110,6 +110,29 @@ def arbiter_keys(server: ArbiterServer) -> list[dict[str, Any]]:
     return found
 
 
+async def test_the_impact_of_an_approve_rule_is_shown_as_allow_to_approve(
+    arbiter: ArbiterServer, browser: Any, shots: Path
+) -> None:
+    """Allowed calls an approve rule would send to a person are not denials: their own count and column."""
+    agent = make_key(arbiter, "bot-3", ["agent"])
+    await calls(arbiter, agent, "kb__search_docs", 2)
+    recorded_calls(arbiter, "bot-3", "kb__search_docs", 2)
+    page = await browser.new_page()
+    await login(page, arbiter, make_key(arbiter, "sec", ["security-admin"]))
+    await page.goto(f"{arbiter.base_url}/console/policies")
+    await fill_rule(page, {**DENY, "subject": "user:bot-3", "effect": "approve"})
+    await page.get_by_role("button", name="Preview impact").click()
+    await page.wait_for_url(f"{arbiter.base_url}/console/policies/impact")
+    assert await page.locator("#count-allow-to-approve").inner_text() == "2"
+    assert await page.locator("#count-allow-to-deny").inner_text() == "0"
+    assert await page.locator("#count-approve-to-allow").inner_text() == "0"
+    agents = page.locator("table.impact-agents")
+    assert "allow → approve" in await agents.locator("thead").inner_text()
+    assert "bot-3" in await agents.locator("tbody").inner_text()
+    assert "allow → approve" in await page.locator("table.impact-samples tbody").inner_text()
+    await shot(page, shots, "impact-preview-approve")
+
+
 async def test_rules_are_validated_in_the_form_and_edited_and_deleted(
     arbiter: ArbiterServer, browser: Any, shots: Path
 ) -> None:
@@ -149,6 +172,38 @@ async def test_rules_are_validated_in_the_form_and_edited_and_deleted(
     await page.get_by_role("button", name="Run tests").click()
     assert await page.locator("#test-summary").inner_text() == "1 passed, 1 failed (the live policy)"
     await shot(page, shots, "policy-tests")
+
+
+async def test_an_approve_rule_names_its_approvers_in_the_form_and_keeps_them_when_edited(
+    arbiter: ArbiterServer, browser: Any, shots: Path
+) -> None:
+    page = await browser.new_page()
+    await login(page, arbiter, ADMIN_TOKEN)
+    await page.goto(f"{arbiter.base_url}/console/policies")
+    refund = {"subject": "role:agent", "object": "crm/refund", "action": "call", "effect": "approve"}
+    await fill_rule(page, refund)
+    await page.locator("#add-approval").fill("by   role:billing-lead for 240m")
+    await page.get_by_role("button", name="Add rule").click()
+    await page.wait_for_selector("p.notice")
+    stored = "p, role:agent, *, crm/refund, call, approve by role:billing-lead for 4h"  # canonical
+    row = page.locator("table.rules tbody tr", has_text="crm/refund")
+    rule_id = (await row.locator("td").first.inner_text()).strip()
+    await row.get_by_role("link", name=f"Edit rule {rule_id}").click()
+    assert await page.locator("#edit-approval").input_value() == "by role:billing-lead for 4h"
+    await page.get_by_label("Condition (").fill("r.args.amount > 100")
+    await page.get_by_role("button", name="Save rule").click()
+    await page.wait_for_url(f"{arbiter.base_url}/console/policies")
+    with arbiter.admin() as admin:
+        rules = {r["csv"] for r in admin.get("/policies").json()["rules"]}
+    assert f"{stored}, r.args.amount > 100" in rules  # the approvers survived the edit
+
+    await fill_rule(page, {**refund, "object": "crm/delete", "effect": "allow"})
+    await page.locator("#add-approval").fill("by role:billing-lead")
+    async with page.expect_response(f"{arbiter.base_url}/console/policies") as answer:
+        await page.get_by_role("button", name="Add rule").click()
+    assert (await answer.value).status == 400
+    assert "must be allow, deny or approve" in await page.get_by_role("alert").inner_text()
+    await shot(page, shots, "policy-approvers")
 
 
 async def test_an_auditor_and_a_policy_reader_cannot_change_the_policy(

@@ -7,6 +7,7 @@ from tests.console.test_console_policies import calls, recorded_calls
 from tests.policies.conftest import new_key
 
 CANDIDATE = ALLOW_ALL + "p, user:test-agent, acme, kb/search_docs, call, deny\n"
+APPROVE = ALLOW_ALL + "p, user:test-agent, acme, kb/search_docs, call, approve\n"
 
 
 async def test_the_impact_of_a_candidate_is_counted_per_agent_and_tool_and_needs_both_rights(
@@ -27,11 +28,20 @@ async def test_the_impact_of_a_candidate_is_counted_per_agent_and_tool_and_needs
                 "tenant": "acme",
                 "allow_to_deny": 3,
                 "deny_to_allow": 0,
+                "allow_to_approve": 0,
+                "approve_to_allow": 0,
+                "approve_to_deny": 0,
+                "deny_to_approve": 0,
                 "undecidable": 0,
             }
         ]
         assert report["tools"][0]["tool"] == "kb__search_docs" and not report["capped"]
         assert report["samples"][0]["rule_after"] == "p, user:test-agent, acme, kb/search_docs, call, deny"
+        assert (report["samples"][0]["before"], report["samples"][0]["after"]) == ("allow", "deny")
+        # An approve rule over the same calls: they would wait for a person's yes, not be denied.
+        asked = admin.post("/policies/impact", json={"policy": APPROVE}).json()
+        assert (asked["allow_to_approve"], asked["allow_to_deny"]) == (3, 0), asked
+        assert asked["tools"][0]["allow_to_approve"] == 3 and asked["samples"][0]["after"] == "approve"
         capped = admin.post("/policies/impact", json={"policy": CANDIDATE, "limit": 2}).json()
         assert capped["capped"] and capped["read"] == 2
         empty = admin.post("/policies/impact", json={"policy": CANDIDATE, "until": "2020-01-01"}).json()

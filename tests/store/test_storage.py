@@ -63,6 +63,7 @@ def test_migrations_upgrade_from_empty_to_head_and_back(empty_db: str) -> None:
         "console_sessions",
         "console_logins",
         "approval_uses",
+        "approval_requests",
     }
     schema.downgrade(empty_db, "0001")  # one step at a time works too
     assert "api_keys" not in asyncio.run(_tables(empty_db))

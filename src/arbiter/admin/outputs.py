@@ -29,6 +29,12 @@ class PolicyRuleOut(BaseModel):
     action: str | None = None
     effect: Literal["allow", "deny", "approve"] | None = None
     condition: str | None = None
+    approvers: list[str] | None = Field(
+        default=None, description="approve rules: who approves (user: the end user; role:…/user:…)"
+    )
+    approval_valid_s: int | None = Field(
+        default=None, description="approve rules: how long an approval holds (null: the default)"
+    )
     member: str | None = None
     role: str | None = None
     csv: str = Field(description="The rule as a line of the Casbin CSV")
@@ -75,8 +81,12 @@ class DryRunOut(BaseModel):
 
 
 class ImpactCountsOut(BaseModel):
-    allow_to_deny: int
-    deny_to_allow: int
+    allow_to_deny: int = Field(description="Ran unattended then, denied by the candidate")
+    deny_to_allow: int = Field(description="Denied then, run unattended by the candidate")
+    allow_to_approve: int = Field(description="Ran unattended then, needs a person's approval now")
+    approve_to_allow: int = Field(description="Needed approval then, runs unattended now")
+    approve_to_deny: int = Field(description="Needed approval then, denied now")
+    deny_to_approve: int = Field(description="Denied then, runs once a person approves now")
     undecidable: int = Field(description="Decided on an argument the record redacted: not guessed")
 
 
@@ -96,7 +106,19 @@ class ImpactSampleOut(BaseModel):
     tenant: str
     tool: str
     action: str
-    outcome: Literal["allow_to_deny", "deny_to_allow", "undecidable"]
+    outcome: Literal[
+        "allow_to_deny",
+        "deny_to_allow",
+        "allow_to_approve",
+        "approve_to_allow",
+        "approve_to_deny",
+        "deny_to_approve",
+        "undecidable",
+    ]
+    before: Literal["allow", "approve", "deny"] = Field(description="The policy's outcome then, as recorded")
+    after: Literal["allow", "approve", "deny"] | None = Field(
+        description="The candidate's outcome (null when undecidable)"
+    )
     rule_before: str | None = Field(description="The rule that decided then, as recorded")
     rule_after: str | None = Field(description="The candidate's deciding rule")
     why: str = Field(description="For undecidable: the rule and the redacted field it reads")

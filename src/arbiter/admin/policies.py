@@ -20,6 +20,7 @@ from arbiter.audit.impact import MAX_RECORDS, preview, window
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidInput
 from arbiter.policies.access import unknown_roles
+from arbiter.policies.approvers import END_USER, MAX_VALID_S, ApprovalSpec
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.rules import ACTIONS, PolicyInvalid, Rule, check, check_roles, parse_csv, to_csv
 from arbiter.policies.tables import object_name, parse_rows, run_table
@@ -44,13 +45,21 @@ class PolicyRuleIn(BaseModel):
     action: str | None = Field(default=None, examples=["call"])
     effect: Literal["allow", "deny", "approve"] = "allow"
     condition: str = Field(default="", examples=["r.args.region == r.sub.tenant"])
+    # approve rules only (docs/policies.md#who-approves): "user" (the end user) and/or policy subjects
+    approvers: list[str] | None = Field(default=None, examples=[["role:billing-lead"]], max_length=16)
+    approval_valid_s: int | None = Field(default=None, ge=1, le=MAX_VALID_S, examples=[14400])
     member: str | None = Field(default=None, examples=["user:alice"])
     role: str | None = Field(default=None, examples=["role:support-agent"])
 
     def to_rule(self) -> Rule:
         if self.type == "g":
             return Rule("g", (self.member or "", self.role or "", self.tenant))
-        values = (self.subject or "", self.tenant, self.object or "", self.action or "", self.effect)
+        effect: str = self.effect
+        if self.effect == "approve":
+            effect = ApprovalSpec(tuple(self.approvers or (END_USER,)), self.approval_valid_s).effect
+        elif self.approvers is not None or self.approval_valid_s is not None:
+            effect = f"{self.effect} (approvers and approval_valid_s are for approve rules only)"
+        values = (self.subject or "", self.tenant, self.object or "", self.action or "", effect)
         return Rule("p", (*values, self.condition.strip()))
 
 
@@ -231,8 +240,9 @@ async def dry_run(body: DryRunIn, rt: Rt, _: Reader) -> dict[str, object]:
 @router.post("/policies/impact", response_model=ImpactOut)
 async def impact(body: ImpactIn, rt: Rt, _: Reader, __: AuditReader) -> dict[str, object]:
     """Replay the decisions the audit log recorded in a window against a candidate policy: which would
-    flip (allow→deny, deny→allow), per agent and tool; a decision that depended on an argument the
-    record redacted is counted as undecidable, not guessed. Needs read on policies and on audit."""
+    change outcome (allow, approve, deny: allow→deny, allow→approve, …), per agent and tool; a decision
+    that depended on an argument the record redacted is counted as undecidable, not guessed. Needs read
+    on policies and on audit."""
     since_ms, until_ms = window(body.since, body.until)
     # Off the event loop: a megabyte of rules takes seconds to parse and load, agents wait on it.
     candidate = await anyio.to_thread.run_sync(_engine, body.policy, limiter=rt.previews)

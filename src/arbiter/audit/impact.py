@@ -1,11 +1,14 @@
-"""Impact preview: which recorded decisions a candidate policy would flip, before it is applied.
+"""Impact preview: which recorded decisions a candidate policy would change, before it is applied.
 
 The decisions of a window of the audit log (default: the last 24 hours), newest first and at most
-``MAX_RECORDS`` of them, are replayed (audit/replay.py) against the candidate; the answer counts the
-flips (allow→deny, deny→allow) and the undecidable ones per agent (subject and tenant) and per tool,
-and lists the first of them. A replay also stops after ``MAX_SECONDS``: a decision's cost grows with the
-candidate's rules (a megabyte of conditional rules costs seconds per decision), and whoever may preview
-may post any candidate, so the record cap alone does not bound the work. One function for the admin API
+``MAX_RECORDS`` of them, are replayed (audit/replay.py) against the candidate; the answer counts every
+change of outcome between allow, approve and deny (``allow_to_deny``, ``allow_to_approve``, …) and the
+undecidable ones per agent (subject and tenant) and per tool, and lists the first of them. The
+allow↔deny counts kept their names and meaning when approve came: a move to or from approve has its own.
+
+A replay also stops after ``MAX_SECONDS``: a decision's cost grows with the candidate's rules (a megabyte
+of conditional rules costs seconds per decision), and whoever may preview may post any candidate, so the
+record cap alone does not bound the work. One function for the admin API
 (``POST /admin/v1/policies/impact``) and the console's policies page.
 """
 
@@ -23,7 +26,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from arbiter.audit.query import Filters, StoredRow, parse_time, stream_pages
 from arbiter.audit.record import iso_ms, now_ms
-from arbiter.audit.replay import Definitions, Outcome, Replayed, Replayer, no_definitions, recorded_call
+from arbiter.audit.replay import (
+    CHANGES,
+    Definitions,
+    Outcome,
+    Replayed,
+    Replayer,
+    Verdict,
+    no_definitions,
+    recorded_call,
+)
 from arbiter.errors import InvalidInput
 from arbiter.policies.engine import PolicyEngine
 
@@ -38,18 +50,22 @@ _PAGE = 1000
 class Tally:
     allow_to_deny: int = 0
     deny_to_allow: int = 0
+    allow_to_approve: int = 0
+    approve_to_allow: int = 0
+    approve_to_deny: int = 0
+    deny_to_approve: int = 0
     undecidable: int = 0
 
     def add(self, outcome: Outcome) -> None:
         if outcome != "same":
             setattr(self, outcome, getattr(self, outcome) + 1)
 
+    @property
+    def changed(self) -> int:
+        return sum(getattr(self, name) for name in CHANGES)
+
     def to_json(self) -> dict[str, int]:
-        return {
-            "allow_to_deny": self.allow_to_deny,
-            "deny_to_allow": self.deny_to_allow,
-            "undecidable": self.undecidable,
-        }
+        return {**{name: getattr(self, name) for name in CHANGES}, "undecidable": self.undecidable}
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class Sample:
     tool: str
     action: str
     outcome: Outcome
+    before: Verdict
+    after: Verdict | None  # None when undecidable
     rule_before: str | None
     rule_after: str | None
     why: str
@@ -74,6 +92,8 @@ class Sample:
             "tool": self.tool,
             "action": self.action,
             "outcome": self.outcome,
+            "before": self.before,
+            "after": self.after,
             "rule_before": self.rule_before,
             "rule_after": self.rule_after,
             "why": self.why,
@@ -98,7 +118,7 @@ class Impact:
     @property
     def unchanged(self) -> int:
         t = self.total
-        return self.replayed - t.allow_to_deny - t.deny_to_allow - t.undecidable
+        return self.replayed - t.changed - t.undecidable
 
     def add(self, seq: int, record: dict[str, Any], result: Replayed, tool: str, action: str) -> None:
         self.replayed += 1
@@ -121,6 +141,8 @@ class Impact:
                     tool=tool,
                     action=action,
                     outcome=result.outcome,
+                    before=result.before,
+                    after=result.after.outcome if result.after is not None else None,
                     rule_before=before if isinstance(before, str) else None,
                     rule_after=after,
                     why=result.why,

@@ -5,6 +5,10 @@ except the arguments, which it holds *redacted*. A condition that reads a redact
 evaluated on the record: the stored value is a marker, not what the agent sent, and deciding on it
 would be a guess. Such a replay is ``undecidable``, naming the rule and the field; a condition that
 reads only values the record kept is evaluated as the live policy would have.
+
+An outcome is one of three: ``allow`` (runs unattended), ``approve`` (runs once a person says yes) and
+``deny``. The record's is what the policy decided then (``policy.decision``), not whether the call ran:
+an approval-required call the user accepted ran, one declined did not, and both were ``approve``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,25 @@ from arbiter.audit.record import canonical, record_hash
 from arbiter.policies.engine import Decision, PolicyEngine, Subject
 from arbiter.policies.rules import USE_ACTION, Rule, compile_condition
 
-Outcome = Literal["same", "allow_to_deny", "deny_to_allow", "undecidable"]
+Verdict = Literal["allow", "approve", "deny"]  # a policy's outcome for one call (Decision.outcome)
+Outcome = Literal[
+    "same",
+    "allow_to_deny",
+    "deny_to_allow",
+    "allow_to_approve",
+    "approve_to_allow",
+    "approve_to_deny",
+    "deny_to_approve",
+    "undecidable",
+]
+CHANGES: tuple[Outcome, ...] = (  # every change of outcome, the allow<->deny ones first
+    "allow_to_deny",
+    "deny_to_allow",
+    "allow_to_approve",
+    "approve_to_allow",
+    "approve_to_deny",
+    "deny_to_approve",
+)
 # (upstream, name) -> the tool's current definition, if the catalog has it: its annotations are what a
 # condition reads as r.tool, but only if it is the definition the record names (by tool_hash).
 Definitions = Callable[[str, str], Mapping[str, Any] | None]
@@ -45,7 +67,12 @@ class RecordedCall:
     args: Any  # the redacted arguments as stored (None: the call had none)
     args_truncated: bool  # the stored arguments are only a size-and-keys summary
     tool_hash: str | None
-    allowed: bool  # what the policy decided then
+    outcome: Verdict  # what the policy decided then
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the policy let the call run unattended then."""
+        return self.outcome == "allow"
 
     @property
     def object(self) -> str:
@@ -55,7 +82,7 @@ class RecordedCall:
 @dataclass(frozen=True)
 class Replayed:
     outcome: Outcome
-    before: bool
+    before: Verdict
     after: Decision | None  # None when undecidable
     why: str = ""  # for undecidable: the rule and the field it reads
 
@@ -71,9 +98,6 @@ def recorded_call(record: Mapping[str, Any]) -> RecordedCall | None:
     if not isinstance(upstream, str) or not isinstance(target, str) or not upstream or _cut(target):
         return None
     policy = cast(dict[str, Any], policy)
-    allowed = policy.get("allowed")
-    if not isinstance(allowed, bool):
-        allowed = policy.get("decision") == "allow"
     actor: Any = record.get("actor") or {}
     actor = cast(dict[str, Any], actor)
     roles: Any = actor.get("roles") or []
@@ -94,8 +118,19 @@ def recorded_call(record: Mapping[str, Any]) -> RecordedCall | None:
         args=record.get("args"),
         args_truncated=bool(record.get("args_truncated")),
         tool_hash=tool_hash if isinstance(tool_hash, str) else None,
-        allowed=allowed,
+        outcome=recorded_outcome(policy),
     )
+
+
+def recorded_outcome(policy: Mapping[str, Any]) -> Verdict:
+    """The outcome a record's ``policy`` (``Decision.to_json``) holds. Its ``decision`` says it; a record
+    without one says ``allowed``, and an approval by its ``reason`` (``approval_required``)."""
+    found = policy.get("decision")
+    if found in ("allow", "approve", "deny"):
+        return found
+    if policy.get("allowed") is True:
+        return "allow"
+    return "approve" if policy.get("reason") == "approval_required" else "deny"
 
 
 def replay(engine: PolicyEngine, call: RecordedCall, definitions: Definitions = no_definitions) -> Replayed:
@@ -128,14 +163,19 @@ class Replayer:
         rules = found
         annotations = self._annotations_of(call)
         if not any(r.values[4] == "deny" and not r.values[5] for r in rules):  # else denied whatever the args
+            # Deny overrides approve, approve overrides allow: next to an unconditional approve only a
+            # deny condition can change the outcome, next to an unconditional allow no allow condition.
+            fixed_approve = any(_approves(r) and not r.values[5] for r in rules)
             fixed_allow = any(r.values[4] == "allow" and not r.values[5] for r in rules)
             for rule in rules:
                 cond = rule.values[5]
-                if not cond or (rule.values[4] == "allow" and fixed_allow):
-                    continue  # an allow condition cannot matter next to an unconditional allow
+                if not cond or (rule.values[4] != "deny" and fixed_approve):
+                    continue
+                if rule.values[4] == "allow" and fixed_allow:
+                    continue
                 why = _unreadable(rule, cond, call, annotations)
                 if why:
-                    return Replayed("undecidable", call.allowed, None, why)
+                    return Replayed("undecidable", call.outcome, None, why)
         raw: Any = call.args
         args: Mapping[str, Any] = cast(dict[str, Any], raw) if isinstance(raw, dict) else {}
         key = _decision_key(call, rules, args, annotations)
@@ -144,9 +184,10 @@ class Replayer:
             decision = self.engine.decide(call.subject, obj, call.action, args, annotations)
             if key is not None:
                 self._decisions[key] = decision
-        if decision.allowed == call.allowed:
-            return Replayed("same", call.allowed, decision)
-        return Replayed("deny_to_allow" if decision.allowed else "allow_to_deny", call.allowed, decision)
+        after = decision.outcome
+        if after == call.outcome:
+            return Replayed("same", call.outcome, decision)
+        return Replayed(cast(Outcome, f"{call.outcome}_to_{after}"), call.outcome, decision)
 
     def _annotations_of(self, call: RecordedCall) -> Mapping[str, Any] | None:
         """The annotations the call was decided with, if the catalog still holds that very definition."""
@@ -161,6 +202,11 @@ class Replayer:
                 found = cast(dict[str, Any], found) if isinstance(found, dict) else {}
             self._annotations[key] = found
         return self._annotations[key]
+
+
+def _approves(rule: Rule) -> bool:
+    # An approve effect may name who approves (``approve by role:x for 4h``): its first word says approve.
+    return rule.values[4].split(" ", 1)[0] == "approve"
 
 
 def _decision_key(

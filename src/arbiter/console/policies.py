@@ -31,6 +31,7 @@ from arbiter.policies.rules import (
     EFFECTS,
     PolicyInvalid,
     Rule,
+    canonical_effect,
     check,
     check_roles,
     parse_csv,
@@ -59,6 +60,7 @@ class RuleForm:
     condition: str = ""
     member: str = ""
     role: str = ""
+    approval: str = ""  # approve rules: who approves and for how long, e.g. "by role:billing-lead for 4h"
 
     @classmethod
     def of(cls, rule: Rule) -> RuleForm:
@@ -66,7 +68,8 @@ class RuleForm:
             member, role, dom = rule.values
             return cls(type="g", member=member, role=role, tenant=dom)
         sub, dom, obj, act, eft, cond = rule.values
-        return cls("p", sub, dom, obj, act, eft, cond)
+        approval = eft.removeprefix(rule.effect).strip()  # what follows "approve", if anything
+        return cls("p", sub, dom, obj, act, rule.effect, cond, approval=approval)
 
     def rule(self) -> Rule:
         """The validated rule; ``PolicyInvalid`` names what is wrong, as the admin API would."""
@@ -74,7 +77,14 @@ class RuleForm:
         if self.type == "g":
             rule = Rule("g", (self.member.strip(), self.role.strip(), tenant))
         elif self.type == "p":
-            values = (self.subject.strip(), tenant, self.object.strip(), self.action, self.effect)
+            effect = self.effect
+            if self.approval.strip():  # check() refuses it on an allow or deny rule, naming the effect
+                effect = f"{effect} {self.approval.strip()}"
+            try:
+                effect = canonical_effect(effect)
+            except ValueError as exc:
+                raise PolicyInvalid([{"message": str(exc)}]) from None
+            values = (self.subject.strip(), tenant, self.object.strip(), self.action, effect)
             rule = Rule("p", (*values, self.condition.strip()))
         else:
             raise PolicyInvalid(
@@ -97,8 +107,9 @@ def _form(
     condition: Text = "",
     member: Text = "",
     role: Text = "",
+    approval: Text = "",
 ) -> RuleForm:
-    return RuleForm(type, subject, tenant, object, action, effect, condition, member, role)
+    return RuleForm(type, subject, tenant, object, action, effect, condition, member, role, approval)
 
 
 Fields = Annotated[RuleForm, Depends(_form)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from arbiter.policies.approvers import is_approve
 from arbiter.policies.engine import PolicyEngine, Subject
 from arbiter.policies.rules import Rule
 from arbiter.store.models import ApiKey
@@ -67,7 +68,7 @@ def access(engine: PolicyEngine, sub: Subject, obj: str, action: str) -> Access:
     rules = (*matching, *listing)
     allows = [r for r in matching if r.values[4] == "allow"]
     denies = [r for r in matching if r.values[4] == "deny"]
-    approves = [r for r in matching if r.values[4] == "approve"]
+    approves = [r for r in matching if is_approve(r.values[4])]
     fixed_deny = next((r for r in denies if not r.values[5]), None)
     if fixed_deny is not None:
         return Access(visible, "deny", "denied_by_rule", fixed_deny, (), rules)
@@ -76,7 +77,7 @@ def access(engine: PolicyEngine, sub: Subject, obj: str, action: str) -> Access:
         if fixed_approve is not None and not denies:
             return Access(visible, "approve", "approval_required", fixed_approve, (), rules)
         shown = [*allows, *approves, *denies] if fixed_approve is None else denies
-        conditions = tuple(Condition(r.values[4], r.values[5], r.csv()) for r in shown)
+        conditions = tuple(Condition(r.effect, r.values[5], r.csv()) for r in shown)
         return Access(visible, "conditional", "conditional", fixed_approve, conditions, rules)
     if not allows:
         return Access(visible, "deny", "no_matching_rule", None, (), rules)
@@ -84,7 +85,7 @@ def access(engine: PolicyEngine, sub: Subject, obj: str, action: str) -> Access:
     if fixed_allow is not None and not denies:
         return Access(visible, "allow", "allowed", fixed_allow, (), rules)
     conditions = tuple(
-        Condition(r.values[4], r.values[5], r.csv())
+        Condition(r.effect, r.values[5], r.csv())
         for r in (denies if fixed_allow is not None else [*allows, *denies])
     )
     return Access(visible, "conditional", "conditional", fixed_allow, conditions, rules)

@@ -31,6 +31,7 @@ from simpleeval import EvalWithCompoundTypes  # pyright: ignore[reportMissingTyp
 
 from arbiter.auth.principal import Principal
 from arbiter.globs import glob_match
+from arbiter.policies.approvers import is_approve
 from arbiter.policies.rules import SUBJECT_FIELDS, Rule, compile_condition
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,12 @@ class PolicyEngine:
             and object_matches(obj, r.values[2])
         ]
 
+    def names(self, principal: Principal, subject: str) -> bool:
+        """Is ``principal`` the policy subject ``subject`` (``user:<sub>``, ``role:<name>``) in its tenant,
+        itself or through its roles and their links? (Who may approve a call: ``approvers.py``.)"""
+        sub = Subject.of(principal)
+        return any(subject in self._roles.reach(identity, sub.tenant) for identity in sub.identities)
+
     def roles_of(self, member: str, tenant: str = "*") -> list[str]:
         """The roles ``member`` is linked to directly by ``g`` rules that apply in ``tenant``."""
         return self._roles.direct(member, tenant)
@@ -378,7 +385,7 @@ def _configure(enforcer: Any) -> None:
 
 def casbin_ptype(rule: Rule) -> str:
     """The Casbin policy type a rule is loaded as: ``p2`` for approve rules (model.conf), else its own."""
-    return "p2" if rule.ptype == "p" and rule.values[4] == "approve" else rule.ptype
+    return "p2" if rule.ptype == "p" and is_approve(rule.values[4]) else rule.ptype
 
 
 def empty_engine() -> PolicyEngine:
@@ -529,4 +536,4 @@ def _condition(cond: str, eft: str, sub: _Caller | Subject, args: Mapping[str, A
         # E.g. comparing a string with a number: an allow rule then does not match, a deny rule does, and
         # so does an approve rule (the call is not run unattended; a person sees it first).
         log.debug("policy condition %r could not be evaluated: %s", cond, type(exc).__name__)
-        return eft in ("deny", "approve")
+        return eft == "deny" or is_approve(eft)

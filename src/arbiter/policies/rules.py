@@ -5,7 +5,8 @@ Two kinds of line, as in Casbin:
 ``p, <subject>, <tenant>, <object>, <action>, <effect>[, <condition>]``
     ``subject`` is ``user:<sub>``, ``role:<name>`` or ``*``; ``tenant`` a tenant name or ``*``;
     ``object`` ``<upstream>/<name>`` with ``*``/``?`` globs (or ``admin/<area>`` for admin actions);
-    ``effect`` ``allow``, ``deny`` or ``approve`` (allowed once a person says yes; ``call`` only);
+    ``effect`` ``allow``, ``deny`` or ``approve`` (allowed once a person says yes; ``call`` only; it may
+    name who approves and for how long: ``approve by role:billing-lead for 4h``, ``approvers.py``);
     ``condition`` an expression over ``r.args`` and ``r.sub``.
 ``g, <member>, role:<name>[, <tenant>]``
     ``member`` (a ``user:`` or ``role:``) inherits everything granted to the role, in that tenant.
@@ -24,6 +25,7 @@ from functools import lru_cache
 from typing import Literal
 
 from arbiter.errors import InvalidInput
+from arbiter.policies.approvers import is_approve, parse
 
 AGENT_ACTIONS = ("list", "call", "read", "get")
 ADMIN_ACTIONS = ("admin:read", "admin:write")
@@ -71,20 +73,31 @@ class Rule:
             values = values[:5]  # no condition: the short form
         return ", ".join([self.ptype, *values])
 
-    def to_json(self) -> dict[str, str]:
+    @property
+    def effect(self) -> str:
+        """``allow``, ``deny`` or ``approve`` (without who approves: see ``approvers.py``)."""
+        eft = self.values[4]
+        return "approve" if is_approve(eft) else eft
+
+    def to_json(self) -> dict[str, object]:
         if self.ptype == "g":
             member, role, dom = self.values
             return {"type": "g", "member": member, "role": role, "tenant": dom}
         sub, dom, obj, act, eft, cond = self.values
-        return {
+        shown: dict[str, object] = {
             "type": "p",
             "subject": sub,
             "tenant": dom,
             "object": obj,
             "action": act,
-            "effect": eft,
+            "effect": self.effect,
             "condition": cond,
         }
+        spec = parse(eft) if is_approve(eft) else None
+        if spec is not None:
+            shown["approvers"] = list(spec.approvers)
+            shown["approval_valid_s"] = spec.valid_s
+        return shown
 
 
 class PolicyInvalid(InvalidInput):
@@ -168,7 +181,7 @@ def rule_from_tokens(tokens: Sequence[str]) -> Rule:
             raise ValueError(
                 "a p rule has 5 or 6 fields: subject, tenant, object, action, effect[, condition]"
             )
-        rule = Rule("p", (*rest[:5], rest[5] if len(rest) == 6 else ""))
+        rule = Rule("p", (*rest[:4], canonical_effect(rest[4]), rest[5] if len(rest) == 6 else ""))
     elif kind == "g":
         if len(rest) not in (2, 3):
             raise ValueError("a g rule has 2 or 3 fields: member, role[, tenant]")
@@ -198,12 +211,21 @@ def check(rule: Rule) -> None:
     if act not in ACTIONS:
         raise ValueError(f"unknown action {act!r}; actions are: {', '.join(ACTIONS)}")
     check_object(obj, admin=act in ADMIN_ACTIONS)
-    if eft not in EFFECTS:
+    if eft not in EFFECTS and not is_approve(eft):
         raise ValueError(f"effect {eft!r} must be allow, deny or approve")
-    if eft == "approve" and act not in APPROVE_ACTIONS:
+    spec = parse(eft)
+    if spec is not None and spec.effect != eft:  # stored one way only, so equal rules compare equal
+        raise ValueError(f"effect {eft!r} must be written {spec.effect!r}")
+    if spec is not None and act not in APPROVE_ACTIONS:
         raise ValueError(f"an approve rule applies to tool calls (action call), not {act!r}")
     if cond:
         compile_condition(cond)
+
+
+def canonical_effect(eft: str) -> str:
+    """An ``approve`` effect in its one stored spelling (``ValueError`` if malformed); others as given."""
+    spec = parse(eft)
+    return eft if spec is None else spec.effect
 
 
 def _check_tenant(dom: str) -> None:

@@ -140,7 +140,7 @@ class PolicyRuleRow(SQLModel, table=True):
     v1: str = Field(default="", sa_column=sa.Column(sa.String(300), nullable=False))
     v2: str = Field(default="", sa_column=sa.Column(sa.String(1100), nullable=False))
     v3: str = Field(default="", sa_column=sa.Column(sa.String(32), nullable=False))
-    v4: str = Field(default="", sa_column=sa.Column(sa.String(16), nullable=False))
+    v4: str = Field(default="", sa_column=sa.Column(sa.String(1000), nullable=False))
     v5: str = Field(default="", sa_column=sa.Column(sa.String(1000), nullable=False))
 
 
