@@ -23,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from arbiter import probes, wellknown
 from arbiter.admin import access as admin_access
 from arbiter.admin import api_keys as admin_keys
+from arbiter.admin import approvals as admin_approvals
 from arbiter.admin import audit as admin_audit
 from arbiter.admin import definitions as admin_definitions
 from arbiter.admin import errors as admin_errors
@@ -55,7 +56,10 @@ from arbiter.metrics_route import metrics_router
 from arbiter.net.egress import Egress
 from arbiter.policies.live import LivePolicy
 from arbiter.policies.store import PolicyStore
+from arbiter.proxy.approval_desk import ApprovalDesk
+from arbiter.proxy.approval_requests import ApprovalRequests
 from arbiter.proxy.approval_uses import ApprovalUses
+from arbiter.proxy.approval_webhook import ApprovalWebhook
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.endpoint import McpEndpoint
 from arbiter.proxy.front import ModernFront
@@ -213,6 +217,14 @@ def create_app(
         keys.on_change = key_feed.changed
     limiter = build_limiter(settings.limits, LimitStore(sessions), redis, clock)
     authorize = Authorize(policy, approvals=True)  # the pipeline below has the approval step
+    approval_requests = ApprovalRequests(
+        engine,
+        pending_ttl_s=settings.approvals.pending_ttl_s,
+        webhook=settings.approvals.webhook_url is not None,
+    )
+    webhook = (
+        ApprovalWebhook(approval_requests, settings.approvals) if settings.approvals.webhook_url else None
+    )
     seal = _request_state_seal(settings)  # input rounds and approvals (docs/protocol.md)
     metrics = _metrics(settings, audit, policy, pool)  # None: telemetry.metrics is off
     # Traces: an injected provider (tests) or the one telemetry.traces asks for; None when off.
@@ -237,6 +249,9 @@ def create_app(
                 Redactor(settings.audit.redact),  # the arguments the user sees, as the audit log shows them
                 ttl_s=settings.mcp.request_state_ttl_s,
                 answer_timeout_s=settings.mcp.request_state_ttl_s,
+                requests=approval_requests,
+                approver_valid_s=settings.approvals.valid_s,
+                on_request=webhook.kick if webhook is not None else lambda _: None,
             ),
             InputRounds(
                 seal,
@@ -303,6 +318,7 @@ def create_app(
         policy,
         audit=audit,
         limits=limiter,
+        approvals=ApprovalDesk(approval_requests),
     )
 
     @asynccontextmanager
@@ -331,6 +347,8 @@ def create_app(
                             tg.start_soon(key_feed.run, stopping)
                         tg.start_soon(limiter.run, stopping)
                         tg.start_soon(_maintain, runtime, stopping)
+                        if webhook is not None:
+                            tg.start_soon(webhook.run, stopping)
                         yield
                         # Let a maintenance pass in flight finish rather than cancel it mid-query: a
                         # cancelled database call makes SQLAlchemy terminate the connection, which can
@@ -349,6 +367,8 @@ def create_app(
             if jwt is not None:
                 await jwt.aclose()
             await limiter.aclose()
+            if webhook is not None:
+                await webhook.aclose()
             if redis is not None:
                 await redis.aclose()
             await engine.dispose()
@@ -377,6 +397,7 @@ def create_app(
     app.include_router(admin_access.router, prefix="/admin/v1", tags=["access"])
     app.include_router(admin_audit.router, prefix="/admin/v1", tags=["audit"])
     app.include_router(admin_limits.router, prefix="/admin/v1", tags=["limits"])
+    app.include_router(admin_approvals.router, prefix="/admin/v1", tags=["approvals"])
     app.include_router(admin_openapi.router, prefix="/admin/v1")
     app.include_router(probes.router)
     if metrics is not None:

@@ -265,6 +265,14 @@ class ApprovalDeclined(RequestRejected):
     jsonrpc_code = -31051
 
 
+class ApprovalPending(RequestRejected):
+    """The policy lets this call run only once an approver approves it: the request is recorded
+    (``approval_id``) and the agent is told to retry the same call later, when it runs once."""
+
+    code = "approval_pending"
+    jsonrpc_code = -31052
+
+
 class ToolQuarantined(RequestRejected):
     """The upstream offers this tool, prompt or resource template, but not a definition a security admin
     approved: new and pending review, changed since it was approved (quarantined), rejected, or disabled.

@@ -14,6 +14,7 @@ from arbiter.auth.apikeys import ApiKeys
 from arbiter.auth.authenticator import Authenticator
 from arbiter.limits.limiter import Limiter
 from arbiter.policies.live import LivePolicy
+from arbiter.proxy.approval_desk import ApprovalDesk
 from arbiter.proxy.catalog import Catalog
 from arbiter.proxy.pipeline import Pipeline
 from arbiter.proxy.pool import UpstreamPool
@@ -36,6 +37,7 @@ class Runtime:
     policy: LivePolicy
     audit: AuditWriter
     limits: Limiter
+    approvals: ApprovalDesk  # calls waiting for an approver (docs/approvals.md)
     # Impact previews (audit/impact.py) replay on worker threads one at a time per process: however many
     # are asked for at once they use one core, and a waiting one spends its time budget waiting.
     previews: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))

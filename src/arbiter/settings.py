@@ -701,6 +701,35 @@ class ConsoleSettings(BaseModel):
         return v.rstrip("/") if v is not None else None
 
 
+class ApprovalSettings(BaseModel):
+    """Calls an approver approves (``approve by role:...`` rules, docs/approvals.md)."""
+
+    # How long an approver's approval holds for the agent's retry, unless the rule says (``for 4h``).
+    valid_s: int = Field(default=3600, ge=1, le=7 * 86400)
+    # How long a request waits for an approver before it lapses (the agent's retry then asks anew).
+    pending_ttl_s: int = Field(default=86400, ge=60, le=30 * 86400)
+    # Told of every new pending approval (a signed POST, retried): chat, ticketing, a pager.
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    # The HMAC-SHA256 key of the webhook's Arbiter-Signature header (required with webhook_url).
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # Tries per notice, at 2, 4, 8, ... s apart (at most 5 min), then it is given up (logged).
+    webhook_attempts: int = Field(default=8, ge=1, le=50)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/?#\s]+(/\S*)?", v):
+            raise ValueError("approvals.webhook_url must be an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _secret(self) -> ApprovalSettings:
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError("approvals.webhook_secret is required with approvals.webhook_url (it signs)")
+        return self
+
+
 class Settings(BaseSettings):
     """Arbiter's configuration: environment ``ARBITER_*`` over an optional YAML/JSON config file."""
 
@@ -743,6 +772,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     # Skip the "database is at head" check; only for tools that manage the schema themselves.
     check_schema: bool = True
 

@@ -33,7 +33,7 @@ async def principal(request: Request, rt: Annotated[Runtime, Depends(runtime)]) 
 
 # Every admin area an endpoint guards: policy writes naming another area get a warning (policies/lint.py).
 ADMIN_AREAS = frozenset(
-    {"api-keys", "audit", "budgets", "limits", "openapi", "policies", "upstreams", "usage"}
+    {"api-keys", "approvals", "audit", "budgets", "limits", "openapi", "policies", "upstreams", "usage"}
 )
 
 

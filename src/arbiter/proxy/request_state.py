@@ -166,6 +166,13 @@ def _binding(round_: Round) -> dict[str, str]:
     }
 
 
+def call_key(round_: Round, *parts: str) -> str:
+    """One call's identity (caller, upstream, method, target, arguments digest, and ``parts``), e.g. to
+    find an approver's decision when the agent retries the same call (``approval_requests.py``)."""
+    bound = orjson.dumps([*_binding(round_).values(), *parts])
+    return hashlib.sha256(bound).hexdigest()
+
+
 def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 

@@ -47,8 +47,9 @@ _SENTENCES: dict[str, str] = {
     # Approval as a policy outcome (docs/policies.md): the user must say yes, and could not, or did not.
     "approval_required": "{tool} runs only once the user approves it, and this client cannot ask the user "
     "(it declared no form elicitation); use a client that can, or answer without it",
-    "approval_declined": "the user did not approve this call to {tool}; do not retry it unless the user "
-    "asks you to",
+    "approval_declined": "this call to {tool} was not approved; do not retry it unless the user asks you to",
+    "approval_pending": "{tool} needs an approver's approval for this call: approval {approval} was "
+    "requested; tell the user, and retry exactly the same call later (it runs once approved)",
     # Pinned definitions (docs/integrity.md): structuredContent's status says pending, quarantined, ...
     "tool_quarantined": "{tool} cannot be used right now (a security admin has not approved its definition); "
     "answer without it",
@@ -75,7 +76,12 @@ def as_tool_result(exc: ArbiterError, call: CallContext) -> Result | None:
         return None
     details: dict[str, Any] = {"reason": exc.code, "message": exc.message, **exc.details}
     upstream = details.get("upstream") or call.upstream or "the tool's server"
-    text = template.format(tool=call.exposed or "this tool", upstream=upstream, wait=_wait(details))
+    text = template.format(
+        tool=call.exposed or "this tool",
+        upstream=upstream,
+        wait=_wait(details),
+        approval=details.get("approval_id", ""),
+    )
     return {
         "content": [{"type": "text", "text": text}],
         "isError": True,

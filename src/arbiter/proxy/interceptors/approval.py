@@ -41,10 +41,13 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from arbiter.audit.redact import Redactor
-from arbiter.errors import ApprovalDeclined, ApprovalRequired, InvalidRequestState
+from arbiter.errors import ApprovalDeclined, ApprovalPending, ApprovalRequired, InvalidRequestState
+from arbiter.policies.approvers import ApprovalSpec, parse
+from arbiter.policies.engine import Decision
+from arbiter.proxy.approval_requests import ApprovalRequest, ApprovalRequests, CallFacts
 from arbiter.proxy.approval_uses import ApprovalUses
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
-from arbiter.proxy.request_state import RequestStateSeal, Round, StateRefused
+from arbiter.proxy.request_state import RequestStateSeal, Round, StateRefused, call_key
 
 APPROVAL = "approval"  # the state's kind, and what the audit record calls the step
 APPROVED = "approved"  # the kind of an upstream's own round of a call the user approved (re-sealed here)
@@ -68,9 +71,15 @@ class Approval:
         *,
         ttl_s: float,
         answer_timeout_s: float = 600.0,
+        requests: ApprovalRequests | None = None,
+        approver_valid_s: int = 3600,
+        on_request: Callable[[ApprovalRequest], None] = lambda _: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._seal = seal
+        self._requests = requests  # None: no approver flow (approve by role:... asks nobody)
+        self._approver_valid_s = approver_valid_s  # approvals.valid_s, unless the rule says
+        self._on_request = on_request  # a new pending request: the webhook's cue
         self._uses = uses
         self._redactor = redactor
         self._ttl_s = ttl_s  # the seal's: how long an approval round may wait for the retry
@@ -82,17 +91,73 @@ class Approval:
         if ctx.method != "tools/call" or decision is None or not decision.needs_approval:
             return await call_next(ctx)
         ctx.approval = {"requested": True}
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-            if ctx.params.get("requestState") is None:
-                return self._input_required(ctx)
+        spec = _spec(decision)
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        if modern and ctx.params.get("requestState") is not None:
             return await self._retry(ctx, call_next)
-        await self._ask_session(ctx)
-        return await call_next(ctx)
+        if spec.by_user and self._can_ask(ctx, modern):
+            if modern:
+                return self._input_required(ctx, spec)
+            await self._ask_session(ctx)
+            return await call_next(ctx)
+        if spec.subjects and self._requests is not None:
+            return await self._by_approver(ctx, spec, call_next)
+        _note(ctx, answer="unavailable")
+        raise ApprovalRequired(
+            f"{ctx.exposed} runs only once the user approves it, and this client declared no form "
+            "elicitation to ask the user with"
+        )
 
-    def _input_required(self, ctx: CallContext) -> Result:
+    async def _by_approver(self, ctx: CallContext, spec: ApprovalSpec, call_next: CallNext) -> Result:
+        """An approver decides (``approval_requests.py``): the first call is recorded as pending and
+        answered at once; the retry of the same call after an approval runs it, once."""
+        assert self._requests is not None and ctx.decision is not None and ctx.decision.rule is not None
+        rule = ctx.decision.rule.csv()
+        key = call_key(_round(ctx), rule)
+        found = await self._requests.current(key)
+        if found is not None and found.status == "approved":
+            if await self._requests.claim(found.id):
+                _note(ctx, via="approver", id=found.id, answer="approved", decided_by=found.decided_by)
+                return await self._run(ctx, call_next)
+            found = await self._requests.current(key)  # another retry spent it just now
+        if found is not None and found.status == "denied":
+            _note(ctx, via="approver", id=found.id, answer="denied", decided_by=found.decided_by)
+            raise ApprovalDeclined(
+                f"the call to {ctx.exposed} was denied by {found.decided_by} (approval {found.id})",
+                approval_id=found.id,
+            )
+        if found is None or found.status != "pending":
+            assert ctx.principal is not None and ctx.upstream is not None and ctx.target is not None
+            facts = CallFacts(
+                key=key,
+                caller=ctx.principal.key,
+                subject=ctx.principal.subject,
+                tenant=ctx.principal.tenant or "",
+                tool=ctx.exposed or ctx.target,
+                upstream=ctx.upstream,
+                target=ctx.target,
+                arguments=self._redactor.arguments(ctx.arguments or {}).value,
+                rule=rule,
+                approvers=spec.subjects,
+                valid_s=spec.valid_s or self._approver_valid_s,
+                trace_id=ctx.trace_id,
+            )
+            found = await self._requests.open(facts)
+            self._on_request(found)
+            _note(ctx, via="approver", id=found.id, status="requested")
+        else:
+            _note(ctx, via="approver", id=found.id, status="pending")
+        raise ApprovalPending(
+            f"{ctx.exposed} runs only once {' or '.join(spec.subjects)} approves it: approval {found.id} "
+            "is pending; retry the same call once it is approved",
+            approval_id=found.id,
+            approvers=list(spec.subjects),
+            expires_s=found.expires_s,
+        )
+
+    def _input_required(self, ctx: CallContext, spec: ApprovalSpec) -> Result:
         """The first round for a 2026-07-28 agent: the question, and the state its retry must carry."""
-        self._require_elicitation(ctx, _capabilities(ctx))
-        expires = self._clock() + self._ttl_s
+        expires = self._clock() + min(self._ttl_s, spec.valid_s or self._ttl_s)
         inner = json.dumps({"id": secrets.token_urlsafe(18), "pv": ctx.policy_version, "exp": expires})
         state = self._seal.seal(_round(ctx), inner, kind=APPROVAL)
         _note(ctx, via="input_required")
@@ -145,8 +210,7 @@ class Approval:
     async def _ask_session(self, ctx: CallContext) -> None:
         """A handshake-era agent: asked during the call, on its own session."""
         _note(ctx, via="elicitation")
-        self._require_elicitation(ctx, ctx.client_capabilities or {})
-        assert ctx.downstream is not None  # checked by _require_elicitation
+        assert ctx.downstream is not None  # checked by _can_ask
         message = {
             "jsonrpc": "2.0",
             "id": f"arbiter-approval-{secrets.token_hex(4)}",
@@ -170,18 +234,15 @@ class Approval:
             )
         _decide(ctx, answer)
 
-    def _require_elicitation(self, ctx: CallContext, caps: Mapping[str, Any]) -> None:
+    def _can_ask(self, ctx: CallContext, modern: bool) -> bool:
+        """Can the end user be asked? The agent declared form elicitation, and (handshake era) the call
+        has the agent's session to ask on."""
+        caps = _capabilities(ctx) if modern else ctx.client_capabilities or {}
         elicitation: Any = caps.get("elicitation")
-        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
         can = isinstance(elicitation, dict) and (
             "form" in elicitation or not elicitation  # empty: form mode, as declared before modes existed
         )
-        if not can or (not modern and ctx.downstream is None):
-            _note(ctx, answer="unavailable")
-            raise ApprovalRequired(
-                f"{ctx.exposed} runs only once the user approves it, and this client declared no form "
-                "elicitation to ask the user with"
-            )
+        return can and (modern or ctx.downstream is not None)
 
     def _form(self, ctx: CallContext) -> dict[str, Any]:
         shown = self._redactor.arguments(ctx.arguments or {}).value
@@ -207,6 +268,12 @@ def _decide(ctx: CallContext, answer: Any) -> None:
     _note(ctx, answer=said)
     if said != "accepted":
         raise ApprovalDeclined(f"the user {said} the call to {ctx.exposed}")
+
+
+def _spec(decision: Decision) -> ApprovalSpec:
+    """Who approves, as the deciding approve rule says (the end user when it says nothing)."""
+    spec = parse(decision.rule.values[4]) if decision.rule is not None else None
+    return spec if spec is not None else ApprovalSpec()
 
 
 def _refuse(ctx: CallContext, why: str) -> NoReturn:

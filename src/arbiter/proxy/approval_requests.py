@@ -1,0 +1,330 @@
+"""Calls waiting for an approver: one row per request, shared by every replica (migration 0013).
+
+A call under an ``approve by role:...`` rule (``policies/approvers.py``) that the end user cannot approve
+is recorded here as ``pending``; approvers see it in the admin API, the CLI and the console and approve
+or deny it; the agent's retry of the *same* call (same caller, upstream, tool, argument digest and
+approve rule) then finds the decision. An approval is spent by the one retry that claims it
+(``claim``: a conditional update, so two replicas racing run it once).
+
+Statuses: ``pending`` → ``approved`` → ``used``, or ``pending`` → ``denied``; a pending request lapses
+after ``approvals.pending_ttl_s``, an approval or a denial after its validity (``expires_s``), and a
+lapsed row is reported as ``expired``. Only one live row exists per call: a retry while one is pending
+gets the same id, and a retry after a denial is told so until the denial lapses.
+
+The row holds what approvers are shown (the arguments as the audit log's redaction rules show them,
+never more) and the webhook's delivery state (``approval_webhook.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+Status = Literal["pending", "approved", "denied", "used", "expired"]
+LIVE = ("pending", "approved", "denied")
+
+metadata = sa.MetaData()
+
+requests = sa.Table(
+    "approval_requests",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("created_s", sa.Float, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("expires_s", sa.Float, nullable=False),
+    sa.Column("call_key", sa.String(64), nullable=False),  # digest of caller, upstream, tool, args, rule
+    sa.Column("caller", sa.String(600), nullable=False),  # issuer|subject
+    sa.Column("subject", sa.String(256), nullable=False),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("tool", sa.String(300), nullable=False),  # the exposed name
+    sa.Column("upstream", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(300), nullable=False),
+    sa.Column("arguments", sa.Text, nullable=False),  # JSON, redacted as the audit log shows it
+    sa.Column("rule", sa.Text, nullable=False),  # the approve rule, as CSV
+    sa.Column("approvers", sa.Text, nullable=False),  # JSON list of policy subjects
+    sa.Column("valid_s", sa.Integer, nullable=False),
+    sa.Column("trace_id", sa.String(32), nullable=True),
+    sa.Column("decided_by", sa.String(600), nullable=True),
+    sa.Column("decided_s", sa.Float, nullable=True),
+    sa.Column("note", sa.String(1000), nullable=True),
+    sa.Column("used_s", sa.Float, nullable=True),
+    sa.Column("webhook", sa.String(16), nullable=False),  # none | due | delivered | failed
+    sa.Column("webhook_attempts", sa.Integer, nullable=False),
+    sa.Column("webhook_next_s", sa.Float, nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """What a request is for and what approvers are shown; ``key`` binds the retry to it."""
+
+    key: str
+    caller: str
+    subject: str
+    tenant: str
+    tool: str
+    upstream: str
+    target: str
+    arguments: Any
+    rule: str
+    approvers: tuple[str, ...]
+    valid_s: int
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    id: str
+    status: Status
+    created_s: float
+    expires_s: float
+    subject: str
+    caller: str
+    tenant: str
+    tool: str
+    upstream: str
+    target: str
+    arguments: Any
+    rule: str
+    approvers: tuple[str, ...]
+    valid_s: int
+    decided_by: str | None
+    decided_s: float | None
+    note: str | None
+    used_s: float | None
+    webhook: str
+    webhook_attempts: int
+    trace_id: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The public view (admin API, CLI, webhook): the caller's issuer stays out of it."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "created_s": self.created_s,
+            "expires_s": self.expires_s,
+            "subject": self.subject,
+            "tenant": self.tenant,
+            "tool": self.tool,
+            "upstream": self.upstream,
+            "target": self.target,
+            "arguments": self.arguments,
+            "rule": self.rule,
+            "approvers": list(self.approvers),
+            "valid_s": self.valid_s,
+            "decided_by": self.decided_by,
+            "decided_s": self.decided_s,
+            "note": self.note,
+            "used_s": self.used_s,
+            "webhook": self.webhook,
+            "trace_id": self.trace_id,
+        }
+
+
+class NotPending(Exception):
+    """A decision on a request that is no longer pending (decided, used or lapsed)."""
+
+    def __init__(self, found: ApprovalRequest) -> None:
+        super().__init__(f"approval {found.id} is {found.status}, not pending")
+        self.found = found
+
+
+class ApprovalRequests:
+    """The pending-approval table: open, find, decide, claim; and the webhook's queue over it."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        pending_ttl_s: float,
+        webhook: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._engine = engine
+        self._pending_ttl_s = pending_ttl_s
+        self._webhook = webhook  # whether new requests are queued for the webhook
+        self._clock = clock  # wall clock: expiries are shown to people and shared by replicas
+
+    async def current(self, key: str) -> ApprovalRequest | None:
+        """The live request for this call (pending, approved or denied, not lapsed), if any."""
+        query = (
+            requests.select()
+            .where(
+                requests.c.call_key == key, requests.c.status.in_(LIVE), requests.c.expires_s > self._clock()
+            )
+            .order_by(requests.c.created_s.desc())
+            .limit(1)
+        )
+        async with self._engine.connect() as db:
+            row = (await db.execute(query)).mappings().first()
+        return None if row is None else self._request(row)
+
+    async def open(self, facts: CallFacts) -> ApprovalRequest:
+        """A new pending request for this call."""
+        now = self._clock()
+        values: dict[str, Any] = {
+            "id": "apr_" + secrets.token_urlsafe(15),
+            "created_s": now,
+            "status": "pending",
+            "expires_s": now + self._pending_ttl_s,
+            "call_key": facts.key,
+            "caller": facts.caller,
+            "subject": facts.subject,
+            "tenant": facts.tenant,
+            "tool": facts.tool,
+            "upstream": facts.upstream,
+            "target": facts.target,
+            "arguments": json.dumps(facts.arguments, ensure_ascii=False, sort_keys=True),
+            "rule": facts.rule,
+            "approvers": json.dumps(list(facts.approvers)),
+            "valid_s": facts.valid_s,
+            "trace_id": facts.trace_id,
+            "webhook": "due" if self._webhook else "none",
+            "webhook_attempts": 0,
+            "webhook_next_s": now if self._webhook else None,
+        }
+        async with self._engine.begin() as db:
+            await db.execute(requests.insert().values(**values))
+        found = await self.get(values["id"])
+        assert found is not None
+        return found
+
+    async def get(self, request_id: str) -> ApprovalRequest | None:
+        async with self._engine.connect() as db:
+            row = (await db.execute(requests.select().where(requests.c.id == request_id))).mappings().first()
+        return None if row is None else self._request(row)
+
+    async def listed(
+        self, *, status: Status | None = None, limit: int = 100, before_s: float | None = None
+    ) -> list[ApprovalRequest]:
+        """Newest first; ``status`` as reported (``expired`` rows are lapsed live ones)."""
+        now = self._clock()
+        query = requests.select().order_by(requests.c.created_s.desc(), requests.c.id).limit(limit)
+        if before_s is not None:
+            query = query.where(requests.c.created_s < before_s)
+        if status == "expired":
+            query = query.where(requests.c.status.in_(LIVE), requests.c.expires_s <= now)
+        elif status in LIVE:
+            query = query.where(requests.c.status == status, requests.c.expires_s > now)
+        elif status is not None:
+            query = query.where(requests.c.status == status)
+        async with self._engine.connect() as db:
+            rows = (await db.execute(query)).mappings().all()
+        return [self._request(row) for row in rows]
+
+    async def decide(self, request_id: str, *, approve: bool, by: str, note: str | None) -> ApprovalRequest:
+        """Approve or deny a pending request (``NotPending`` if it is not, ``KeyError`` if unknown). The
+        decision holds for the request's validity from now."""
+        now = self._clock()
+        found = await self.get(request_id)
+        if found is None:
+            raise KeyError(request_id)
+        update = (
+            requests.update()
+            .where(requests.c.id == request_id, requests.c.status == "pending", requests.c.expires_s > now)
+            .values(
+                status="approved" if approve else "denied",
+                decided_by=by,
+                decided_s=now,
+                note=note,
+                expires_s=now + found.valid_s,
+            )
+        )
+        async with self._engine.begin() as db:
+            changed = (await db.execute(update)).rowcount
+        after = await self.get(request_id)
+        assert after is not None
+        if changed != 1:
+            raise NotPending(after)
+        return after
+
+    async def claim(self, request_id: str) -> bool:
+        """Spend an approval: True for the one retry that gets it, on any replica."""
+        now = self._clock()
+        update = (
+            requests.update()
+            .where(requests.c.id == request_id, requests.c.status == "approved", requests.c.expires_s > now)
+            .values(status="used", used_s=now)
+        )
+        async with self._engine.begin() as db:
+            return (await db.execute(update)).rowcount == 1
+
+    # The webhook's queue (approval_webhook.py): rows whose notice is due, leased one at a time.
+
+    async def due_notices(self, limit: int = 20) -> list[ApprovalRequest]:
+        query = (
+            requests.select()
+            .where(requests.c.webhook == "due", requests.c.webhook_next_s <= self._clock())
+            .order_by(requests.c.webhook_next_s)
+            .limit(limit)
+        )
+        async with self._engine.connect() as db:
+            rows = (await db.execute(query)).mappings().all()
+        return [self._request(row) for row in rows]
+
+    async def next_notice_s(self) -> float | None:
+        """When the earliest due notice may be sent (None: none is due)."""
+        query = sa.select(sa.func.min(requests.c.webhook_next_s)).where(requests.c.webhook == "due")
+        async with self._engine.connect() as db:
+            return (await db.execute(query)).scalar()
+
+    async def lease_notice(self, found: ApprovalRequest, lease_s: float) -> bool:
+        """Take one delivery attempt for this replica (no other sends it meanwhile)."""
+        now = self._clock()
+        update = (
+            requests.update()
+            .where(
+                requests.c.id == found.id,
+                requests.c.webhook == "due",
+                requests.c.webhook_attempts == found.webhook_attempts,
+                requests.c.webhook_next_s <= now,
+            )
+            .values(webhook_attempts=found.webhook_attempts + 1, webhook_next_s=now + lease_s)
+        )
+        async with self._engine.begin() as db:
+            return (await db.execute(update)).rowcount == 1
+
+    async def notice_done(
+        self, request_id: str, attempt: int, *, outcome: str, next_s: float | None = None
+    ) -> None:
+        """``delivered``, ``failed`` (given up), or ``due`` again at ``next_s``: the outcome of attempt
+        ``attempt``, recorded only if no later attempt was leased meanwhile (its lease lapsed)."""
+        update = requests.update().where(requests.c.id == request_id, requests.c.webhook_attempts == attempt)
+        update = update.values(webhook=outcome, webhook_next_s=next_s)
+        async with self._engine.begin() as db:
+            await db.execute(update)
+
+    def _request(self, row: Any) -> ApprovalRequest:
+        status: Status = row["status"]
+        if status in LIVE and row["expires_s"] <= self._clock():
+            status = "expired"
+        return ApprovalRequest(
+            id=row["id"],
+            status=status,
+            created_s=row["created_s"],
+            expires_s=row["expires_s"],
+            subject=row["subject"],
+            caller=row["caller"],
+            tenant=row["tenant"],
+            tool=row["tool"],
+            upstream=row["upstream"],
+            target=row["target"],
+            arguments=json.loads(row["arguments"]),
+            rule=row["rule"],
+            approvers=tuple(json.loads(row["approvers"])),
+            valid_s=row["valid_s"],
+            decided_by=row["decided_by"],
+            decided_s=row["decided_s"],
+            note=row["note"],
+            used_s=row["used_s"],
+            webhook=row["webhook"],
+            webhook_attempts=row["webhook_attempts"],
+            trace_id=row["trace_id"],
+        )
