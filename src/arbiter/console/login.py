@@ -1,7 +1,9 @@
 """``/console/login`` and ``/console/logout``, and the console's own static files.
 
-A person logs in with an admin-capable API key (or the break-glass admin token). The key is checked
-once, the way ``/admin/v1`` checks it, and not kept: the session holds the principal it stands for.
+A person logs in with an admin-capable API key (or the break-glass admin token), or the key of someone an
+approve rule of the live policy names as an approver (``approve by role:billing-lead``: they decide on
+``/console/approvals`` and need no admin right for it). The key is checked once, the way ``/admin/v1``
+checks it, and not kept: the session holds the principal it stands for.
 Login through an identity provider (OpenID Connect) is console/oidc.py's.
 """
 
@@ -35,11 +37,13 @@ from arbiter.console.web import (
 )
 from arbiter.errors import ArbiterError, Forbidden, NotFound
 from arbiter.policies.admin_rights import may_admin
+from arbiter.proxy.approval_desk import names_an_approver
 
 router = APIRouter(route_class=ConsoleRoute)
 
-# The areas a console page shows: a credential with none of them has nothing to do here.
-CONSOLE_AREAS = ("upstreams", "api-keys", "audit", "policies", "limits", "budgets")
+# The areas a console page shows: a credential with none of them has nothing to do here, unless the
+# policy names it as an approver (its work is on /console/approvals: names_an_approver).
+CONSOLE_AREAS = ("upstreams", "api-keys", "audit", "policies", "limits", "budgets", "approvals")
 # Credentials a session may stand for: ones whose revocation or expiry viewer() notices.
 SESSION_METHODS = frozenset({"api_key", "break_glass"})
 
@@ -133,7 +137,9 @@ def set_session_cookie(request: Request, response: Response, session_id: str) ->
 
 
 def may_use_console(caller: Principal, request: Request) -> bool:
-    return any(_may(rt_caller=caller, request=request, area=a) for a in CONSOLE_AREAS)
+    if any(_may(rt_caller=caller, request=request, area=a) for a in CONSOLE_AREAS):
+        return True
+    return names_an_approver(runtime(request).policy.engine, caller)
 
 
 def _may(*, rt_caller: Principal, request: Request, area: str) -> bool:

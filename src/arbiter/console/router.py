@@ -9,7 +9,18 @@ from fastapi import APIRouter, FastAPI, Response
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from arbiter.auth.jwt import JwtVerifier
-from arbiter.console import access, audit, catalog, keys, limits, login, oidc, policies, upstream_forms
+from arbiter.console import (
+    access,
+    approvals,
+    audit,
+    catalog,
+    keys,
+    limits,
+    login,
+    oidc,
+    policies,
+    upstream_forms,
+)
 from arbiter.console.oidc_client import OidcClient
 from arbiter.console.oidc_pending import PendingLogins
 from arbiter.console.sessions import SessionStore
@@ -40,5 +51,5 @@ def install(app: FastAPI, settings: Settings, engine: AsyncEngine, jwt: JwtVerif
     app.state.console = new_state(sessions, sso, PendingLogins(engine) if sso is not None else None)
     routers = (_home, login.router, oidc.router, catalog.router, keys.router, audit.router, limits.router)
     # upstream_forms first: its /upstreams/new before catalog's /upstreams/{upstream_id}.
-    for part in (upstream_forms.router, *routers, policies.router, access.router):
+    for part in (upstream_forms.router, *routers, policies.router, access.router, approvals.router):
         app.include_router(part, prefix=PREFIX, include_in_schema=False)
