@@ -1,5 +1,6 @@
 """The ``arbiter`` command line: serve, migrate, demo, api-key, policy, audit; and, through a running
-Arbiter's admin API (client.py): upstreams, keys, limits, policy export/import/dry-run, audit query.
+Arbiter's admin API (client.py): upstreams, keys, limits, approvals, policy export/import/dry-run,
+audit query.
 
 Only typer and the standard library are imported here and in the command modules' top level: each
 command imports what it needs when it runs, so ``arbiter --help`` and ``--version`` answer at once
@@ -15,6 +16,7 @@ import traceback
 # The commands register themselves on `cli` when imported (their own imports are inside them).
 from arbiter.cli import (  # noqa: F401
     access,  # pyright: ignore[reportUnusedImport]
+    approvals,  # pyright: ignore[reportUnusedImport]
     audit,  # pyright: ignore[reportUnusedImport]
     audit_query,  # pyright: ignore[reportUnusedImport]
     keys,  # pyright: ignore[reportUnusedImport]
