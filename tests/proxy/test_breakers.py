@@ -58,14 +58,25 @@ def gate() -> Iterator[Gate]:
 async def test_timeouts_open_the_circuit_and_a_recovered_upstream_closes_it(
     arbiter_factory: ArbiterFactory, gate: Gate
 ) -> None:
-    server = arbiter_factory(upstream={"breaker_threshold": 5, "breaker_open_s": 0.5})
-    created = server.register("gate", gate.url, call_timeout_s=0.3)
+    # Open long enough that the checks below all see it open on a busy machine (0.5 s was not: they
+    # saw it half-open); the recovery below waits it out.
+    server = arbiter_factory(upstream={"breaker_threshold": 5, "breaker_open_s": 5})
+    # The short deadline is the tool's own, not the upstream's call_timeout_s: that one also bounds
+    # discovery (at registration and at every update), which a busy machine may not finish in 0.3 s.
+    created = server.register("gate", gate.url)
+    with server.admin() as admin:
+        resp = admin.put(f"/upstreams/{created['id']}/tools/work/settings", json={"timeout_s": 0.3})
+        assert resp.status_code == 200, resp.text
     gate.open.clear()  # hung: every call runs into its deadline
     async with server.client("2026-07-28") as client:
         for n in range(5):
             refusal = tool_refusal(await client.session.call_tool("gate__work", {"n": n}))
             assert refusal["reason"] == "upstream_timeout", refusal
-        assert gate.started == 5
+
+        async def all_reached_it() -> bool:  # the gate's thread may count a call after Arbiter gave up
+            return gate.started == 5
+
+        await _until(all_reached_it)
         with server.admin() as admin:
             assert admin.get(f"/upstreams/{created['id']}").json()["circuit"] == "open"
 
@@ -81,7 +92,7 @@ async def test_timeouts_open_the_circuit_and_a_recovered_upstream_closes_it(
             result = await client.session.call_tool("gate__work", {"n": 100})
             return not result.is_error
 
-        await _until(served)
+        await _until(served, within_s=30)
     with server.admin() as admin:
         assert admin.get(f"/upstreams/{created['id']}").json()["circuit"] == "closed"
     records = wait_for(server, lambda rs: any(r["outcome"].get("circuit") for r in of_kind(rs, "mcp")))

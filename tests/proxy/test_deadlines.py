@@ -126,7 +126,12 @@ async def test_trickling_upstream_times_out_at_the_deadline_and_is_cancelled(
         app = trickle
     server = arbiter_factory()
     with serve_in_thread(app) as port:
-        server.register("slow", f"http://127.0.0.1:{port}/mcp", call_timeout_s=1)
+        # The tool's own deadline, not the upstream's call_timeout_s: that one also bounds discovery,
+        # which a busy machine may not finish within 1 s.
+        created = server.register("slow", f"http://127.0.0.1:{port}/mcp")
+        with server.admin() as admin:
+            resp = admin.put(f"/upstreams/{created['id']}/tools/trickle/settings", json={"timeout_s": 1})
+            assert resp.status_code == 200, resp.text
         async with server.client("2026-07-28") as client:
             failed = await client.session.call_tool("slow__trickle", {})
             refusal = tool_refusal(failed)
