@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from mcp.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
@@ -31,6 +31,7 @@ from arbiter.admin import limits as admin_limits
 from arbiter.admin import openapi as admin_openapi
 from arbiter.admin import policies as admin_policies
 from arbiter.admin import upstreams as admin_upstreams
+from arbiter.admin.nul import refuse_nul
 from arbiter.admission import Admission
 from arbiter.audit.events import record_policy_change
 from arbiter.audit.record import Event, renderer_for
@@ -166,7 +167,8 @@ def create_app(
 ) -> FastAPI:
     """Build an Arbiter app. ``interceptors`` run between the limits and forward steps, in order.
 
-    ``clock`` (epoch seconds) drives the in-process limits backend; the Redis one uses Redis's clock.
+    ``clock`` (epoch seconds) drives the in-process limits backend (the Redis one uses Redis's clock) and
+    approvals' expiries.
     ``monotonic`` (seconds, only differences count) drives the expiry of upstream OAuth tokens.
     ``tracer_provider`` turns traces on with that provider (tests pass one with an in-memory exporter);
     without it, ``telemetry.traces`` decides, and the app builds and shuts down its own.
@@ -220,6 +222,8 @@ def create_app(
     approval_requests = ApprovalRequests(
         engine,
         pending_ttl_s=settings.approvals.pending_ttl_s,
+        max_pending=settings.approvals.max_pending_per_caller,
+        clock=clock,
         webhook=settings.approvals.webhook_url is not None,
     )
     webhook = (
@@ -252,6 +256,7 @@ def create_app(
                 requests=approval_requests,
                 approver_valid_s=settings.approvals.valid_s,
                 on_request=webhook.kick if webhook is not None else lambda _: None,
+                clock=clock,
             ),
             InputRounds(
                 seal,
@@ -386,6 +391,8 @@ def create_app(
         # No redirect from `/x/` to `/x`: it would answer before authentication, and clients that follow
         # it drop the Authorization header on the way.
         redirect_slashes=False,
+        # Before every route's own dependencies: no NUL character reaches the database (admin/nul.py).
+        dependencies=[Depends(refuse_nul)],
     )
     app.state.runtime = runtime
     app.admission = app.state.admission = Admission(max_in_flight=mcp_cfg.max_in_flight)

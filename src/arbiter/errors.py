@@ -273,6 +273,14 @@ class ApprovalPending(RequestRejected):
     jsonrpc_code = -31052
 
 
+class ApprovalQueueFull(RequestRejected):
+    """The caller already has ``approvals.max_pending_per_caller`` approval requests waiting: no more are
+    opened (each is a row, an audit record and a webhook notice) until some are decided or lapse."""
+
+    code = "approval_queue_full"
+    jsonrpc_code = -31053
+
+
 class ToolQuarantined(RequestRejected):
     """The upstream offers this tool, prompt or resource template, but not a definition a security admin
     approved: new and pending review, changed since it was approved (quarantined), rejected, or disabled.

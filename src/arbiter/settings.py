@@ -708,6 +708,9 @@ class ApprovalSettings(BaseModel):
     valid_s: int = Field(default=3600, ge=1, le=7 * 86400)
     # How long a request waits for an approver before it lapses (the agent's retry then asks anew).
     pending_ttl_s: int = Field(default=86400, ge=60, le=30 * 86400)
+    # Requests one caller may have waiting at once; the next call that needs one is refused until some
+    # are decided (a looping agent must not flood approvers, the table and the webhook).
+    max_pending_per_caller: int = Field(default=20, ge=1, le=10_000)
     # Told of every new pending approval (a signed POST, retried): chat, ticketing, a pager.
     webhook_url: str | None = Field(default=None, max_length=2048)
     # The HMAC-SHA256 key of the webhook's Arbiter-Signature header (required with webhook_url).

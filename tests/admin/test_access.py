@@ -237,7 +237,7 @@ def test_policy_writes_warn_about_names_that_do_not_exist(governed: ArbiterServe
         "did you mean 'crm'? (registered: crm, kb); the rule applies once one is registered",
         "rule 3 (p, role:x, *, admin/polices, admin:read, allow): admin area 'polices' does not exist; "
         "did you mean 'policies'? "
-        "(areas: api-keys, audit, budgets, limits, openapi, policies, upstreams, usage)",
+        "(areas: api-keys, approvals, audit, budgets, limits, openapi, policies, upstreams, usage)",
     ]
     assert [w.split(": ", 1)[1] for w in imported] == [w.split(": ", 1)[1] for w in warnings]
     assert replaced == []

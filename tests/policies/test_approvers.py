@@ -54,6 +54,7 @@ def test_an_approve_effect_says_who_approves_and_for_how_long(
         ("approve for 1w", "duration '1w'"),
         ("approve for 8d", "at most 7 days"),
         ("approved", "must be allow, deny or approve"),
+        ("approve by " + " or ".join(f"user:{'x' * 200}{i}" for i in range(6)), "at most 1000"),
     ],
 )
 def test_a_malformed_approve_effect_is_refused_naming_what_is_wrong(effect: str, message: str) -> None:

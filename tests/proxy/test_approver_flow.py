@@ -15,7 +15,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,17 +138,19 @@ async def test_nobody_approves_their_own_request_and_only_named_approvers_decide
     arbiter_factory: ArbiterFactory, payments: Payments
 ) -> None:
     server = _start(arbiter_factory, payments)
-    own = new_key(server, "test-agent", ["agent", "billing-lead"])  # the caller, holding the role too
+    own = new_key(server, "test-agent", ["agent", "billing-lead"])  # the caller's other key, with the role
+    cased = new_key(server, "Test-Agent", ["billing-lead"])  # the same subject but for its case
     clerk = new_key(server, "carl", ["billing"])
     stranger = new_key(server, "lena-globex", ["billing-lead"], tenant="globex")
-    approval_id = tool_refusal(await _refund(server, MODERN, own))["approval_id"]
+    namesake = new_key(server, "test-agent", ["billing-lead"], tenant="globex")  # another tenant's
+    approval_id = tool_refusal(await _refund(server, MODERN))["approval_id"]  # made with the agent's key
 
     with _api(server, own) as api:
         refused = api.post(f"/approvals/{approval_id}/approve")
         assert refused.status_code == 403 and "own request" in refused.json()["error"]["message"], (
             refused.text
         )
-    for key in (clerk, stranger):  # not an approver of it (another role, another tenant): as if missing
+    for key in (clerk, stranger, cased, namesake):  # not an approver of it: as if it did not exist
         with _api(server, key) as api:
             refused = api.post(f"/approvals/{approval_id}/approve")
             assert refused.status_code == 404, refused.text
@@ -161,14 +163,14 @@ async def test_nobody_approves_their_own_request_and_only_named_approvers_decide
     with server.admin() as admin:  # admin:read on admin/approvals (a security admin) sees all
         assert [a["id"] for a in admin.get("/approvals").json()] == [approval_id]
 
-    assert (await _refund(server, MODERN, own)).is_error
+    assert tool_refusal(await _refund(server, MODERN))["approval_id"] == approval_id  # still pending
     assert payments.refunds() == []
     refusals = [
         r
-        for r in _linked(server, approval_id, 4)
+        for r in _linked(server, approval_id, 7)
         if r["kind"] == "admin" and r["outcome"]["status"] == "error"
     ]
-    assert sorted(r["reason"] for r in refusals) == ["forbidden", "not_found", "not_found"]
+    assert sorted(r["reason"] for r in refusals) == ["forbidden", *["not_found"] * 4]
 
 
 async def test_a_denied_call_does_not_run_and_its_retry_is_told_so(
@@ -191,9 +193,12 @@ async def test_the_user_is_asked_when_the_rule_allows_either_and_the_agent_can_a
 ) -> None:
     """``approve by user or role:…``: an agent that can ask its user asks; one that cannot queues it."""
     server = _start(arbiter_factory, payments)
-    async with _client(server, MODERN, User()) as client:
-        asked = await client.call_tool("pay__ship", {"item": "desk"})
-    assert isinstance(asked, types.CallToolResult)  # the user approved; the tool then asks its own question
+    user = User()
+    async with _client(server, MODERN, user) as client:
+        await client.call_tool("pay__ship", {"item": "desk"})  # approved by the user, then the tool asks too
+    assert len(user.seen) == 2 and "Approve this call?" in user.seen[0]
+    with server.admin() as admin:
+        assert admin.get("/approvals", params={"status": "all"}).json() == []  # no approver was involved
     async with _client(server, MODERN, None) as client:
         queued = tool_refusal(await client.call_tool("pay__ship", {"item": "desk"}))
     assert queued["reason"] == "approval_pending" and queued["approvers"] == ["role:billing-lead"]
@@ -232,6 +237,13 @@ def receiver() -> Iterator[Receiver]:
         yield state
 
 
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
 def _signed(body: bytes, headers: dict[str, str]) -> bool:
     parts = dict(p.split("=", 1) for p in headers["arbiter-signature"].split(","))
     expected = hmac.new(SECRET.encode(), f"{parts['t']}.".encode() + body, hashlib.sha256).hexdigest()
@@ -261,12 +273,80 @@ async def test_two_replicas_on_postgresql_from_request_to_webhook_to_approval_to
 
     with _api(second, lead) as api:
         assert api.post(f"/approvals/{approval_id}/approve").status_code == 200
-    ran = await _refund(second, MODERN, first.agent_key)  # the retry lands on the other replica
-    assert not ran.is_error, ran
-    spent = tool_refusal(await _refund(first, MODERN))  # and its approval is spent on both
-    assert spent["reason"] == "approval_pending" and spent["approval_id"] != approval_id
+    # The agent retries on both replicas at once: the approval runs the call once.
+    ran = await asyncio.gather(_refund(first, MODERN), _refund(second, MODERN, first.agent_key))
+    assert sorted(r.is_error for r in ran) == [False, True], ran
+    [spent] = [tool_refusal(r) for r in ran if r.is_error]
+    assert spent["reason"] == "approval_pending" and spent["approval_id"] != approval_id  # asks anew
     assert payments.refunds() == [{"amount": 500, "customer": "acme"}]
-    assert len(receiver.wait(2)) == 2  # the new request was announced too, once
-    with first.admin() as admin:
+
+    with first.admin() as admin:  # each notice was delivered, once
+        wait_until(
+            lambda: (
+                {a["webhook"] for a in admin.get("/approvals", params={"status": "all"}).json()}
+                == {"delivered"}
+            )
+        )
         verified = admin.get("/audit/verify").json()
+    deliveries = [h["arbiter-delivery"] for _, h in receiver.wait(2)]
+    assert sorted(deliveries) == sorted({approval_id, spent["approval_id"]}), deliveries
     assert verified["ok"] is True, verified
+    records = _linked(first, approval_id, 3)  # the request, the decision and the call that ran
+    assert [r["kind"] for r in records] == ["mcp", "admin", "mcp"]
+    assert records[-1]["outcome"]["approval"]["answer"] == "approved"
+
+
+class Clock:
+    """Wall-clock time the test moves on (Arbiter's approvals and in-process limits read it)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_refusal_after_the_approval_gives_it_back_and_requests_lapse(
+    arbiter_factory: ArbiterFactory, payments: Payments
+) -> None:
+    clock = Clock()
+    server = _start(arbiter_factory, payments, clock=clock, approvals={"pending_ttl_s": 60})
+    lead = new_key(server, "lena", ["billing-lead"])
+    with server.admin() as admin:
+        limit = {"role": "agent", "upstream": "pay", "limit": 1, "period": "minute"}
+        assert admin.post("/limits", json=limit).status_code == 201
+    approval_id = tool_refusal(await _refund(server, MODERN))["approval_id"]  # queued: no token taken
+    assert not (await _refund(server, MODERN, amount=50)).is_error  # unattended: the minute's token
+    with _api(server, lead) as api:
+        assert api.post(f"/approvals/{approval_id}/approve").status_code == 200
+    limited = tool_refusal(await _refund(server, MODERN))
+    assert limited["reason"] == "rate_limited"  # refused after the approval was claimed ...
+    with _api(server, lead) as api:
+        assert api.get(f"/approvals/{approval_id}").json()["status"] == "approved"  # ... and given back
+    clock.now += 61  # the next minute's token
+    assert not (await _refund(server, MODERN)).is_error
+    assert payments.refunds() == [{"amount": 50, "customer": "acme"}, {"amount": 500, "customer": "acme"}]
+
+    lapsing = tool_refusal(await _refund(server, MODERN, amount=700))["approval_id"]
+    clock.now += 61  # past approvals.pending_ttl_s
+    with _api(server, lead) as api:
+        assert api.get(f"/approvals/{lapsing}").json()["status"] == "expired"
+        late = api.post(f"/approvals/{lapsing}/approve")
+        assert late.status_code == 409 and late.json()["error"]["status"] == "expired", late.text
+    again = tool_refusal(await _refund(server, MODERN, amount=700))
+    assert again["reason"] == "approval_pending" and again["approval_id"] != lapsing
+
+
+async def test_racing_first_calls_open_one_request_and_a_caller_cannot_flood_approvers(
+    arbiter_factory: ArbiterFactory, payments: Payments
+) -> None:
+    server = _start(arbiter_factory, payments, approvals={"max_pending_per_caller": 3})
+    first = await asyncio.gather(*(_refund(server, MODERN) for _ in range(4)))
+    assert len({tool_refusal(r)["approval_id"] for r in first}) == 1
+    for amount in (600, 700):
+        assert tool_refusal(await _refund(server, MODERN, amount=amount))["reason"] == "approval_pending"
+    full = tool_refusal(await _refund(server, MODERN, amount=800))
+    assert full["reason"] == "approval_queue_full" and full["pending_max"] == 3
+    with server.admin() as admin:
+        assert len(admin.get("/approvals").json()) == 3
+    assert payments.refunds() == []

@@ -165,7 +165,7 @@ class Replayer:
         if not any(r.values[4] == "deny" and not r.values[5] for r in rules):  # else denied whatever the args
             # Deny overrides approve, approve overrides allow: next to an unconditional approve only a
             # deny condition can change the outcome, next to an unconditional allow no allow condition.
-            fixed_approve = any(_approves(r) and not r.values[5] for r in rules)
+            fixed_approve = any(r.effect == "approve" and not r.values[5] for r in rules)
             fixed_allow = any(r.values[4] == "allow" and not r.values[5] for r in rules)
             for rule in rules:
                 cond = rule.values[5]
@@ -202,11 +202,6 @@ class Replayer:
                 found = cast(dict[str, Any], found) if isinstance(found, dict) else {}
             self._annotations[key] = found
         return self._annotations[key]
-
-
-def _approves(rule: Rule) -> bool:
-    # An approve effect may name who approves (``approve by role:x for 4h``): its first word says approve.
-    return rule.values[4].split(" ", 1)[0] == "approve"
 
 
 def _decision_key(

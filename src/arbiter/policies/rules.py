@@ -42,6 +42,7 @@ _ROLE = re.compile(r"^role:[A-Za-z0-9_.:@/-]{1,128}$")
 _TENANT = re.compile(r"^(\*|[A-Za-z0-9_.:@-]{1,128})$")
 _UPSTREAM_GLOB = re.compile(r"^[a-z0-9*?-]{1,32}$")
 _MAX_CONDITION = 1000
+_MAX_EFFECT = 1000  # policy_rules.v4 (migration 0013)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,10 @@ def check(rule: Rule) -> None:
     if act not in ACTIONS:
         raise ValueError(f"unknown action {act!r}; actions are: {', '.join(ACTIONS)}")
     check_object(obj, admin=act in ADMIN_ACTIONS)
+    if len(eft) > _MAX_EFFECT:  # the column's width: longer would be refused by PostgreSQL, cut by nobody
+        raise ValueError(
+            f"effect is {len(eft)} characters; at most {_MAX_EFFECT} (name a role, not many people)"
+        )
     if eft not in EFFECTS and not is_approve(eft):
         raise ValueError(f"effect {eft!r} must be allow, deny or approve")
     spec = parse(eft)

@@ -5,11 +5,11 @@ and the console.
   live policy decides whether the person holds that role (or is that user), in the request's tenant,
   through their credentials' roles and the policy's role links.
 - Nobody approves (or denies) their own request: the caller who made the call cannot decide it, whatever
-  roles they hold. Separation of duties is the point of an approver.
-- A request of a tenant is decided by someone of that tenant (a request made without a tenant may be
-  decided by an approver of any tenant).
+  roles they hold, by any credential of the same subject (compared without case: ``Test-Agent`` is
+  ``test-agent``). Separation of duties is the point of an approver.
+- A request is decided by someone of its tenant (a request made without a tenant, by someone without one).
 - ``admin:read`` on ``admin/approvals`` shows every request (security teams watch the queue); without it
-  an approver sees the requests they may decide, and their own.
+  a person sees the requests of their tenant they may decide, and their own.
 """
 
 from __future__ import annotations
@@ -19,18 +19,27 @@ from starlette.requests import Request
 from arbiter.audit.events import admin_change
 from arbiter.audit.writer import AuditWriter
 from arbiter.auth.principal import Principal
-from arbiter.errors import Conflict, Forbidden, NotFound
+from arbiter.errors import Forbidden, NotFound
 from arbiter.policies.approvers import is_approve, parse
 from arbiter.policies.engine import PolicyEngine
-from arbiter.proxy.approval_requests import ApprovalRequest, ApprovalRequests, NotPending, Status
+from arbiter.proxy.approval_requests import ApprovalRequest, ApprovalRequests, Status
+
+
+def _made(person: Principal, found: ApprovalRequest) -> bool:
+    """Did ``person`` make this request (the same credential's subject, in the same tenant)?"""
+    return found.caller == person.key and (person.tenant or "") == found.tenant
+
+
+def _shown(engine: PolicyEngine, person: Principal, found: ApprovalRequest, see_all: bool) -> bool:
+    return see_all or _made(person, found) or refusal(engine, person, found) is None
 
 
 def refusal(engine: PolicyEngine, person: Principal, found: ApprovalRequest) -> str | None:
     """Why ``person`` may not decide ``found`` (None: they may)."""
-    if person.key == found.caller or person.subject == found.subject:  # the same person by another key
-        return "nobody may approve or deny their own request"
-    if found.tenant and (person.tenant or "") != found.tenant:
-        return f"the request is of tenant {found.tenant!r}"
+    if person.key == found.caller or person.subject.casefold() == found.subject.casefold():
+        return "nobody may approve or deny their own request"  # the same person, by any of their keys
+    if (person.tenant or "") != found.tenant:
+        return f"the request is of tenant {found.tenant!r}" if found.tenant else "the request has no tenant"
     if not any(engine.names(person, subject) for subject in found.approvers):
         return f"only {' or '.join(found.approvers)} may decide it"
     return None
@@ -57,10 +66,10 @@ class ApprovalDesk:
         shown: list[ApprovalRequest] = []
         cursor = before_s
         while len(shown) < limit:
-            page = await self.requests.listed(status=status, limit=limit * 4, before_s=cursor)
-            for found in page:
-                if see_all or found.caller == person.key or refusal(engine, person, found) is None:
-                    shown.append(found)
+            # Without see_all only the person's tenant can hold what they may see: the database says so.
+            tenant = None if see_all else person.tenant or ""
+            page = await self.requests.listed(status=status, limit=limit * 4, before_s=cursor, tenant=tenant)
+            shown += (found for found in page if _shown(engine, person, found, see_all))
             if len(page) < limit * 4:
                 break
             cursor = page[-1].created_s
@@ -70,9 +79,7 @@ class ApprovalDesk:
         self, engine: PolicyEngine, person: Principal, request_id: str, *, see_all: bool
     ) -> ApprovalRequest:
         found = await self.requests.get(request_id)
-        if found is None or not (
-            see_all or found.caller == person.key or refusal(engine, person, found) is None
-        ):
+        if found is None or not _shown(engine, person, found, see_all):
             raise NotFound(f"no approval request {request_id}")  # the same whether hidden or missing
         return found
 
@@ -91,10 +98,7 @@ class ApprovalDesk:
         why = refusal(engine, person, found)
         if why is not None:
             raise Forbidden(f"you may not decide approval {request_id}: {why}")
-        try:
-            return await self.requests.decide(request_id, approve=approve, by=_who(person), note=note)
-        except NotPending as exc:
-            raise Conflict(str(exc), status=exc.found.status) from None
+        return await self.requests.decide(request_id, approve=approve, by=_who(person), note=note)
 
 
 async def decide_recorded(

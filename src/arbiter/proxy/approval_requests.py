@@ -27,12 +27,15 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from arbiter.errors import ApprovalQueueFull, Conflict, NotFound
+
 Status = Literal["pending", "approved", "denied", "used", "expired"]
 LIVE = ("pending", "approved", "denied")
+RETAIN_S = 30 * 86400  # how long a lapsed or spent request is kept (shown to approvers, listed as such)
 
 metadata = sa.MetaData()
 
-requests = sa.Table(
+table = sa.Table(
     "approval_requests",
     metadata,
     sa.Column("id", sa.String(40), primary_key=True),
@@ -59,6 +62,9 @@ requests = sa.Table(
     sa.Column("webhook_attempts", sa.Integer, nullable=False),
     sa.Column("webhook_next_s", sa.Float, nullable=True),
 )
+
+# Which live request of a call counts: a decision over a pending one, the oldest first.
+_FIRST = sa.case((table.c.status == "approved", 0), (table.c.status == "denied", 1), else_=2)
 
 
 @dataclass(frozen=True)
@@ -128,12 +134,11 @@ class ApprovalRequest:
         }
 
 
-class NotPending(Exception):
+class NotPending(Conflict):
     """A decision on a request that is no longer pending (decided, used or lapsed)."""
 
     def __init__(self, found: ApprovalRequest) -> None:
-        super().__init__(f"approval {found.id} is {found.status}, not pending")
-        self.found = found
+        super().__init__(f"approval {found.id} is {found.status}, not pending", status=found.status)
 
 
 class ApprovalRequests:
@@ -144,22 +149,22 @@ class ApprovalRequests:
         engine: AsyncEngine,
         *,
         pending_ttl_s: float,
+        max_pending: int = 20,
         webhook: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
         self._pending_ttl_s = pending_ttl_s
+        self._max_pending = max_pending  # per caller (approvals.max_pending_per_caller)
         self._webhook = webhook  # whether new requests are queued for the webhook
         self._clock = clock  # wall clock: expiries are shown to people and shared by replicas
 
     async def current(self, key: str) -> ApprovalRequest | None:
         """The live request for this call (pending, approved or denied, not lapsed), if any."""
         query = (
-            requests.select()
-            .where(
-                requests.c.call_key == key, requests.c.status.in_(LIVE), requests.c.expires_s > self._clock()
-            )
-            .order_by(requests.c.created_s.desc())
+            table.select()
+            .where(table.c.call_key == key, table.c.status.in_(LIVE), table.c.expires_s > self._clock())
+            .order_by(_FIRST, table.c.created_s, table.c.id)
             .limit(1)
         )
         async with self._engine.connect() as db:
@@ -167,7 +172,9 @@ class ApprovalRequests:
         return None if row is None else self._request(row)
 
     async def open(self, facts: CallFacts) -> ApprovalRequest:
-        """A new pending request for this call."""
+        """A pending request for this call: a new one, or the one a racing first call (on this replica or
+        another) opened a moment earlier, so that one call has one request. ``ApprovalQueueFull`` when
+        the caller already has ``max_pending`` requests waiting."""
         now = self._clock()
         values: dict[str, Any] = {
             "id": "apr_" + secrets.token_urlsafe(15),
@@ -190,31 +197,66 @@ class ApprovalRequests:
             "webhook_attempts": 0,
             "webhook_next_s": now if self._webhook else None,
         }
+        waiting = (
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(table.c.caller == facts.caller, table.c.status == "pending", table.c.expires_s > now)
+        )
         async with self._engine.begin() as db:
-            await db.execute(requests.insert().values(**values))
-        found = await self.get(values["id"])
-        assert found is not None
+            if (await db.execute(waiting)).scalar_one() >= self._max_pending:
+                raise ApprovalQueueFull(
+                    f"you already have {self._max_pending} approval requests waiting; no more are opened "
+                    "until some are decided",
+                    pending_max=self._max_pending,
+                )
+            # Rows long past their expiry are no use to anyone: they go as new ones come.
+            await db.execute(table.delete().where(table.c.expires_s < now - RETAIN_S))
+            await db.execute(table.insert().values(**values))
+        first = (
+            sa.select(table.c.id)
+            .where(table.c.call_key == facts.key, table.c.status == "pending", table.c.expires_s > now)
+            .order_by(table.c.created_s, table.c.id)
+            .limit(1)
+        )
+        async with self._engine.begin() as db:
+            kept: str = (await db.execute(first)).scalar_one()
+            if kept != values["id"]:  # another first call won: one call, one request
+                await db.execute(table.delete().where(table.c.id == values["id"]))
+        return await self._found(kept)
+
+    async def _found(self, request_id: str) -> ApprovalRequest:
+        found = await self.get(request_id)
+        if found is None:  # only a row this replica just wrote or read: never deleted under it
+            raise LookupError(f"approval request {request_id} vanished")
         return found
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         async with self._engine.connect() as db:
-            row = (await db.execute(requests.select().where(requests.c.id == request_id))).mappings().first()
+            row = (await db.execute(table.select().where(table.c.id == request_id))).mappings().first()
         return None if row is None else self._request(row)
 
     async def listed(
-        self, *, status: Status | None = None, limit: int = 100, before_s: float | None = None
+        self,
+        *,
+        status: Status | None = None,
+        limit: int = 100,
+        before_s: float | None = None,
+        tenant: str | None = None,
     ) -> list[ApprovalRequest]:
-        """Newest first; ``status`` as reported (``expired`` rows are lapsed live ones)."""
+        """Newest first; ``status`` as reported (``expired`` rows are lapsed live ones); ``tenant``: only
+        that tenant's ("" for requests made without one)."""
         now = self._clock()
-        query = requests.select().order_by(requests.c.created_s.desc(), requests.c.id).limit(limit)
+        query = table.select().order_by(table.c.created_s.desc(), table.c.id).limit(limit)
+        if tenant is not None:
+            query = query.where(table.c.tenant == tenant)
         if before_s is not None:
-            query = query.where(requests.c.created_s < before_s)
+            query = query.where(table.c.created_s < before_s)
         if status == "expired":
-            query = query.where(requests.c.status.in_(LIVE), requests.c.expires_s <= now)
+            query = query.where(table.c.status.in_(LIVE), table.c.expires_s <= now)
         elif status in LIVE:
-            query = query.where(requests.c.status == status, requests.c.expires_s > now)
+            query = query.where(table.c.status == status, table.c.expires_s > now)
         elif status is not None:
-            query = query.where(requests.c.status == status)
+            query = query.where(table.c.status == status)
         async with self._engine.connect() as db:
             rows = (await db.execute(query)).mappings().all()
         return [self._request(row) for row in rows]
@@ -225,10 +267,10 @@ class ApprovalRequests:
         now = self._clock()
         found = await self.get(request_id)
         if found is None:
-            raise KeyError(request_id)
+            raise NotFound(f"no approval request {request_id}")
         update = (
-            requests.update()
-            .where(requests.c.id == request_id, requests.c.status == "pending", requests.c.expires_s > now)
+            table.update()
+            .where(table.c.id == request_id, table.c.status == "pending", table.c.expires_s > now)
             .values(
                 status="approved" if approve else "denied",
                 decided_by=by,
@@ -239,30 +281,40 @@ class ApprovalRequests:
         )
         async with self._engine.begin() as db:
             changed = (await db.execute(update)).rowcount
-        after = await self.get(request_id)
-        assert after is not None
+        after = await self._found(request_id)
         if changed != 1:
             raise NotPending(after)
         return after
 
-    async def claim(self, request_id: str) -> bool:
-        """Spend an approval: True for the one retry that gets it, on any replica."""
+    async def claim(self, request_id: str) -> float | None:
+        """Spend an approval: the claim's time for the one retry that gets it, on any replica; else None."""
         now = self._clock()
         update = (
-            requests.update()
-            .where(requests.c.id == request_id, requests.c.status == "approved", requests.c.expires_s > now)
+            table.update()
+            .where(table.c.id == request_id, table.c.status == "approved", table.c.expires_s > now)
             .values(status="used", used_s=now)
         )
         async with self._engine.begin() as db:
-            return (await db.execute(update)).rowcount == 1
+            return now if (await db.execute(update)).rowcount == 1 else None
+
+    async def release(self, request_id: str, claimed_s: float) -> None:
+        """Give back a claimed approval whose call a later step refused before it reached the upstream (a
+        rate limit, a budget, the argument guard): it did not run, so the approval still holds."""
+        update = (
+            table.update()
+            .where(table.c.id == request_id, table.c.status == "used", table.c.used_s == claimed_s)
+            .values(status="approved", used_s=None)
+        )
+        async with self._engine.begin() as db:
+            await db.execute(update)
 
     # The webhook's queue (approval_webhook.py): rows whose notice is due, leased one at a time.
 
     async def due_notices(self, limit: int = 20) -> list[ApprovalRequest]:
         query = (
-            requests.select()
-            .where(requests.c.webhook == "due", requests.c.webhook_next_s <= self._clock())
-            .order_by(requests.c.webhook_next_s)
+            table.select()
+            .where(table.c.webhook == "due", table.c.webhook_next_s <= self._clock())
+            .order_by(table.c.webhook_next_s)
             .limit(limit)
         )
         async with self._engine.connect() as db:
@@ -271,7 +323,7 @@ class ApprovalRequests:
 
     async def next_notice_s(self) -> float | None:
         """When the earliest due notice may be sent (None: none is due)."""
-        query = sa.select(sa.func.min(requests.c.webhook_next_s)).where(requests.c.webhook == "due")
+        query = sa.select(sa.func.min(table.c.webhook_next_s)).where(table.c.webhook == "due")
         async with self._engine.connect() as db:
             return (await db.execute(query)).scalar()
 
@@ -279,12 +331,12 @@ class ApprovalRequests:
         """Take one delivery attempt for this replica (no other sends it meanwhile)."""
         now = self._clock()
         update = (
-            requests.update()
+            table.update()
             .where(
-                requests.c.id == found.id,
-                requests.c.webhook == "due",
-                requests.c.webhook_attempts == found.webhook_attempts,
-                requests.c.webhook_next_s <= now,
+                table.c.id == found.id,
+                table.c.webhook == "due",
+                table.c.webhook_attempts == found.webhook_attempts,
+                table.c.webhook_next_s <= now,
             )
             .values(webhook_attempts=found.webhook_attempts + 1, webhook_next_s=now + lease_s)
         )
@@ -296,7 +348,7 @@ class ApprovalRequests:
     ) -> None:
         """``delivered``, ``failed`` (given up), or ``due`` again at ``next_s``: the outcome of attempt
         ``attempt``, recorded only if no later attempt was leased meanwhile (its lease lapsed)."""
-        update = requests.update().where(requests.c.id == request_id, requests.c.webhook_attempts == attempt)
+        update = table.update().where(table.c.id == request_id, table.c.webhook_attempts == attempt)
         update = update.values(webhook=outcome, webhook_next_s=next_s)
         async with self._engine.begin() as db:
             await db.execute(update)

@@ -48,6 +48,8 @@ _SENTENCES: dict[str, str] = {
     "approval_required": "{tool} runs only once the user approves it, and this client cannot ask the user "
     "(it declared no form elicitation); use a client that can, or answer without it",
     "approval_declined": "this call to {tool} was not approved; do not retry it unless the user asks you to",
+    "approval_queue_full": "{tool} needs an approver's approval, and you already have the most approval "
+    "requests waiting; wait until they are decided, or answer without it",
     "approval_pending": "{tool} needs an approver's approval for this call: approval {approval} was "
     "requested; tell the user, and retry exactly the same call later (it runs once approved)",
     # Pinned definitions (docs/integrity.md): structuredContent's status says pending, quarantined, ...

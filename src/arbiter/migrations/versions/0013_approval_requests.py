@@ -48,11 +48,15 @@ def upgrade() -> None:
     )
     op.create_index("ix_approval_requests_call", "approval_requests", ["call_key", "created_s"])
     op.create_index("ix_approval_requests_status", "approval_requests", ["status", "created_s"])
+    op.create_index("ix_approval_requests_tenant", "approval_requests", ["tenant", "created_s"])
+    op.create_index("ix_approval_requests_caller", "approval_requests", ["caller", "status"])
     op.create_index("ix_approval_requests_webhook", "approval_requests", ["webhook", "webhook_next_s"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_approval_requests_webhook", "approval_requests")
+    op.drop_index("ix_approval_requests_caller", "approval_requests")
+    op.drop_index("ix_approval_requests_tenant", "approval_requests")
     op.drop_index("ix_approval_requests_status", "approval_requests")
     op.drop_index("ix_approval_requests_call", "approval_requests")
     op.drop_table("approval_requests")

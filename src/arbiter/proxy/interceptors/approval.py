@@ -15,7 +15,15 @@ shown (a secret in them is never put in front of the user, nor back on the wire)
 - A handshake-era agent is asked during the call, over its own session (``elicitation/create`` through the
   call's downstream channel), for at most ``answer_timeout_s``.
 - An agent that declared no form elicitation cannot be asked: ``approval_required``, a tool error result
-  saying so.
+  saying so; unless the rule names approvers too (``approve by user or role:...``).
+- A rule that names approvers (``approve by role:billing-lead``, ``policies/approvers.py``), when the user
+  is not to be (or cannot be) asked: the call is recorded as a pending request (``approval_requests.py``)
+  and refused at once (``approval_pending``, with the request's id). An approver decides it
+  (``approval_desk.py``: the admin API, the CLI, the console); the retry of the same call (same caller,
+  upstream, tool, argument digest and rule) after an approval claims it and runs, once; a later step's
+  refusal before the upstream saw the call gives the approval back. After a denial the retry is
+  ``approval_declined`` until the denial lapses. A caller with ``approvals.max_pending_per_caller``
+  requests waiting gets ``approval_queue_full``.
 
 Once approved, the rounds an upstream itself asks for (``input_required`` with its own state) continue
 without asking again: this step re-seals each such state (``kind="approved"``) with the policy version
@@ -31,6 +39,7 @@ it) or why a state was refused; never what the form held.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +57,8 @@ from arbiter.proxy.approval_requests import ApprovalRequest, ApprovalRequests, C
 from arbiter.proxy.approval_uses import ApprovalUses
 from arbiter.proxy.pipeline import CallContext, CallNext, Result
 from arbiter.proxy.request_state import RequestStateSeal, Round, StateRefused, call_key
+
+log = logging.getLogger(__name__)
 
 APPROVAL = "approval"  # the state's kind, and what the audit record calls the step
 APPROVED = "approved"  # the kind of an upstream's own round of a call the user approved (re-sealed here)
@@ -94,7 +105,7 @@ class Approval:
         spec = _spec(decision)
         modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
         if modern and ctx.params.get("requestState") is not None:
-            return await self._retry(ctx, call_next)
+            return await self._retry(ctx, spec, call_next)
         if spec.by_user and self._can_ask(ctx, modern):
             if modern:
                 return self._input_required(ctx, spec)
@@ -116,9 +127,10 @@ class Approval:
         key = call_key(_round(ctx), rule)
         found = await self._requests.current(key)
         if found is not None and found.status == "approved":
-            if await self._requests.claim(found.id):
+            claimed = await self._requests.claim(found.id)
+            if claimed is not None:
                 _note(ctx, via="approver", id=found.id, answer="approved", decided_by=found.decided_by)
-                return await self._run(ctx, call_next)
+                return await self._run_claimed(ctx, call_next, found.id, claimed)
             found = await self._requests.current(key)  # another retry spent it just now
         if found is not None and found.status == "denied":
             _note(ctx, via="approver", id=found.id, answer="denied", decided_by=found.decided_by)
@@ -155,6 +167,24 @@ class Approval:
             expires_s=found.expires_s,
         )
 
+    async def _run_claimed(
+        self, ctx: CallContext, call_next: CallNext, request_id: str, claimed: float
+    ) -> Result:
+        """Run a call an approver approved; if a later step refuses it before it reaches the upstream (a
+        rate limit, a budget, the argument guard, a cancel), the approval is given back: it did not run."""
+        assert self._requests is not None
+        try:
+            return await self._run(ctx, call_next)
+        except BaseException:
+            if not ctx.sent:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._requests.release(request_id, claimed)
+                        _note(ctx, released=True)
+                    except Exception:  # noqa: BLE001 - the call's own refusal is what the agent must see
+                        log.warning("approval %s: could not be given back after a refusal", request_id)
+            raise
+
     def _input_required(self, ctx: CallContext, spec: ApprovalSpec) -> Result:
         """The first round for a 2026-07-28 agent: the question, and the state its retry must carry."""
         expires = self._clock() + min(self._ttl_s, spec.valid_s or self._ttl_s)
@@ -164,7 +194,7 @@ class Approval:
         ask = {"method": "elicitation/create", "params": self._form(ctx)}
         return {"resultType": "input_required", "inputRequests": {ANSWER_KEY: ask}, "requestState": state}
 
-    async def _retry(self, ctx: CallContext, call_next: CallNext) -> Result:
+    async def _retry(self, ctx: CallContext, spec: ApprovalSpec, call_next: CallNext) -> Result:
         _note(ctx, via="input_required")
         try:
             opened = self._seal.open(_round(ctx), ctx.params.get("requestState"))
@@ -172,6 +202,8 @@ class Approval:
             _refuse(ctx, str(exc))
         if opened.kind not in (APPROVAL, APPROVED):  # an upstream's state this step never approved
             _refuse(ctx, "kind")
+        if opened.kind == APPROVAL and not spec.by_user:  # the rule that decides now asks only approvers
+            _refuse(ctx, "approver")
         inner: Any = json.loads(opened.state)  # sealed by this step: well formed
         if inner.get("pv") != ctx.policy_version:  # the policy changed since the user was asked
             _refuse(ctx, "policy_version")
