@@ -219,6 +219,7 @@ def create_app(
         keys.on_change = key_feed.changed
     limiter = build_limiter(settings.limits, LimitStore(sessions), redis, clock)
     authorize = Authorize(policy, approvals=True)  # the pipeline below has the approval step
+    argument_guard = _argument_guard(settings)
     approval_requests = ApprovalRequests(
         engine,
         pending_ttl_s=settings.approvals.pending_ttl_s,
@@ -256,6 +257,7 @@ def create_app(
                 requests=approval_requests,
                 approver_valid_s=settings.approvals.valid_s,
                 on_request=webhook.kick if webhook is not None else lambda _: None,
+                guard=argument_guard,
                 clock=clock,
             ),
             InputRounds(
@@ -263,7 +265,7 @@ def create_app(
                 max_rounds=settings.mcp.input_rounds_max,
                 answer_timeout_s=settings.mcp.request_state_ttl_s,  # each question put to the agent
             ),
-            GuardArguments(_argument_guard(settings)),
+            GuardArguments(argument_guard),
             Limits(limiter),
             *interceptors,
             GuardResult(_result_guard(settings)),

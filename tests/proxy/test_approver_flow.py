@@ -350,3 +350,13 @@ async def test_racing_first_calls_open_one_request_and_a_caller_cannot_flood_app
     with server.admin() as admin:
         assert len(admin.get("/approvals").json()) == 3
     assert payments.refunds() == []
+
+
+async def test_a_call_the_argument_guard_refuses_is_not_put_before_an_approver(
+    arbiter_factory: ArbiterFactory, payments: Payments
+) -> None:
+    server = _start(arbiter_factory, payments)
+    bad = tool_refusal(await _refund(server, MODERN, amount="five hundred"))  # not the schema's integer
+    assert bad["reason"] == "invalid_arguments", bad
+    with server.admin() as admin:
+        assert admin.get("/approvals", params={"status": "all"}).json() == []

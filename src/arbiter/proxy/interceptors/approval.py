@@ -51,6 +51,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from arbiter.audit.redact import Redactor
 from arbiter.errors import ApprovalDeclined, ApprovalPending, ApprovalRequired, InvalidRequestState
+from arbiter.integrity.arguments import ArgumentGuard
 from arbiter.policies.approvers import ApprovalSpec, parse
 from arbiter.policies.engine import Decision
 from arbiter.proxy.approval_requests import ApprovalRequest, ApprovalRequests, CallFacts
@@ -85,12 +86,14 @@ class Approval:
         requests: ApprovalRequests | None = None,
         approver_valid_s: int = 3600,
         on_request: Callable[[ApprovalRequest], None] = lambda _: None,
+        guard: ArgumentGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._seal = seal
         self._requests = requests  # None: no approver flow (approve by role:... asks nobody)
         self._approver_valid_s = approver_valid_s  # approvals.valid_s, unless the rule says
         self._on_request = on_request  # a new pending request: the webhook's cue
+        self._guard = guard  # the argument guard's verdict before a request is opened (_refuse_early)
         self._uses = uses
         self._redactor = redactor
         self._ttl_s = ttl_s  # the seal's: how long an approval round may wait for the retry
@@ -140,6 +143,7 @@ class Approval:
             )
         if found is None or found.status != "pending":
             assert ctx.principal is not None and ctx.upstream is not None and ctx.target is not None
+            self._refuse_early(ctx)
             facts = CallFacts(
                 key=key,
                 caller=ctx.principal.key,
@@ -166,6 +170,21 @@ class Approval:
             approvers=list(spec.subjects),
             expires_s=found.expires_s,
         )
+
+    def _refuse_early(self, ctx: CallContext) -> None:
+        """A call the argument guard would refuse (a deny finding, a schema violation) is refused now, not
+        put before an approver: it could never run, and the request must not hold what a deny rule found
+        (as the guard step does, ``ctx.arguments`` becomes the guard's redacted copy for the audit record)."""
+        if self._guard is None:
+            return
+        assert ctx.exposed is not None and ctx.principal is not None
+        schema: Any = (ctx.definition or {}).get("inputSchema")
+        shape = cast(dict[str, Any], schema) if isinstance(schema, dict) else None
+        checked = self._guard.check(ctx.exposed, ctx.principal.roles, ctx.arguments or {}, shape)
+        if checked.refusal is not None:
+            ctx.guard = {**(ctx.guard or {}), "arguments": checked.found}
+            ctx.arguments = checked.arguments
+            raise checked.refusal
 
     async def _run_claimed(
         self, ctx: CallContext, call_next: CallNext, request_id: str, claimed: float
