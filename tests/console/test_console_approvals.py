@@ -117,3 +117,12 @@ async def test_the_maker_of_a_request_sees_it_without_buttons_and_a_forged_decis
     await agent_page.get_by_label("API key or admin token").fill(server.agent_key)
     await agent_page.get_by_role("button", name="Log in").click()
     assert "no admin rights" in await agent_page.get_by_role("alert").inner_text()
+
+
+def test_a_record_sent_for_approval_says_so_on_its_why_link() -> None:
+    from arbiter.console.audit import _explained  # pyright: ignore[reportPrivateUsage]
+
+    asked = {"decision": "approve", "allowed": False, "reason": "approval_required"}
+    assert _explained({"kind": "mcp", "policy": asked}) == "sent for approval"
+    assert _explained({"kind": "mcp", "policy": {"allowed": True}}) == "allowed"
+    assert _explained({"kind": "mcp", "policy": {"allowed": False, "reason": "no_matching_rule"}}) == "denied"

@@ -21,6 +21,7 @@ from arbiter.audit import tables
 from arbiter.audit.export import bundle_chunks, csv_chunks, jsonl_chunks, plan_bundle
 from arbiter.audit.query import DECISIONS, KINDS, Filters, fetch_page
 from arbiter.audit.record import iso_ms, now_ms
+from arbiter.audit.replay import recorded_outcome
 from arbiter.console.web import ConsoleRoute, Viewer, query_text, render, viewer
 from arbiter.errors import InvalidInput, NotFound
 
@@ -158,4 +159,5 @@ def _explained(body: dict[str, Any]) -> str | None:
     policy: Any = body.get("policy")
     if body.get("kind") != "mcp" or not isinstance(policy, dict):
         return None
-    return "allowed" if cast(dict[str, Any], policy).get("allowed") else "denied"
+    outcome = recorded_outcome(cast(dict[str, Any], policy))
+    return {"allow": "allowed", "approve": "sent for approval", "deny": "denied"}[outcome]
