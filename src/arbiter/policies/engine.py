@@ -16,6 +16,7 @@ import ast
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -497,9 +498,27 @@ class _View:
     __hash__ = None  # type: ignore[assignment]
 
 
+class NonFiniteArgument(ValueError):
+    """A condition read NaN or an infinity: every comparison with one is false (NaN) or meaningless, so
+    the condition cannot be evaluated and fails closed. The /mcp endpoint refuses such bodies; this guards
+    any other path that produces them."""
+
+
 def _wrap(value: Any) -> Any:
     # Not a method: any public attribute of _View would shadow an argument of the same name.
-    return _View(cast(Mapping[str, Any], value)) if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping):
+        return _View(cast(Mapping[str, Any], value))
+    # Strings, ints and booleans pay two type checks; only floats and lists (whose items a condition may
+    # compare) are looked at further.
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise NonFiniteArgument(repr(value))
+    elif type(value) is list:
+        items = cast(list[Any], value)
+        if any(type(v) is float and not math.isfinite(v) for v in items):
+            raise NonFiniteArgument("a list holding a non-finite number")
+        return items
+    return value
 
 
 class _CallArgs(dict[str, Any]):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -157,6 +158,8 @@ class McpEndpoint:
             if message is not None and self._front is not None:
                 await self._front(request, receive, send, message, exchange)
                 return None
+            if _non_finite(body):  # the SDK's parser would read it (and forward NaN as null)
+                return _NON_FINITE_REFUSAL
         else:
             # The SDK checks 2026-07-28 bodies itself (JSON, batches, ids, the Mcp-* header ladder).
             message = decode(body)  # parsed once, for the checks and the direct path
@@ -203,9 +206,63 @@ def _lone_surrogate(body: bytes) -> bool:
     return False
 
 
+# JSON (RFC 8259) has no NaN or infinities, but Python's json and the SDK's parser read the constants
+# NaN, Infinity and -Infinity, and read a number too large for a double as an infinity. Such a value
+# compares false with everything (so a policy condition on it would not match) and is forwarded as
+# null: a body holding one is refused as unparseable. orjson refuses every one of them, so only a body
+# orjson cannot decode is looked at, and only if it holds something that could be one.
+_NON_FINITE_HINT = re.compile(rb"NaN|Infinity|[eE]\+?\d{3}|\d{309}")
+_NON_FINITE_REFUSAL = Refusal(
+    400,
+    PARSE_ERROR,
+    "Parse error: the body holds NaN, an infinity or a number too large for a double, which JSON has not",
+    "parse_error",
+)
+
+
+class _NonFinite(ValueError):
+    """A non-finite number met while decoding a body (raised by the decoder's hooks)."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _strict_loads(body: bytes) -> Any:
+    """``body`` decoded as Python's json does, but raising ``_NonFinite`` for a non-finite number."""
+    return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _non_finite(body: bytes) -> bool:
+    """Whether the JSON ``body`` holds a non-finite number (other invalid JSON is not this check's)."""
+    if _NON_FINITE_HINT.search(body) is None:
+        return False
+    try:
+        orjson.loads(body)
+        return False  # orjson decodes no non-finite number
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        _strict_loads(body)
+    except _NonFinite:
+        return True
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
 def _check(body: bytes, headers: Mapping[str, str]) -> Refusal | None:
     try:
-        decoded: Any = json.loads(body)
+        decoded: Any = _strict_loads(body)
+    except _NonFinite:
+        return _NON_FINITE_REFUSAL
     except (ValueError, RecursionError):
         return Refusal(400, PARSE_ERROR, "Parse error: the body is not valid JSON", "parse_error")
     if isinstance(decoded, list):
