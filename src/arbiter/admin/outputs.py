@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from arbiter.admin.types import UtcDateTime
+from arbiter.audit.replay import Change, Verdict
 from arbiter.limits.rules import BudgetPeriod, Dimension, RatePeriod
 from arbiter.policies.engine import Reason
 
@@ -106,17 +107,9 @@ class ImpactSampleOut(BaseModel):
     tenant: str
     tool: str
     action: str
-    outcome: Literal[
-        "allow_to_deny",
-        "deny_to_allow",
-        "allow_to_approve",
-        "approve_to_allow",
-        "approve_to_deny",
-        "deny_to_approve",
-        "undecidable",
-    ]
-    before: Literal["allow", "approve", "deny"] = Field(description="The policy's outcome then, as recorded")
-    after: Literal["allow", "approve", "deny"] | None = Field(
+    outcome: Change
+    before: Verdict = Field(description="The policy's outcome then, as recorded")
+    after: Verdict | None = Field(
         description="The candidate's outcome (null when undecidable)"
     )
     rule_before: str | None = Field(description="The rule that decided then, as recorded")

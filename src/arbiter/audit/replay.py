@@ -25,8 +25,7 @@ from arbiter.policies.engine import Decision, PolicyEngine, Subject
 from arbiter.policies.rules import USE_ACTION, Rule, compile_condition
 
 Verdict = Literal["allow", "approve", "deny"]  # a policy's outcome for one call (Decision.outcome)
-Outcome = Literal[
-    "same",
+Change = Literal[  # what a replay reports for a sample: a change of outcome, or none known
     "allow_to_deny",
     "deny_to_allow",
     "allow_to_approve",
@@ -35,6 +34,7 @@ Outcome = Literal[
     "deny_to_approve",
     "undecidable",
 ]
+Outcome = Literal["same", Change]
 CHANGES: tuple[Outcome, ...] = (  # every change of outcome, the allow<->deny ones first
     "allow_to_deny",
     "deny_to_allow",

@@ -24,18 +24,6 @@ Status = Literal["pending", "approved", "denied", "used", "expired", "all"]
 Ref = Annotated[str, typer.Argument(metavar="ID", help="The request's id (from `arbiter approvals list`)")]
 Note = Annotated[str | None, typer.Option("--note", help="Why; recorded and shown with the decision")]
 
-_COLUMNS = [
-    ("id", "ID"),
-    ("status", "STATUS"),
-    ("created", "CREATED"),
-    ("expires", "EXPIRES"),
-    ("subject", "SUBJECT"),
-    ("tenant", "TENANT"),
-    ("tool", "TOOL"),
-    ("approvers", "APPROVERS"),
-    ("decided_by", "DECIDED BY"),
-    ("may_decide", "MAY DECIDE"),
-]
 # Every field but the arguments, which `show` prints below them as indented JSON.
 _FIELDS = [
     ("id", "ID"),
@@ -57,16 +45,17 @@ _FIELDS = [
     ("webhook", "WEBHOOK"),
     ("may_decide", "MAY DECIDE"),
 ]
-_DECIDED = [
-    ("id", "ID"),
-    ("status", "STATUS"),
-    ("tool", "TOOL"),
-    ("subject", "SUBJECT"),
-    ("decided_by", "DECIDED BY"),
-    ("decided", "DECIDED"),
-    ("expires", "EXPIRES"),
-    ("note", "NOTE"),
-]
+
+
+def _pick(*names: str) -> list[tuple[str, str]]:
+    headings = dict(_FIELDS)
+    return [(name, headings[name]) for name in names]
+
+
+_COLUMNS = _pick(
+    "id", "status", "created", "expires", "subject", "tenant", "tool", "approvers", "decided_by", "may_decide"
+)
+_DECIDED = _pick("id", "status", "tool", "subject", "decided_by", "decided", "expires", "note")
 
 
 @approvals_cli.command("list")

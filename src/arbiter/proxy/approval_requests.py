@@ -21,7 +21,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -67,12 +67,12 @@ table = sa.Table(
 _FIRST = sa.case((table.c.status == "approved", 0), (table.c.status == "denied", 1), else_=2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CallFacts:
     """What a request is for and what approvers are shown; ``key`` binds the retry to it."""
 
     key: str
-    caller: str
+    caller: str  # issuer|subject: who made the call (never shown: to_json leaves it out)
     subject: str
     tenant: str
     tool: str
@@ -85,53 +85,29 @@ class CallFacts:
     trace_id: str | None = None
 
 
-@dataclass(frozen=True)
-class ApprovalRequest:
+@dataclass(frozen=True, kw_only=True)
+class ApprovalRequest(CallFacts):
+    """A stored request: the call, and what became of it."""
+
     id: str
     status: Status
     created_s: float
     expires_s: float
-    subject: str
-    caller: str
-    tenant: str
-    tool: str
-    upstream: str
-    target: str
-    arguments: Any
-    rule: str
-    approvers: tuple[str, ...]
-    valid_s: int
-    decided_by: str | None
-    decided_s: float | None
-    note: str | None
-    used_s: float | None
-    webhook: str
-    webhook_attempts: int
-    trace_id: str | None
+    decided_by: str | None = None
+    decided_s: float | None = None
+    note: str | None = None
+    used_s: float | None = None
+    webhook: str = "none"
+    webhook_attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The public view (admin API, CLI, webhook): the caller's issuer stays out of it."""
-        return {
-            "id": self.id,
-            "status": self.status,
-            "created_s": self.created_s,
-            "expires_s": self.expires_s,
-            "subject": self.subject,
-            "tenant": self.tenant,
-            "tool": self.tool,
-            "upstream": self.upstream,
-            "target": self.target,
-            "arguments": self.arguments,
-            "rule": self.rule,
-            "approvers": list(self.approvers),
-            "valid_s": self.valid_s,
-            "decided_by": self.decided_by,
-            "decided_s": self.decided_s,
-            "note": self.note,
-            "used_s": self.used_s,
-            "webhook": self.webhook,
-            "trace_id": self.trace_id,
-        }
+        """The public view (webhook): neither the call's key nor the caller's issuer."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _PRIVATE}
+        return {**shown, "approvers": list(self.approvers)}
+
+
+_PRIVATE = frozenset({"key", "caller", "webhook_attempts"})
+_JSON = ("arguments", "approvers")  # stored as JSON text
 
 
 class NotPending(Conflict):
@@ -176,23 +152,14 @@ class ApprovalRequests:
         another) opened a moment earlier, so that one call has one request. ``ApprovalQueueFull`` when
         the caller already has ``max_pending`` requests waiting."""
         now = self._clock()
+        stored = {f.name: getattr(facts, f.name) for f in fields(facts)}
         values: dict[str, Any] = {
+            **{("call_key" if name == "key" else name): value for name, value in stored.items()},
+            **{name: json.dumps(stored[name], ensure_ascii=False, sort_keys=True) for name in _JSON},
             "id": "apr_" + secrets.token_urlsafe(15),
             "created_s": now,
             "status": "pending",
             "expires_s": now + self._pending_ttl_s,
-            "call_key": facts.key,
-            "caller": facts.caller,
-            "subject": facts.subject,
-            "tenant": facts.tenant,
-            "tool": facts.tool,
-            "upstream": facts.upstream,
-            "target": facts.target,
-            "arguments": json.dumps(facts.arguments, ensure_ascii=False, sort_keys=True),
-            "rule": facts.rule,
-            "approvers": json.dumps(list(facts.approvers)),
-            "valid_s": facts.valid_s,
-            "trace_id": facts.trace_id,
             "webhook": "due" if self._webhook else "none",
             "webhook_attempts": 0,
             "webhook_next_s": now if self._webhook else None,
@@ -354,29 +321,9 @@ class ApprovalRequests:
             await db.execute(update)
 
     def _request(self, row: Any) -> ApprovalRequest:
-        status: Status = row["status"]
-        if status in LIVE and row["expires_s"] <= self._clock():
-            status = "expired"
-        return ApprovalRequest(
-            id=row["id"],
-            status=status,
-            created_s=row["created_s"],
-            expires_s=row["expires_s"],
-            subject=row["subject"],
-            caller=row["caller"],
-            tenant=row["tenant"],
-            tool=row["tool"],
-            upstream=row["upstream"],
-            target=row["target"],
-            arguments=json.loads(row["arguments"]),
-            rule=row["rule"],
-            approvers=tuple(json.loads(row["approvers"])),
-            valid_s=row["valid_s"],
-            decided_by=row["decided_by"],
-            decided_s=row["decided_s"],
-            note=row["note"],
-            used_s=row["used_s"],
-            webhook=row["webhook"],
-            webhook_attempts=row["webhook_attempts"],
-            trace_id=row["trace_id"],
-        )
+        data = {f.name: row["call_key" if f.name == "key" else f.name] for f in fields(ApprovalRequest)}
+        data.update({name: json.loads(data[name]) for name in _JSON})
+        data["approvers"] = tuple(data["approvers"])
+        if data["status"] in LIVE and data["expires_s"] <= self._clock():
+            data["status"] = "expired"
+        return ApprovalRequest(**data)
