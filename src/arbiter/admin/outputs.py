@@ -109,9 +109,7 @@ class ImpactSampleOut(BaseModel):
     action: str
     outcome: Change
     before: Verdict = Field(description="The policy's outcome then, as recorded")
-    after: Verdict | None = Field(
-        description="The candidate's outcome (null when undecidable)"
-    )
+    after: Verdict | None = Field(description="The candidate's outcome (null when undecidable)")
     rule_before: str | None = Field(description="The rule that decided then, as recorded")
     rule_after: str | None = Field(description="The candidate's deciding rule")
     why: str = Field(description="For undecidable: the rule and the redacted field it reads")
