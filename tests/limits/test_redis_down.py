@@ -31,7 +31,15 @@ async def _until_ok(http: httpx.AsyncClient, server: ArbiterServer, tool: str, a
 
 
 def _start(factory: ArbiterFactory, kb: UpstreamProc, redis: RedisProc, mode: str) -> ArbiterServer:
-    server = factory(redis_url=redis.url, limits={"on_redis_down": mode, "redis_retry_s": 0.2})
+    """An Arbiter whose only Redis outage is the one the test makes.
+
+    A round trip longer than ``limits.redis_timeout_s`` counts as Redis down (docs/limits.md), and on a
+    busy machine the server thread can wait longer than the default 0.5 s for Redis's answer: the call
+    then takes the ``on_redis_down`` path (a late answer may even have spent its token on Redis), and
+    the counts below no longer add up. A killed Redis refuses or resets connections at once, so a
+    generous bound changes nothing in what the test shows."""
+    limits = {"on_redis_down": mode, "redis_retry_s": 0.2, "redis_timeout_s": 5.0}
+    server = factory(redis_url=redis.url, limits=limits)
     server.register("kb", kb.url)
     admin_post(server, "/limits", {"tool": "search_docs", "limit": 3, "period": "day"})
     return server
