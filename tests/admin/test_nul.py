@@ -55,3 +55,20 @@ async def test_nul_in_ids_queries_and_stored_fields_is_422_on_postgresql(
     # A caller without a valid credential still learns nothing but 401.
     with _api(server, "arb_not_a_key") as anonymous:
         assert anonymous.get("/api-keys/x%00").status_code == 401
+
+
+def test_bodies_the_routes_read_themselves_still_reach_them(arbiter_factory: ArbiterFactory) -> None:
+    """A CSV import sent with curl's default form content type, a malformed multipart body, and the six
+    characters \\u0000 in a CSV (text, not a NUL) are the routes' to answer, as before the NUL check."""
+    server = arbiter_factory(policy=None)
+    csv = "p, *, *, *, call, allow\n# \\u0000 is text here\n"
+    with server.admin() as admin:
+        imported = admin.post(
+            "/policies/import", content=csv, headers={"content-type": "application/x-www-form-urlencoded"}
+        )
+        assert imported.status_code in (200, 201), imported.text
+        assert [r["csv"] for r in admin.get("/policies").json()["rules"]] == ["p, *, *, *, call, allow"]
+        broken = admin.post(
+            "/api-keys", content=b"--x\r\nnope", headers={"content-type": "multipart/form-data; boundary=x"}
+        )
+        assert broken.status_code == 422 and broken.json()["error"]["code"] == "invalid_input", broken.text

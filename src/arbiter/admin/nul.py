@@ -12,6 +12,8 @@ import re
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 # A JSON escape of U+0000 that is not itself escaped (an odd run of backslashes before the "u0000").
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -42,12 +44,24 @@ async def refuse_nul(request: Request) -> None:
 
 
 async def _body_holds_nul(request: Request) -> bool:
-    # Read as the route reads it (FastAPI or the route itself), so the request caches one reading: a form
-    # once parsed cannot be read as bytes any more, nor bytes once read be streamed again.
-    if request.headers.get("content-type", "").startswith(_FORMS):
-        form = await request.form()
+    # The bytes first where they can still be had: Starlette caches them, and both a later form() and the
+    # route's own body() read that cache (a form parsed first would leave nothing for a route that reads
+    # bytes, e.g. a CSV import sent with curl's default form content type). A route with form fields had
+    # FastAPI parse the form before any dependency: then only the parsed form is left.
+    try:
+        body: bytes | None = await request.body()
+    except RuntimeError:  # "Stream consumed": FastAPI parsed the form already
+        body = None
+    if body is not None and b"\x00" in body:
+        return True
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(_FORMS):
+        try:
+            form = await request.form()
+        except (MultiPartException, HTTPException):  # not a form after all: the route answers it
+            return False
         return any(
             "\x00" in key or (isinstance(value, str) and "\x00" in value) for key, value in form.multi_items()
         )
-    body = await request.body()
-    return b"\x00" in body or _JSON_NUL.search(body) is not None
+    # A JSON escape of U+0000 decodes to one; in any other body the six characters are just text.
+    return body is not None and "json" in content_type and _JSON_NUL.search(body) is not None
