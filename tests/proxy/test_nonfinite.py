@@ -24,7 +24,15 @@ HANDSHAKE = "2025-11-25"
 MODERN = "2026-07-28"
 ACCEPT = "application/json, text/event-stream"
 POLICY = "p, *, *, *, call, allow\np, role:agent, *, wire/pay, call, approve, r.args.amount > 100\n"
-NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1E+400", b"1" + b"0" * 400 + b".5"]
+NON_FINITE = [
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"1e400",
+    b"-1E+400",
+    b"1" + b"0" * 400 + b".5",
+    b"1" + b"0" * 250 + b"e60",
+]
 META = {
     "io.modelcontextprotocol/protocolVersion": MODERN,
     "io.modelcontextprotocol/clientInfo": {"name": "probe", "version": "1"},

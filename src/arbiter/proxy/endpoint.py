@@ -211,7 +211,9 @@ def _lone_surrogate(body: bytes) -> bool:
 # compares false with everything (so a policy condition on it would not match) and is forwarded as
 # null: a body holding one is refused as unparseable. orjson refuses every one of them, so only a body
 # orjson cannot decode is looked at, and only if it holds something that could be one.
-_NON_FINITE_HINT = re.compile(rb"NaN|Infinity|[eE]\+?\d{3}|\d{309}")
+# An exponent of three digits, or (an exponent of at most 99 needs) 210 digits in a row, anchored so that
+# a long run of digits is scanned once, not from every offset.
+_NON_FINITE_HINT = re.compile(rb"NaN|Infinity|[eE]\+?\d{3}|(?<![0-9])\d{210}")
 _NON_FINITE_REFUSAL = Refusal(
     400,
     PARSE_ERROR,
