@@ -63,8 +63,8 @@ table = sa.Table(
     sa.Column("webhook_next_s", sa.Float, nullable=True),
 )
 
-# Which live request of a call counts: a decision over a pending one, the oldest first.
-_FIRST = sa.case((table.c.status == "approved", 0), (table.c.status == "denied", 1), else_=2)
+# Which live request of a call counts: a decision over a pending one (a denial first), the oldest first.
+_FIRST = sa.case((table.c.status == "denied", 0), (table.c.status == "approved", 1), else_=2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,17 +179,49 @@ class ApprovalRequests:
             # Rows long past their expiry are no use to anyone: they go as new ones come.
             await db.execute(table.delete().where(table.c.expires_s < now - RETAIN_S))
             await db.execute(table.insert().values(**values))
+        # Settle with every other opener of this call (and of this caller): the oldest pending request of
+        # a call is kept and the others go, whoever commits last sees them all; a request beyond the
+        # caller's first max_pending (oldest first) goes too. The outcome does not depend on who is first.
+        found = None if await self._settle(facts, values["id"], now) else await self.current(facts.key)
+        if found is None:  # ours went for the cap (now, or when a racing request of the caller settled)
+            raise ApprovalQueueFull(
+                f"you already have {self._max_pending} approval requests waiting; no more are opened "
+                "until some are decided",
+                pending_max=self._max_pending,
+            )
+        return found
+
+    async def _settle(self, facts: CallFacts, own_id: str, now: float) -> bool:
+        """Remove what ``open`` must not leave; whether ours went for the caller's cap."""
+        live = (table.c.status == "pending", table.c.expires_s > now)
         first = (
             sa.select(table.c.id)
-            .where(table.c.call_key == facts.key, table.c.status == "pending", table.c.expires_s > now)
+            .where(table.c.call_key == facts.key, *live)
             .order_by(table.c.created_s, table.c.id)
             .limit(1)
         )
+        last_kept = (  # the caller's max_pending-th oldest pending request: any younger one goes
+            sa.select(table.c.created_s, table.c.id)
+            .where(table.c.caller == facts.caller, *live)
+            .order_by(table.c.created_s, table.c.id)
+            .offset(self._max_pending - 1)
+            .limit(1)
+        )
         async with self._engine.begin() as db:
-            kept: str = (await db.execute(first)).scalar_one()
-            if kept != values["id"]:  # another first call won: one call, one request
-                await db.execute(table.delete().where(table.c.id == values["id"]))
-        return await self._found(kept)
+            kept = (await db.execute(first)).scalar_one_or_none()
+            if kept is not None:
+                await db.execute(
+                    table.delete().where(table.c.call_key == facts.key, *live, table.c.id != kept)
+                )
+            edge = (await db.execute(last_kept)).first()
+            if edge is not None:
+                younger = sa.or_(
+                    table.c.created_s > edge.created_s,
+                    sa.and_(table.c.created_s == edge.created_s, table.c.id > edge.id),
+                )
+                await db.execute(table.delete().where(table.c.caller == facts.caller, *live, younger))
+            still = (await db.execute(sa.select(table.c.id).where(table.c.id == own_id))).first()
+        return kept == own_id and still is None
 
     async def _found(self, request_id: str) -> ApprovalRequest:
         found = await self.get(request_id)
