@@ -70,31 +70,19 @@ def _at(seconds: float | None) -> datetime | None:
 
 
 def out(found: ApprovalRequest, may_decide: bool) -> ApprovalOut:
-    return ApprovalOut(
-        id=found.id,
-        status=found.status,
-        created=datetime.fromtimestamp(found.created_s, UTC),
-        expires=datetime.fromtimestamp(found.expires_s, UTC),
-        subject=found.subject,
-        tenant=found.tenant,
-        tool=found.tool,
-        upstream=found.upstream,
-        target=found.target,
-        arguments=found.arguments,
-        rule=found.rule,
-        approvers=list(found.approvers),
-        valid_s=found.valid_s,
-        decided_by=found.decided_by,
-        decided=_at(found.decided_s),
-        note=found.note,
-        used=_at(found.used_s),
-        webhook=found.webhook,  # pyright: ignore[reportArgumentType]
-        may_decide=may_decide,
-    )
+    """The request's public fields (``ApprovalRequest.to_json``), with its times as timestamps."""
+    times = {
+        "created": found.created_s,
+        "expires": found.expires_s,
+        "decided": found.decided_s,
+        "used": found.used_s,
+    }
+    stamped = {name: _at(at) for name, at in times.items()}
+    return ApprovalOut.model_validate({**found.to_json(), **stamped, "may_decide": may_decide})
 
 
 def _may(rt: Runtime, caller: Principal, found: ApprovalRequest) -> bool:
-    return found.status == "pending" and rt.approvals.may_decide(rt.policy.engine, caller, found)
+    return rt.approvals.may_decide(rt.policy.engine, caller, found)
 
 
 def _sees_all(rt: Runtime, caller: Principal) -> bool:

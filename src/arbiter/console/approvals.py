@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 
 from arbiter.console.web import ConsoleRoute, Viewer, form_viewer, query_text, redirect, render, viewer
 from arbiter.errors import Conflict, Forbidden
-from arbiter.proxy.approval_desk import decide_recorded
+from arbiter.proxy.approval_desk import decide_recorded, made
 from arbiter.proxy.approval_requests import ApprovalRequest, Status
 
 router = APIRouter(route_class=ConsoleRoute)
@@ -38,12 +38,6 @@ def _sees_all(who: Viewer) -> bool:
     return who.may("approvals", "admin:read")
 
 
-def _may_decide(who: Viewer, found: ApprovalRequest) -> bool:
-    return found.status == "pending" and who.rt.approvals.may_decide(
-        who.rt.policy.engine, who.principal, found
-    )
-
-
 def _shown(who: Viewer, found: ApprovalRequest) -> dict[str, Any]:
     """A request as the pages show it: the API's fields, with times as text and the arguments as JSON."""
     return {
@@ -53,8 +47,8 @@ def _shown(who: Viewer, found: ApprovalRequest) -> dict[str, Any]:
         "decided": _at(found.decided_s),
         "used": _at(found.used_s),
         "arguments_json": json.dumps(found.arguments, indent=2, ensure_ascii=False, sort_keys=True),
-        "mine": found.caller == who.principal.key,
-        "may_decide": _may_decide(who, found),
+        "mine": made(who.principal, found),
+        "may_decide": who.rt.approvals.may_decide(who.rt.policy.engine, who.principal, found),
     }
 
 

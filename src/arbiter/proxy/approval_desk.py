@@ -25,13 +25,13 @@ from arbiter.policies.engine import PolicyEngine
 from arbiter.proxy.approval_requests import ApprovalRequest, ApprovalRequests, Status
 
 
-def _made(person: Principal, found: ApprovalRequest) -> bool:
+def made(person: Principal, found: ApprovalRequest) -> bool:
     """Did ``person`` make this request (the same credential's subject, in the same tenant)?"""
     return found.caller == person.key and (person.tenant or "") == found.tenant
 
 
 def _shown(engine: PolicyEngine, person: Principal, found: ApprovalRequest, see_all: bool) -> bool:
-    return see_all or _made(person, found) or refusal(engine, person, found) is None
+    return see_all or made(person, found) or refusal(engine, person, found) is None
 
 
 def refusal(engine: PolicyEngine, person: Principal, found: ApprovalRequest) -> str | None:
@@ -50,7 +50,8 @@ class ApprovalDesk:
         self.requests = requests
 
     def may_decide(self, engine: PolicyEngine, person: Principal, found: ApprovalRequest) -> bool:
-        return refusal(engine, person, found) is None
+        """May ``person`` approve or deny ``found`` now (it is pending, and nothing refuses them)?"""
+        return found.status == "pending" and refusal(engine, person, found) is None
 
     async def listed(
         self,
