@@ -164,18 +164,7 @@ class ApprovalRequests:
             "webhook_attempts": 0,
             "webhook_next_s": now if self._webhook else None,
         }
-        waiting = (
-            sa.select(sa.func.count())
-            .select_from(table)
-            .where(table.c.caller == facts.caller, table.c.status == "pending", table.c.expires_s > now)
-        )
         async with self._engine.begin() as db:
-            if (await db.execute(waiting)).scalar_one() >= self._max_pending:
-                raise ApprovalQueueFull(
-                    f"you already have {self._max_pending} approval requests waiting; no more are opened "
-                    "until some are decided",
-                    pending_max=self._max_pending,
-                )
             # Rows long past their expiry are no use to anyone: they go as new ones come.
             await db.execute(table.delete().where(table.c.expires_s < now - RETAIN_S))
             await db.execute(table.insert().values(**values))
