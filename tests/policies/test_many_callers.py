@@ -163,8 +163,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Callable[[PolicyEngine], dict[st
         monkeypatch.setattr(cls, method, counting("role_manager", getattr(cls, method)))
 
     def attach(engine: PolicyEngine) -> dict[str, int]:
+        # Every enforcer the engine decides with: its own, and those it narrows to a target's rules.
         enforcer: Any = engine._enforcer  # pyright: ignore[reportPrivateUsage]
-        enforcer.enforce_ex = counting("evaluations", enforcer.enforce_ex)
+        monkeypatch.setattr(type(enforcer), "enforce_ex", counting("evaluations", type(enforcer).enforce_ex))
         return counts
 
     return attach

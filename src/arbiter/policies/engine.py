@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,7 @@ from simpleeval import EvalWithCompoundTypes  # pyright: ignore[reportMissingTyp
 from arbiter.auth.principal import Principal
 from arbiter.globs import glob_match
 from arbiter.policies.approvers import is_approve
+from arbiter.policies.enforcers import Enforcer
 from arbiter.policies.rules import SUBJECT_FIELDS, Rule, compile_condition
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,9 @@ _CACHE_MAX = 50_000
 # single use, and each holds the arguments' fingerprint (~600 bytes). A soak with distinct arguments on
 # every call grew RSS by ~50 MB while 50,000 of them filled the cache; 10,000 hold ~6 MB.
 _ARGS_CACHE_MAX = 10_000
-_REACH_CACHE_MAX = 4096  # distinct (roles, tenant scope) combinations, not callers
+_REACH_CACHE_MAX = 4096
+# Narrowed enforcers (PolicyEngine._narrowed): one per policy identity and conditional target in use.
+_NARROW_MAX = 1024  # distinct (roles, tenant scope) combinations, not callers
 _ALL_FIELDS = frozenset(SUBJECT_FIELDS)
 
 Reason = Literal["allowed", "approval_required", "denied_by_rule", "no_matching_rule"]
@@ -128,7 +132,7 @@ class PolicyEngine:
         self.rules = tuple(rules)
         self.version = version
         if enforcer is None:
-            enforcer = casbin.Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
+            enforcer = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
             _configure(enforcer)
             enforcer.set_adapter(_RulesAdapter(self.rules))
             enforcer.load_policy()
@@ -146,6 +150,7 @@ class PolicyEngine:
         self._arg_decisions: FIFOCache[tuple[object, ...], Decision] = FIFOCache(_ARGS_CACHE_MAX)
         self._visible: FIFOCache[tuple[object, ...], bool] = FIFOCache(_CACHE_MAX)
         self._targets: FIFOCache[tuple[str, str], tuple[bool, frozenset[str]]] = FIFOCache(_CACHE_MAX)
+        self._narrow: FIFOCache[tuple[object, ...], Any] = FIFOCache(_NARROW_MAX)
 
     @classmethod
     async def load_into(cls, enforcer: Any, adapter: Any) -> PolicyEngine:
@@ -185,12 +190,13 @@ class PolicyEngine:
         except KeyError:
             pass
         caller = _Caller(sub, reach)
-        allowed, explain = self._enforcer.enforce_ex(caller, sub.tenant, obj, act, args)
+        enforcer = self._narrowed(caller, key[1], obj, act) if needs_args else self._enforcer
+        allowed, explain = enforcer.enforce_ex(caller, sub.tenant, obj, act, args)
         rule = Rule("p", tuple(explain)) if explain else None
         denied = rule is not None and not allowed and rule.values[4] == "deny"
         approve: list[str] = []
         if self._approvals and not denied:
-            asked, approve = self._enforcer.enforce_ex(_APPROVAL, caller, sub.tenant, obj, act, args)
+            asked, approve = enforcer.enforce_ex(_APPROVAL, caller, sub.tenant, obj, act, args)
             approve = approve if asked else []
         if approve:
             decision = Decision(False, "approval_required", Rule("p", tuple(approve)), self.version)
@@ -202,6 +208,39 @@ class PolicyEngine:
             decision = Decision(False, "no_matching_rule", None, self.version)
         cache[key] = decision
         return decision
+
+    def _narrowed(self, caller: _Caller, tenant_key: str | None, obj: str, act: str) -> Any:
+        """An enforcer over only the rules whose action, object, tenant and subject match this request.
+
+        Casbin evaluates the whole matcher for every rule of the policy, each step interpreted by
+        simpleeval; with arguments in play no decision is cached, so every call paid for every rule. The
+        first four terms of ``m`` and ``m3`` do not read the arguments: evaluated once per policy identity
+        and target (the same functions the matcher calls), they leave the rules that could match. Casbin
+        then decides over those alone, in policy order, so the effect and the rule it reports are the
+        ones the full scan gives (a rule dropped here could not have matched).
+        """
+        key = (caller.reach, tenant_key, obj, act)
+        try:
+            return self._narrow[key]
+        except KeyError:
+            pass
+        tenant = caller.subject.tenant
+        rules = [
+            r
+            for r in self.rules
+            if r.ptype == "p"
+            and r.values[3] == act
+            and object_matches(obj, r.values[2])
+            and _tenant_matches(tenant, r.values[1])
+            and self._subject_match(caller, r.values[0], tenant)
+        ]
+        enforcer: Any = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
+        _configure(enforcer)
+        enforcer.add_function("subjectMatch", self._subject_match)
+        enforcer.set_adapter(_RulesAdapter(rules))
+        enforcer.load_policy()
+        self._narrow[key] = enforcer
+        return enforcer
 
     def _target(self, obj: str, act: str) -> tuple[bool, frozenset[str]]:
         # Only a conditional rule that could apply to (obj, act) makes the arguments, or the subject
@@ -279,6 +318,7 @@ class PolicyEngine:
             "argument_decisions": len(self._arg_decisions),
             "visible": len(self._visible),
             "targets": len(self._targets),
+            "narrowed": len(self._narrow),
             **self._roles.cache_sizes(),
         }
 
@@ -542,13 +582,28 @@ class _RequestView:
         self.tool = _View(args.annotations if isinstance(args, _CallArgs) else {})
 
 
+class _Evaluators(threading.local):
+    # simpleeval copies its operator and function tables into every new evaluator, which cost as much
+    # as the condition itself; one per thread, its names set per evaluation (which never nests).
+    def __init__(self) -> None:
+        self.evaluator = EvalWithCompoundTypes()
+
+
+_EVALUATORS = _Evaluators()
+
+
+def _evaluator() -> Any:
+    return _EVALUATORS.evaluator
+
+
 def _condition(cond: str, eft: str, sub: _Caller | Subject, args: Mapping[str, Any]) -> bool:
     if not cond:
         return True
     subject = sub.subject if isinstance(sub, _Caller) else sub
     try:
         tree: ast.Expression = compile_condition(cond)
-        evaluator = EvalWithCompoundTypes(names={"r": _RequestView(subject, args)})
+        evaluator = _evaluator()
+        evaluator.names = {"r": _RequestView(subject, args)}
         outcome: object = evaluator.eval(cond, previously_parsed=tree.body)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         return bool(outcome)  # pyright: ignore[reportUnknownArgumentType]
     except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated must fail closed

@@ -21,6 +21,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from arbiter.errors import Conflict, NotFound
+from arbiter.policies.enforcers import AsyncEnforcer
 from arbiter.policies.engine import MODEL_TEXT, PolicyEngine, casbin_ptype
 from arbiter.policies.rules import Rule, check, check_roles
 from arbiter.store.models import PolicyRuleRow, PolicyState, utcnow
@@ -122,7 +123,7 @@ class PolicyStore:
     async def load(self) -> tuple[PolicyEngine, list[tuple[int, Rule]]]:
         """The live policy as an engine, plus its rules with their row ids (for the admin API)."""
         adapter = SqlModelAdapter(self._sessions)
-        enforcer: Any = casbin.AsyncEnforcer(casbin.Enforcer.new_model(text=MODEL_TEXT), adapter)  # pyright: ignore[reportUnknownMemberType]
+        enforcer: Any = AsyncEnforcer(casbin.Enforcer.new_model(text=MODEL_TEXT), adapter)  # pyright: ignore[reportUnknownMemberType]
         engine = await PolicyEngine.load_into(enforcer, adapter)
         return engine, adapter.rules
 
