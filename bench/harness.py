@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -50,6 +50,8 @@ _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 Mode = Literal["auto", "legacy"]  # mcp.Client modes: auto → 2026-07-28 against mcp 2.3; legacy → handshake
 Op = Literal["call", "list"]
 T = TypeVar("T")
+Sender = Callable[[int], Awaitable[str | None]]  # request number -> the failure as text, or None
+RequestHook = Callable[[httpx2.Request], Awaitable[None]]
 
 
 class BenchError(Exception):
@@ -171,15 +173,58 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs the proxy under test runs on, and which the load generator and the upstream share.
+
+    Pinned, the proxy has a core of its own: calls/s then measures the proxy, not how the scheduler
+    shared two cores among the three, and runs vary less. Set before exec, so every thread and process
+    the proxy starts inherits it (ContextForge's workers, Arbiter's SQLite thread).
+    """
+
+    proxy: frozenset[int]
+    side: frozenset[int]
+
+    @staticmethod
+    def split() -> Pinning | None:
+        """The first CPU for the proxy, the second for the rest; None with fewer than two."""
+        cpus = sorted(os.sched_getaffinity(0))
+        return Pinning(frozenset(cpus[:1]), frozenset(cpus[1:2])) if len(cpus) >= 2 else None
+
+    def describe(self) -> str:
+        return f"proxy on CPU {_cpus(self.proxy)}; load generator and upstream on CPU {_cpus(self.side)}"
+
+
+def _cpus(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 class Fleet:
     """Every server process this run started; ``close`` stops them all, newest first."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, pinning: Pinning | None = None) -> None:
         self.workdir = workdir
+        self.pinning = pinning
         self._procs: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path | None = None,
+        *,
+        side: bool = False,
+    ) -> Proc:
+        """Start a server; a proxy under test unless ``side`` (the upstream and other helpers)."""
         log = self.workdir / f"{name}.log"
+        cpus = None if self.pinning is None else self.pinning.side if side else self.pinning.proxy
+
+        def prepare() -> None:
+            _die_with_parent()
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 list(argv),
@@ -191,7 +236,7 @@ class Fleet:
                 # Own session and process group: Ctrl-C reaches only the bench, which then stops the
                 # servers in order, and stopping one stops whatever it forked.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=prepare,
             )
         proc = Proc(name, popen, log)
         self._procs.append(proc)
@@ -333,22 +378,39 @@ def median(values: Sequence[float]) -> float:
 
 
 @asynccontextmanager
-async def transport(url: str, concurrency: int, token: str | None) -> AsyncGenerator[TransportStreams]:
+async def transport(
+    url: str, concurrency: int, token: str | None, on_request: RequestHook | None = None
+) -> AsyncGenerator[TransportStreams]:
     """Streamable HTTP with room for every request in flight (no connection churn mid-run)."""
     pool = concurrency + 8
     http = httpx2.AsyncClient(
         headers={"Authorization": f"Bearer {token}"} if token else None,
         timeout=httpx2.Timeout(CALL_TIMEOUT_S, connect=10.0),
         limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
+        event_hooks={"request": [on_request]} if on_request else None,
     )
     async with http, streamable_http_client(url, http_client=http) as streams:
         yield streams
 
 
-def open_client(url: str, mode: Mode, concurrency: int, token: str | None) -> Client:
+def open_client(
+    url: str, mode: Mode, concurrency: int, token: str | None, on_request: RequestHook | None = None
+) -> Client:
     return Client(
-        transport(url, concurrency, token), mode=mode, cache=None, read_timeout_seconds=CALL_TIMEOUT_S
+        transport(url, concurrency, token, on_request),
+        mode=mode,
+        cache=None,
+        read_timeout_seconds=CALL_TIMEOUT_S,
     )
+
+
+def sdk_sender(client: Client, op: Op, tool: str) -> Sender:
+    """Requests sent by the SDK client itself (``--load-client sdk``)."""
+
+    async def send(i: int) -> str | None:
+        return await request_once(client, op, tool, i)
+
+    return send
 
 
 @dataclass
@@ -396,9 +458,7 @@ def describe(exc: BaseException) -> str:
 
 
 async def load(
-    client: Client,
-    op: Op,
-    tool: str,
+    send: Sender,
     calls: int,
     concurrency: int,
     max_seconds: float | None,
@@ -419,7 +479,7 @@ async def load(
             issued += 1  # no await between the check and the increment, so tasks never overshoot
             i = issued
             start = time.perf_counter()
-            why = await request_once(client, op, tool, i)
+            why = await send(i)
             out.latencies.append(time.perf_counter() - start)
             if why is not None:
                 out.errors += 1

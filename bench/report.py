@@ -204,6 +204,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _load_client(cfg: dict[str, Any]) -> str:
+    if cfg.get("load_client", "sdk") == "sdk":
+        return "one `mcp.Client` session sending every request"
+    return (
+        "one `mcp.Client` session does the era's handshake and one request, which is then replayed "
+        "over pooled aiohttp connections (a new id and echo text each time, every answer checked; "
+        "bench/raw_load.py)"
+    )
+
+
 def markdown(report: Report, command: str) -> str:
     cfg = report.config
     rows = report.rows()
@@ -214,13 +224,18 @@ def markdown(report: Report, command: str) -> str:
         "",
         f"Run {cfg.get('started', '?')}, {cfg.get('duration_s', 0):.0f} s, with `{command}`.",
         f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Linux {m.get('kernel')}, "
-        f"Python {m.get('python')}; load generator, proxy and upstream share the machine"
+        f"Python {m.get('python')}; "
+        + (
+            f"{cfg['pinning']}"
+            if cfg.get("pinning")
+            else "load generator, proxy and upstream share the machine"
+        )
         + (
             f"; other processes used {cfg['other_processes_cpu_share']:.0%} of its CPU during the run."
             if "other_processes_cpu_share" in cfg
             else "."
         ),
-        f"Each measurement: one `mcp.Client` session, {cfg.get('warmup')} warm-up requests, then "
+        f"Each measurement: {_load_client(cfg)}, {cfg.get('warmup')} warm-up requests, then "
         f"{cfg.get('calls')} `tools/call` / {cfg.get('list_calls')} `tools/list` requests with "
         f"{cfg.get('concurrency')} in flight (at most {cfg.get('max_seconds')} s), then "
         f"{cfg.get('seq_calls')} one at a time (at most {cfg.get('seq_max_seconds')} s) for latency. "

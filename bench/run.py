@@ -45,6 +45,7 @@ from harness import (
     Jwks,
     Mode,
     Op,
+    Pinning,
     describe,
     free_ports,
     load,
@@ -54,7 +55,9 @@ from harness import (
     percentile,
     raise_on_sigterm,
     run_async,
+    sdk_sender,
 )
+from raw_load import Capture, Replay, captured_request, replay_session
 from report import (
     ERA_LABEL,
     Report,
@@ -147,6 +150,7 @@ class Options:
     seq_max_seconds: float
     modes: tuple[Mode, ...]
     ops: tuple[Op, ...]
+    load_client: str = "raw"  # raw: captured requests replayed over aiohttp; sdk: mcp.Client itself
 
     def calls_for(self, op: Op) -> int:
         return self.calls if op == "call" else self.list_calls
@@ -222,17 +226,25 @@ async def measure(ctx: Ctx, target: Target, mode: Mode, op: Op, rep: int, opts: 
     timeout = 120.0 + opts.max_seconds + opts.seq_max_seconds
     with anyio.fail_after(timeout):
         rss0 = proc.rss_mb() if proc else None
-        async with open_client(target.url, mode, opts.concurrency, target.token) as client:
+        capture = Capture()
+        async with (
+            open_client(target.url, mode, opts.concurrency, target.token, capture) as client,
+            replay_session(opts.concurrency) as http,
+        ):
             protocol = client.protocol_version or "?"
             if mode == "auto" and protocol != MODERN:
                 raise EraNotOffered(f"asked for 2026-07-28, it negotiated {protocol}")
-            warm = await load(client, op, target.tool, opts.warmup, opts.concurrency, None)
+            if opts.load_client == "raw":
+                send = Replay(await captured_request(client, op, target.tool, capture), http).once
+            else:
+                send = sdk_sender(client, op, target.tool)
+            warm = await load(send, opts.warmup, opts.concurrency, None)
             if warm.errors and warm.errors == warm.done:
                 raise BenchError(f"every warm-up request failed: {warm.first_error}")
             cpu0 = cpu()
-            burst = await load(client, op, target.tool, calls, opts.concurrency, opts.max_seconds)
+            burst = await load(send, calls, opts.concurrency, opts.max_seconds)
             cpu1 = cpu()
-            seq = await load(client, op, target.tool, opts.seq_calls, 1, opts.seq_max_seconds)
+            seq = await load(send, opts.seq_calls, 1, opts.seq_max_seconds)
         rss1 = proc.rss_mb() if proc else None
     done = max(1, burst.done)
     proxy0, up0, cli0 = cpu0
@@ -321,10 +333,16 @@ def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, in
     print(f"soak: {seconds:.0f} s of tools/call on {target.label}, {concurrency} in flight", flush=True)
 
     async def go() -> None:
+        captures = Capture(), Capture()
         async with (
-            open_client(target.url, "auto", concurrency // 2, target.token) as modern,
-            open_client(target.url, "legacy", concurrency // 2, target.token) as handshake,
+            open_client(target.url, "auto", concurrency // 2, target.token, captures[0]) as modern,
+            open_client(target.url, "legacy", concurrency // 2, target.token, captures[1]) as handshake,
+            replay_session(concurrency) as http,
         ):
+            senders = [
+                Replay(await captured_request(client, "call", target.tool, capture), http).once
+                for client, capture in zip((modern, handshake), captures, strict=True)
+            ]
             t0 = time.perf_counter()
 
             async def sampler() -> None:
@@ -350,8 +368,8 @@ def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, in
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(sampler)
-                for client, burst in ((modern, bursts[0]), (handshake, bursts[1])):
-                    tg.start_soon(load, client, "call", target.tool, 10**9, concurrency // 2, seconds, burst)
+                for send, burst in zip(senders, bursts, strict=True):
+                    tg.start_soon(load, send, 10**9, concurrency // 2, seconds, burst)
 
     run_async(go)
     after = [p for p in points if p["t_s"] >= warmup_s]
@@ -433,6 +451,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", choices=["both", "auto", "legacy"], default="both", help="protocol eras")
     p.add_argument("--ops", default="call,list", help="call, list or both (default call,list)")
     p.add_argument("--quick", action="store_true", help="one round, few requests: a smoke run")
+    p.add_argument(
+        "--load-client",
+        choices=["raw", "sdk"],
+        default="raw",
+        help="raw: an SDK request captured, then replayed over aiohttp (default); sdk: mcp.Client sends all",
+    )
+    p.add_argument("--no-pin", action="store_true", help="do not give the proxy a CPU of its own")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results directory")
     p.add_argument("--name", help="results file name (default latest; quick with --quick)")
     p.add_argument("--soak", type=float, metavar="SECONDS", help="hold load on Arbiter; report RSS over time")
@@ -494,10 +519,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         seq_max_seconds=args.seq_max_seconds,
         modes=("auto", "legacy") if args.modes == "both" else (args.modes,),
         ops=args.ops,
+        load_client=args.load_client,
     )
     shown = list(argv) if argv is not None else sys.argv[1:]
     command = "python bench/run.py" + (" " + shlex.join(shown) if shown else "")
     raise_on_sigterm()
+    pinning = None if args.no_pin else Pinning.split()
+    if pinning is not None:
+        # Before any thread starts (the JWKS server, the set-up pool): they inherit it.
+        os.sched_setaffinity(0, pinning.side)
     started = datetime.now(UTC)
     t_start = time.monotonic()
     busy0, own0, load0 = machine_busy_seconds(), own_cpu_seconds(), os.getloadavg()
@@ -508,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ThreadPoolExecutor(max_workers=len(SETUPS)) as pool,
     ):
         workdir = Path(tmp)
-        fleet = Fleet(workdir)
+        fleet = Fleet(workdir, pinning)
         cleanup = Cleanup()
         jwks = Jwks(free_ports(1)[0])
         try:
@@ -572,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seq_max_seconds": opts.seq_max_seconds,
         "modes": list(opts.modes),
         "ops": list(opts.ops),
+        "load_client": opts.load_client,
+        "pinning": pinning.describe() if pinning is not None else None,
         "targets": selected,
         "machine": machine(),
         "versions": _versions(),

@@ -98,7 +98,10 @@ class Ctx:
 def start_upstream(fleet: Fleet) -> tuple[Proc, str]:
     (port,) = free_ports(1)
     proc = fleet.start(
-        "upstream", [sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(port)], clean_env()
+        "upstream",
+        [sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(port)],
+        clean_env(),
+        side=True,
     )
     wait_for_port(proc, port)
     return proc, f"http://{HOST}:{port}/mcp"
@@ -395,6 +398,7 @@ def setup_arbiter(ctx: Ctx, spec: ArbiterSpec, cleanup: Cleanup) -> list[Target]
             f"{spec.name}-otlp-sink",
             [sys.executable, str(BENCH_DIR / "otlp_sink.py"), HOST, str(sink_port)],
             {},
+            side=True,
         )
         wait_for_http_ok(sink, f"http://{HOST}:{sink_port}/")
         env |= {

@@ -7,6 +7,7 @@ both are reachable (CI requires them), and reported as skipped otherwise.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def test_quick_run_writes_a_row_per_target_era_and_operation(tmp_path: Path) -> 
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
     data = json.loads((tmp_path / "quick.json").read_text())
+    # The load is replayed over aiohttp (bench/raw_load.py), and the proxy has a CPU of its own.
+    assert data["config"]["load_client"] == "raw"
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert data["config"]["pinning"].startswith("proxy on CPU ")
     skipped: dict[str, str] = data["skipped"]
     if REQUIRE_SERVICES:
         assert "arbiter-pg" not in skipped, skipped
