@@ -21,6 +21,7 @@ Never lossy, never on the request's latency:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -144,8 +145,10 @@ class AuditWriter:
         self._waiters.append((number, waiter))
         if len(self._waiters) == 1:
             self._wake.set()  # no long batch gathering while someone waits (see _wait_for_work)
-        with anyio.move_on_after(self._cfg.write_timeout_s + self._cfg.flush_interval_s):
-            await waiter
+        # asyncio's timeout, not anyio's: once per call, and anyio's looks up the async library each time.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._cfg.write_timeout_s + self._cfg.flush_interval_s):
+                await waiter
 
     def _in_flight(self) -> int:
         """Requests that reserved a slot and have not submitted their record yet."""
