@@ -12,6 +12,7 @@ session id stays valid.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -98,17 +99,26 @@ class Replay:
         return None if result.get("tools") else "empty tools list"  # pyright: ignore[reportUnknownMemberType]
 
 
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # orjson refuses lone UTF-16 surrogates in strings (\\ud800 escapes), which JSON allows and the
+        # SDK's parser accepts; ContextForge's tools/list carries some.
+        return json.loads(data)
+
+
 def _answer(raw: bytes, ctype: str, rid: int) -> dict[str, Any] | None:
     """The JSON-RPC answer to ``rid``: the body itself, or the SSE event carrying it."""
     if ctype.startswith("application/json"):
-        message = orjson.loads(raw)
+        message = _loads(raw)
         return message if isinstance(message, dict) and message.get("id") == rid else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     for line in raw.split(b"\n"):
         if line.startswith(b"data:"):
             data = line[5:].strip()
             if not data:
                 continue
-            message = orjson.loads(data)
+            message = _loads(data)
             if isinstance(message, dict) and message.get("id") == rid:  # pyright: ignore[reportUnknownMemberType]
                 return message  # pyright: ignore[reportUnknownVariableType]
     return None

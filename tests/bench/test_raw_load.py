@@ -7,6 +7,7 @@ SSE stream. A loopback aiohttp server plays the proxy, answering as each case sa
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -41,6 +42,10 @@ CASES: dict[str, tuple[Answer, bool]] = {
     "json": (lambda b: _json(_result(b)), True),
     "sse with a progress message first": (
         lambda b: _sse({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}, _result(b)),
+        True,
+    ),
+    "json with a lone surrogate elsewhere": (
+        lambda b: ("application/json", json.dumps({**_result(b), "note": "\ud800"}).encode()),
         True,
     ),
     "another id": (lambda b: _json({**_result(b), "id": b["id"] + 1}), False),
