@@ -3,12 +3,16 @@ right after answering has lost no record of what it answered (issue 17)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import arbiter.audit.writer as writer_module
 from arbiter.audit import tables as t
-from arbiter.audit.record import Event, Renderer
+from arbiter.audit.record import Event, Renderer, light
 from arbiter.audit.redact import Redactor
 from arbiter.audit.signing import Signer
 from arbiter.audit.store import AuditStore
@@ -61,5 +65,49 @@ async def test_without_confirmation_confirmed_does_not_wait(sqlite_url: str, tmp
         writer.reserve()
         await writer.confirmed(writer.submit(_event(0)))  # no writer task runs: it would wait forever
         assert writer.queued == 1
+    finally:
+        await engine.dispose()
+
+
+def test_light_counts_arguments_and_messages_against_its_budget() -> None:
+    small = Event(kind="mcp", decision="allow", reason="ok", actor={}, arguments={"text": "hi", "n": [1, 2]})
+    assert light([small, small])
+    big = Event(kind="mcp", decision="allow", reason="ok", actor={}, arguments={"t": "x" * 5000})
+    assert not light([big])
+    nested = {"a": [{"b": "x" * 100} for _ in range(50)]}  # 5,000 characters, only deep inside
+    assert not light([Event(kind="mcp", decision="allow", reason="ok", actor={}, arguments=nested)])
+    assert not light([small] * 20, budget=100)  # the budget is for the whole batch
+    told = Event(kind="mcp", decision="deny", reason="x", actor={}, outcome={"message": "m" * 5000})
+    assert not light([told])
+    admin = Event(kind="admin", decision="allow", reason="ok", actor={}, admin={"after": {}})
+    assert not light([admin])  # admin changes are rendered off the loop whatever their size
+
+
+async def test_a_waited_for_small_record_is_rendered_without_a_thread_and_a_large_one_with(
+    sqlite_url: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = AuditSettings(spool_dir=f"{tmp_path}/spool")  # type: ignore[arg-type]
+    engine = create_engine(sqlite_url)
+    render = Renderer(Redactor(RedactSettings()), b"k" * 32).render
+    writer = AuditWriter(AuditStore(engine, Signer.from_secret(None), cfg, render), render, cfg)
+    to_thread: list[str] = []
+    real = writer_module.anyio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        to_thread.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.anyio.to_thread, "run_sync", counting)
+    stopping = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run, stopping)
+            for text in ("small", "x" * 10_000):
+                writer.reserve()
+                event = Event(kind="mcp", decision="allow", reason="ok", actor={}, arguments={"text": text})
+                await writer.confirmed(writer.submit(event))
+                assert await _count(engine) == (1 if text == "small" else 2)
+                assert to_thread.count("_render_all") == (0 if text == "small" else 1)
+            stopping.set()
     finally:
         await engine.dispose()

@@ -13,11 +13,11 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import uuid_utils
 
@@ -129,6 +129,47 @@ class Event:
     def __post_init__(self) -> None:
         if not self.id:
             self.id = uuid7(self.ts_ms)
+
+
+# Rendering a record (redaction, an HMAC, a few dicts) costs about 15 µs for small arguments, less than
+# handing it to a worker thread and back; above this many characters of arguments and messages in a
+# batch, the worker thread does it, off the event loop (see ``light``).
+LIGHT_CHARS = 4096
+
+
+def light(events: Sequence[Event], budget: int = LIGHT_CHARS) -> bool:
+    """Whether ``events`` are cheap enough to render on the event loop: no admin change, and at most
+    ``budget`` characters of arguments and messages in all. Stops counting as soon as it is over."""
+    left = budget
+    stack: list[Any] = []
+    for event in events:
+        if event.admin is not None:
+            return False
+        message = event.outcome.get("message")
+        if isinstance(message, str):
+            left -= len(message)
+        if event.arguments is not None:
+            stack.append(event.arguments)
+        while stack and left >= 0:
+            node = stack.pop()
+            if isinstance(node, str):
+                left -= len(node)
+            elif isinstance(node, Mapping):
+                items = cast(Mapping[Any, Any], node)
+                left -= 2 * len(items)
+                for key, value in items.items():
+                    if isinstance(key, str):
+                        left -= len(key)
+                    stack.append(value)
+            elif isinstance(node, list | tuple):
+                seq = cast(Sequence[Any], node)
+                left -= len(seq)
+                stack.extend(seq)
+            else:
+                left -= 8
+        if left < 0:
+            return False
+    return True
 
 
 class Renderer:

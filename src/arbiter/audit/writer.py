@@ -32,7 +32,7 @@ import anyio
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
-from arbiter.audit.record import Event
+from arbiter.audit.record import Event, light
 from arbiter.audit.spool import Spool
 from arbiter.audit.store import AuditStore
 from arbiter.errors import AuditUnavailable
@@ -277,8 +277,13 @@ class AuditWriter:
         if self._held or not self._queue:
             return
         events = [self._queue.popleft() for _ in range(min(len(self._queue), self._cfg.batch_max))]
-        # Redaction and hashing cost real CPU for large arguments: not on the loop serving /mcp.
-        self._held = await anyio.to_thread.run_sync(_render_all, self._render, events)
+        if self._waiters and light(events):
+            # A request waits for these, and they are small: rendering them here costs less than the
+            # worker thread's hand-off and wake-up, which a lone call would otherwise wait through.
+            self._held = _render_all(self._render, events)
+        else:
+            # Redaction and hashing cost real CPU for large arguments: not on the loop serving /mcp.
+            self._held = await anyio.to_thread.run_sync(_render_all, self._render, events)
         self._held_tried = False
 
     async def _store_held(self) -> bool:
