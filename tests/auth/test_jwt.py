@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+import arbiter.auth.jwt as jwt_module
 from arbiter.auth.jwt import JwtVerifier
 from arbiter.auth.principal import Principal
 from arbiter.errors import InvalidToken
@@ -452,3 +453,43 @@ async def test_aclose_closes_only_its_own_client(idp: JwksServer, keys: Keys) ->
     own = JwtVerifier(auth, RESOURCE)
     await own.aclose()
     assert own._http.is_closed  # pyright: ignore[reportPrivateUsage]
+
+
+# --- a token's signature is checked once, its claims every time ------------------------------------------
+
+
+async def test_a_verified_token_skips_only_the_signature_check(
+    make: MakeVerifier, idp: JwksServer, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks: list[str] = []
+    real = jwt_module.jws.validate_compact
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        checks.append("signature")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt_module.jws, "validate_compact", counting)
+    now = [time.time()]
+    verifier = make(clock=lambda: now[0], cooldown=30)
+    token = mint(claims(exp=int(now[0]) + 600), keys.ec)
+    for _ in range(3):
+        assert (await verifier.verify(token)).subject == "user-1"
+    assert checks == ["signature"]
+
+    # Another token (here the same one with a character of its signature changed) is checked afresh.
+    forged = token[:-10] + ("A" if token[-10] != "A" else "B") + token[-9:]
+    assert await rejected(verifier, forged) == "bad signature"
+    assert len(checks) == 2
+
+    # The claims are checked on every call: the remembered token expires with the clock.
+    now[0] += 3600
+    assert await rejected(verifier, token) == "token expired"
+
+    # A JWKS refresh makes new key objects: the remembered signature no longer vouches for the token.
+    now[0] -= 3600
+    idp.publish(keys.rotated)
+    now[0] += 31
+    await rejected(verifier, mint(claims(), keys.rsa, header={"kid": "unknown"}))  # forces a refresh
+    checks.clear()
+    assert (await verifier.verify(token)).subject == "user-1"
+    assert checks == ["signature"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import httpx
+from cachetools import FIFOCache
 from joserfc import jws, jwt
 from joserfc.errors import ClaimError, ExpiredTokenError, JoseError, MissingClaimError
 from joserfc.jwk import DictKey, JWKRegistry, Key
@@ -38,6 +40,11 @@ _CLAIM_REASONS = {"aud": "wrong audience", "nbf": "token not yet valid", "iat": 
 _PARSER = jws.JWSRegistry(strict_check_header=False)
 # joserfc's 512-byte header cap would hide *why* a header with an embedded key is refused.
 _PARSER.max_header_length = 4096
+
+
+# Tokens whose signature was checked, remembered by digest (see ``JwtVerifier.verify``): agents in use at
+# once, not tokens ever seen; each entry holds the token's claims, about a kilobyte.
+_VERIFIED_MAX = 4096
 
 
 class _JwksUnavailable(Exception):
@@ -66,6 +73,17 @@ class _Issuer:
         return self.keys.get(kid)
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A token whose signature ``key`` of ``issuer`` verified, and what it said."""
+
+    issuer: _Issuer
+    kid: str | None
+    key: Key
+    claims: dict[str, object]
+    principal: Principal
+
+
 class JwtVerifier:
     """Turns a JWT access token from a configured issuer into a :class:`Principal`."""
 
@@ -83,6 +101,7 @@ class JwtVerifier:
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(timeout=auth.jwks_timeout_s, follow_redirects=False)
         self._issuers = {c.issuer: _Issuer(c) for c in auth.issuers}
+        self._verified: FIFOCache[bytes, _Verified] = FIFOCache(_VERIFIED_MAX)
 
     def accepts(self, token: str) -> bool:
         """Whether ``token`` looks like a JWS whose (unverified) ``iss`` is a configured issuer."""
@@ -100,7 +119,20 @@ class JwtVerifier:
         return isinstance(iss, str) and iss in self._issuers
 
     async def verify(self, token: str) -> Principal:
-        """Verify signature and claims; raise :class:`InvalidToken` with a short reason on any failure."""
+        """Verify signature and claims; raise :class:`InvalidToken` with a short reason on any failure.
+
+        An agent sends the same token with every call until it expires, and checking its signature
+        (ES256: about 0.2 ms) was a sixth of a governed call's CPU. A token whose signature was checked is
+        remembered by its SHA-256, with the key that checked it: while that issuer still holds that very
+        key (a JWKS refresh makes new key objects, so a rotated or removed key never vouches again) only
+        the claims are checked again, against the clock (expiry, not-before, audience).
+        """
+        digest = hashlib.sha256(token.encode()).digest()
+        seen = self._verified.get(digest)
+        if seen is not None and seen.issuer.find(seen.kid) is seen.key:
+            config = seen.issuer.config
+            self._check_claims(seen.claims, config, config.audiences or [self._resource_url])
+            return seen.principal
         obj, header, claims = _parse(token)
         iss = claims.get("iss")
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
@@ -112,9 +144,11 @@ class JwtVerifier:
         typ = header.get("typ")
         if typ is not None and typ.lower() not in issuer.types:
             raise InvalidToken("wrong token type")
-        await self._check_signature(issuer, obj, header)
+        key = await self._check_signature(issuer, obj, header)
         self._check_claims(claims, issuer.config, issuer.config.audiences or [self._resource_url])
-        return _principal(claims, issuer.config)
+        principal = _principal(claims, issuer.config)
+        self._verified[digest] = _Verified(issuer, header.get("kid"), key, claims, principal)
+        return principal
 
     async def verify_id_token(
         self, token: str, issuer_name: str, client_id: str
@@ -140,7 +174,8 @@ class JwtVerifier:
 
     async def _check_signature(
         self, issuer: _Issuer, obj: jws.CompactSignature, header: dict[str, str]
-    ) -> None:
+    ) -> Key:
+        """The key that verified the token's signature."""
         key = await self._key(issuer, header.get("kid"))
         try:
             valid = jws.validate_compact(obj, key, registry=issuer.registry)
@@ -149,6 +184,7 @@ class JwtVerifier:
             raise InvalidToken("signing key does not match algorithm") from None
         if not valid:
             raise InvalidToken("bad signature")
+        return key
 
     async def aclose(self) -> None:
         if self._owns_http:
