@@ -140,6 +140,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    side: bool = False  # the upstream or a helper, not a proxy under test
 
     @property
     def pid(self) -> int:
@@ -178,8 +179,10 @@ class Pinning:
     """Which CPUs the proxy under test runs on, and which the load generator and the upstream share.
 
     Pinned, the proxy has a core of its own: calls/s then measures the proxy, not how the scheduler
-    shared two cores among the three, and runs vary less. Set before exec, so every thread and process
-    the proxy starts inherits it (ContextForge's workers, Arbiter's SQLite thread).
+    shared two cores among the three, and runs vary less. Side processes are pinned from the start;
+    proxies once they are all up (``Fleet.pin_proxies``: a dozen servers starting together on one core
+    missed their start-up timeout), every thread of every process in their trees, so whatever they
+    start later inherits it (ContextForge's workers, Arbiter's SQLite thread).
     """
 
     proxy: frozenset[int]
@@ -218,7 +221,7 @@ class Fleet:
     ) -> Proc:
         """Start a server; a proxy under test unless ``side`` (the upstream and other helpers)."""
         log = self.workdir / f"{name}.log"
-        cpus = None if self.pinning is None else self.pinning.side if side else self.pinning.proxy
+        cpus = self.pinning.side if self.pinning is not None and side else None
 
         def prepare() -> None:
             _die_with_parent()
@@ -238,9 +241,22 @@ class Fleet:
                 start_new_session=True,
                 preexec_fn=prepare,
             )
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, side)
         self._procs.append(proc)
         return proc
+
+    def pin_proxies(self) -> None:
+        """Move every proxy's process tree, thread by thread, onto the proxies' CPUs."""
+        if self.pinning is None:
+            return
+        for proc in self._procs:
+            if proc.side or not proc.alive():
+                continue
+            for pid in (proc.pid, *descendants(proc.pid)):
+                with contextlib.suppress(OSError):  # a thread or process that just ended
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        with contextlib.suppress(OSError):
+                            os.sched_setaffinity(int(tid), self.pinning.proxy)
 
     def stop(self, proc: Proc) -> None:
         if proc.alive():

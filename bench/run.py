@@ -323,6 +323,7 @@ def run_rounds(ctx: Ctx, targets: list[Target], opts: Options, report: Report) -
 def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, interval: float) -> int:
     """Hold ``tools/call`` load on Arbiter with all governance on; sample its RSS over time."""
     target = setup_arbiter(ctx, ARBITER_GOV, cleanup)[0]
+    ctx.fleet.pin_proxies()
     proc = target.proc
     assert proc is not None
     warmup_s = min(60.0, seconds * 0.1)
@@ -550,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets = start_targets(ctx, selected, cleanup, skipped, pool)
             for name, why in skipped.items():
                 print(f"  skipped {name}: {why}", flush=True)
+            fleet.pin_proxies()
             print(f"set up in {time.monotonic() - t_start:.0f} s; measuring", flush=True)
             report = Report(
                 config={},

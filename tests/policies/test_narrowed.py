@@ -66,7 +66,7 @@ def _full_scan(engine: PolicyEngine) -> PolicyEngine:
 def test_narrowed_decisions_are_the_full_scans() -> None:
     rng = random.Random(1207)
     compared = narrowed_used = 0
-    for seed in range(60):
+    for seed in range(30):
         rules = _policy(rng)
         engine, reference = PolicyEngine(rules, seed), _full_scan(PolicyEngine(rules, seed))
         for caller in CALLERS:
@@ -78,8 +78,8 @@ def test_narrowed_decisions_are_the_full_scans() -> None:
                         assert got == want, (rules, caller, obj, args, hints)
                         compared += 1
         narrowed_used += engine.cache_sizes()["narrowed"]
-    assert compared == 60 * len(CALLERS) * len(TARGETS) * len(ARGS) * 2
-    assert narrowed_used > 100  # the narrowed path really decided most of these
+    assert compared == 30 * len(CALLERS) * len(TARGETS) * len(ARGS) * 2
+    assert narrowed_used > 50  # the narrowed path really decided most of these
 
 
 def test_evaluators_are_not_shared_between_threads() -> None:
