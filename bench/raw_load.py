@@ -83,7 +83,10 @@ class Replay:
             return f"{type(exc).__name__}: {str(exc)[:200]}"
         if status != 200:
             return f"HTTP {status}: {raw[:200]!r}"
-        message = _answer(raw, ctype, rid)
+        try:
+            message = _answer(raw, ctype, rid)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            return f"unreadable answer ({type(exc).__name__}): {raw[:200]!r}"
         if message is None:
             return f"no answer with id {rid} in {raw[:200]!r}"
         if "error" in message:
@@ -129,7 +132,8 @@ async def replay_session(concurrency: int) -> AsyncGenerator[aiohttp.ClientSessi
     """Pooled connections with room for every request in flight (no connection churn mid-run)."""
     connector = aiohttp.TCPConnector(limit=concurrency + 8, keepalive_timeout=60.0)
     timeout = aiohttp.ClientTimeout(total=30.0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as http:
+    # Compressed answers are decompressed, as the SDK's client does (ContextForge gzips its tools/list).
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         yield http
 
 

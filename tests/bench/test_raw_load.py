@@ -7,6 +7,7 @@ SSE stream. A loopback aiohttp server plays the proxy, answering as each case sa
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -48,6 +49,7 @@ CASES: dict[str, tuple[Answer, bool]] = {
         lambda b: ("application/json", json.dumps({**_result(b), "note": "\ud800"}).encode()),
         True,
     ),
+    "gzip-compressed json": (lambda b: ("application/json", gzip.compress(orjson.dumps(_result(b)))), True),
     "another id": (lambda b: _json({**_result(b), "id": b["id"] + 1}), False),
     "another text": (lambda b: _json(_result(b, "hello")), False),
     "an error": (
@@ -58,6 +60,7 @@ CASES: dict[str, tuple[Answer, bool]] = {
         lambda b: _json({"jsonrpc": "2.0", "id": b["id"], "result": {"isError": True, "content": []}}),
         False,
     ),
+    "not json": (lambda b: ("application/json", b"\x1f\x8bnot json"), False),
     "sse without the answer": (lambda b: _sse({"jsonrpc": "2.0", "method": "notifications/message"}), False),
 }
 
@@ -71,7 +74,10 @@ async def proxy() -> AsyncIterator[tuple[str, list[Answer], list[dict[str, Any]]
         body = orjson.loads(await request.read())
         seen.append(body)
         ctype, raw = answers[0](body)
-        return web.Response(body=raw, content_type=ctype.split(";")[0])
+        response = web.Response(body=raw, content_type=ctype.split(";")[0])
+        if raw[:2] == b"\x1f\x8b":
+            response.headers["Content-Encoding"] = "gzip"
+        return response
 
     app = web.Application()
     app.router.add_post("/mcp", handle)
