@@ -4,9 +4,11 @@ Casbin's scan of the whole policy gives. Random policies and requests pin the tw
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import threading
+import weakref
 from typing import Any
 
 from arbiter.policies.engine import PolicyEngine, Subject
@@ -111,3 +113,34 @@ def test_evaluators_are_not_shared_between_threads() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert wrong == []
+
+
+def test_objects_under_the_same_rules_share_one_narrowed_enforcer() -> None:
+    # resources/read names a new object for every URI: the enforcer is chosen by the rules that could
+    # match, not by the object, so a thousand URIs build one.
+    rules = [
+        Rule.allow("role:support", "fs/file:*", "read", cond="r.sub.tenant == 'acme'"),
+        Rule.deny("*", "fs/file:///etc/*", "read"),
+        *(Rule.allow("role:support", f"crm/tool_{i}", "call") for i in range(20)),
+    ]
+    engine = PolicyEngine(rules, 1)
+    caller = Subject("alice", "acme", ("support",))
+    for i in range(1000):
+        assert engine.decide(caller, f"fs/file:///srv/doc-{i}.txt", "read", {"n": i}).allowed
+    assert not engine.decide(caller, "fs/file:///etc/passwd", "read", {"n": 0}).allowed
+    assert engine.cache_sizes()["narrowed"] == 2  # the /srv URIs' rule set, and /etc's
+
+
+class _Args(dict[str, Any]):
+    """Arguments that can be watched with a weak reference."""
+
+
+def test_no_evaluator_keeps_a_calls_arguments_alive() -> None:
+    rules = [Rule.allow("role:support", "crm/refund", "call", cond="r.args.amount <= 100")]
+    engine = PolicyEngine(rules, 1)
+    args = _Args(amount=5, note="x" * 100_000)
+    watch = weakref.ref(args)
+    assert engine.decide(Subject("alice", "acme", ("support",)), "crm/refund", "call", args).allowed
+    del args
+    gc.collect()
+    assert watch() is None

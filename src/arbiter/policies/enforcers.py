@@ -52,6 +52,17 @@ class _ParsedOnce:
             found.functions.update(functions)
         return found
 
+    def enforce_ex(self, *rvals: Any) -> Any:
+        try:
+            return super().enforce_ex(*rvals)  # pyright: ignore[reportUnknownMemberType, reportAttributeAccessIssue, reportUnknownVariableType]
+        finally:
+            # Casbin leaves the last rule's parameters (the request's arguments among them) on the
+            # evaluator; a reused one must not keep them alive until the next decision.
+            parsed: _Parsed | None = self.__dict__.get("_parsed")
+            if parsed is not None:
+                for found in parsed.by_text.values():
+                    found.names = {}
+
 
 class Enforcer(_ParsedOnce, casbin.Enforcer):  # pyright: ignore[reportUntypedBaseClass, reportIncompatibleMethodOverride]
     """``casbin.Enforcer`` with its matchers parsed once per thread."""

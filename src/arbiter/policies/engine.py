@@ -49,9 +49,10 @@ _CACHE_MAX = 50_000
 # single use, and each holds the arguments' fingerprint (~600 bytes). A soak with distinct arguments on
 # every call grew RSS by ~50 MB while 50,000 of them filled the cache; 10,000 hold ~6 MB.
 _ARGS_CACHE_MAX = 10_000
-_REACH_CACHE_MAX = 4096
-# Narrowed enforcers (PolicyEngine._narrowed): one per policy identity and conditional target in use.
-_NARROW_MAX = 1024  # distinct (roles, tenant scope) combinations, not callers
+_REACH_CACHE_MAX = 4096  # distinct (roles, tenant scope) combinations, not callers
+# Narrowed enforcers (PolicyEngine._narrowed), one per distinct set of rules that could match: a
+# property of the policy, so few; each holds a Casbin model (~30 KB).
+_NARROW_MAX = 256
 _ALL_FIELDS = frozenset(SUBJECT_FIELDS)
 
 Reason = Literal["allowed", "approval_required", "denied_by_rule", "no_matching_rule"]
@@ -150,7 +151,8 @@ class PolicyEngine:
         self._arg_decisions: FIFOCache[tuple[object, ...], Decision] = FIFOCache(_ARGS_CACHE_MAX)
         self._visible: FIFOCache[tuple[object, ...], bool] = FIFOCache(_CACHE_MAX)
         self._targets: FIFOCache[tuple[str, str], tuple[bool, frozenset[str]]] = FIFOCache(_CACHE_MAX)
-        self._narrow: FIFOCache[tuple[object, ...], Any] = FIFOCache(_NARROW_MAX)
+        self._candidates: FIFOCache[tuple[object, ...], tuple[int, ...]] = FIFOCache(_CACHE_MAX)
+        self._narrow: FIFOCache[tuple[int, ...], Any] = FIFOCache(_NARROW_MAX)
 
     @classmethod
     async def load_into(cls, enforcer: Any, adapter: Any) -> PolicyEngine:
@@ -221,25 +223,29 @@ class PolicyEngine:
         """
         key = (caller.reach, tenant_key, obj, act)
         try:
-            return self._narrow[key]
+            which = self._candidates[key]
+        except KeyError:
+            tenant = caller.subject.tenant
+            which = self._candidates[key] = tuple(
+                i
+                for i, r in enumerate(self.rules)
+                if r.ptype == "p"
+                and r.values[3] == act
+                and object_matches(obj, r.values[2])
+                and _tenant_matches(tenant, r.values[1])
+                and self._subject_match(caller, r.values[0], tenant)
+            )
+        # Keyed by the rules, not the object: every URI a resource rule covers shares one enforcer.
+        try:
+            return self._narrow[which]
         except KeyError:
             pass
-        tenant = caller.subject.tenant
-        rules = [
-            r
-            for r in self.rules
-            if r.ptype == "p"
-            and r.values[3] == act
-            and object_matches(obj, r.values[2])
-            and _tenant_matches(tenant, r.values[1])
-            and self._subject_match(caller, r.values[0], tenant)
-        ]
         enforcer: Any = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
         _configure(enforcer)
         enforcer.add_function("subjectMatch", self._subject_match)
-        enforcer.set_adapter(_RulesAdapter(rules))
+        enforcer.set_adapter(_RulesAdapter([self.rules[i] for i in which]))
         enforcer.load_policy()
-        self._narrow[key] = enforcer
+        self._narrow[which] = enforcer
         return enforcer
 
     def _target(self, obj: str, act: str) -> tuple[bool, frozenset[str]]:
@@ -319,6 +325,7 @@ class PolicyEngine:
             "visible": len(self._visible),
             "targets": len(self._targets),
             "narrowed": len(self._narrow),
+            "candidates": len(self._candidates),
             **self._roles.cache_sizes(),
         }
 
@@ -604,7 +611,10 @@ def _condition(cond: str, eft: str, sub: _Caller | Subject, args: Mapping[str, A
         tree: ast.Expression = compile_condition(cond)
         evaluator = _evaluator()
         evaluator.names = {"r": _RequestView(subject, args)}
-        outcome: object = evaluator.eval(cond, previously_parsed=tree.body)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        try:
+            outcome: object = evaluator.eval(cond, previously_parsed=tree.body)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        finally:
+            evaluator.names = {}  # the reused evaluator must not keep this call's arguments alive
         return bool(outcome)  # pyright: ignore[reportUnknownArgumentType]
     except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated must fail closed
         # E.g. comparing a string with a number: an allow rule then does not match, a deny rule does, and
