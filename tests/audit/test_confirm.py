@@ -79,6 +79,11 @@ def test_light_counts_arguments_and_messages_against_its_budget() -> None:
     assert not light([small] * 20, budget=100)  # the budget is for the whole batch
     told = Event(kind="mcp", decision="deny", reason="x", actor={}, outcome={"message": "m" * 5000})
     assert not light([told])
+    chatty = Event(kind="mcp", decision="allow", reason="ok", actor={}, client_info={"name": "n" * 5000})
+    assert not light([chatty])  # what the client says it is gets redacted too
+    many = {str(i): 1 for i in range(10**5)}
+    huge = Event(kind="mcp", decision="allow", reason="ok", actor={}, arguments=many)
+    assert not light([huge])
     admin = Event(kind="admin", decision="allow", reason="ok", actor={}, admin={"after": {}})
     assert not light([admin])  # admin changes are rendered off the loop whatever their size
 

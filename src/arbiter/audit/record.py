@@ -145,18 +145,22 @@ def light(events: Sequence[Event], budget: int = LIGHT_CHARS) -> bool:
     for event in events:
         if event.admin is not None:
             return False
-        message = event.outcome.get("message")
-        if isinstance(message, str):
-            left -= len(message)
+        # Everything the renderer redacts: the arguments, the message, and what the client says it is.
+        # (A definition is hashed once per catalog entry, whatever its size, and is not counted.)
+        stack.append(event.outcome.get("message"))
         if event.arguments is not None:
             stack.append(event.arguments)
-        while stack and left >= 0:
+        if event.client_info is not None:
+            stack.append(event.client_info)
+        while stack:
             node = stack.pop()
             if isinstance(node, str):
                 left -= len(node)
             elif isinstance(node, Mapping):
                 items = cast(Mapping[Any, Any], node)
                 left -= 2 * len(items)
+                if left < 0:  # before walking a huge mapping's keys
+                    return False
                 for key, value in items.items():
                     if isinstance(key, str):
                         left -= len(key)
@@ -164,11 +168,13 @@ def light(events: Sequence[Event], budget: int = LIGHT_CHARS) -> bool:
             elif isinstance(node, list | tuple):
                 seq = cast(Sequence[Any], node)
                 left -= len(seq)
+                if left < 0:
+                    return False
                 stack.extend(seq)
-            else:
+            elif node is not None:
                 left -= 8
-        if left < 0:
-            return False
+            if left < 0:
+                return False
     return True
 
 
