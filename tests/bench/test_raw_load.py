@@ -85,7 +85,7 @@ async def proxy() -> AsyncIterator[tuple[str, list[Answer], list[dict[str, Any]]
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # pyright: ignore[reportOptionalMemberAccess, reportPrivateUsage, reportUnknownMemberType]
+    port = runner.addresses[0][1]  # the port the OS chose
     try:
         yield f"http://127.0.0.1:{port}/mcp", answers, seen
     finally:
