@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -128,10 +128,7 @@ class PolicyEngine:
         self.rules = tuple(rules)
         self.version = version
         if enforcer is None:
-            enforcer = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
-            _configure(enforcer)
-            enforcer.set_adapter(_RulesAdapter(self.rules))
-            enforcer.load_policy()
+            enforcer = _enforcer_over(self.rules)
         self._enforcer = enforcer
         # Casbin's role manager looks through max_hierarchy_level levels, the member itself the first.
         levels: int = getattr(enforcer.get_role_manager(), "max_hierarchy_level", 10)
@@ -220,26 +217,15 @@ class PolicyEngine:
         try:
             which = self._candidates[key]
         except KeyError:
-            tenant = caller.subject.tenant
-            which = self._candidates[key] = tuple(
-                i
-                for i, r in enumerate(self.rules)
-                if r.ptype == "p"
-                and r.values[3] == act
-                and object_matches(obj, r.values[2])
-                and _tenant_matches(tenant, r.values[1])
-                and self._subject_match(caller, r.values[0], tenant)
-            )
+            found = self._applicable(caller.reach, caller.subject.tenant, obj, act)
+            which = self._candidates[key] = tuple(i for i, _ in found)
         # Keyed by the rules, not the object: every URI a resource rule covers shares one enforcer.
         try:
             return self._narrow[which]
         except KeyError:
             pass
-        enforcer: Any = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
-        _configure(enforcer)
+        enforcer = _enforcer_over([self.rules[i] for i in which])
         enforcer.add_function("subjectMatch", self._subject_match)
-        enforcer.set_adapter(_RulesAdapter([self.rules[i] for i in which]))
-        enforcer.load_policy()
         self._narrow[which] = enforcer
         return enforcer
 
@@ -292,15 +278,22 @@ class PolicyEngine:
         """The ``p`` rules that apply to ``sub`` doing ``act`` on ``obj``, conditions not evaluated, in
         policy order: what ``m`` would match if every condition held (for access reports)."""
         reach = self._roles.named_reach(sub, sub.tenant)
-        return [
-            r
-            for r in self.rules
-            if r.ptype == "p"
-            and r.values[3] == act
-            and (r.values[0] == "*" or r.values[0] in reach)
-            and _tenant_matches(sub.tenant, r.values[1])
-            and object_matches(obj, r.values[2])
-        ]
+        return [r for _, r in self._applicable(reach, sub.tenant, obj, act)]
+
+    def _applicable(
+        self, reach: frozenset[str], tenant: str, obj: str, act: str
+    ) -> Iterator[tuple[int, Rule]]:
+        """The ``p`` rules (with their positions) whose action, subject, tenant and object match: the
+        terms of ``m`` and ``m3`` before the condition, for a caller reaching ``reach`` in ``tenant``."""
+        for i, r in enumerate(self.rules):
+            if (
+                r.ptype == "p"
+                and r.values[3] == act
+                and (r.values[0] == "*" or r.values[0] in reach)
+                and _tenant_matches(tenant, r.values[1])
+                and object_matches(obj, r.values[2])
+            ):
+                yield i, r
 
     def names(self, principal: Principal, subject: str) -> bool:
         """Is ``principal`` the policy subject ``subject`` (``user:<sub>``, ``role:<name>``) in its tenant,
@@ -416,6 +409,15 @@ class _RoleGraph:
     def _scope(self, tenant: str) -> str:
         # A tenant no link names sees only the `*` links: all such tenants share one scope.
         return tenant if tenant in self._links else "*"
+
+
+def _enforcer_over(rules: Sequence[Rule]) -> Any:
+    """A configured enforcer holding ``rules`` (the engine adds ``subjectMatch``, which needs it)."""
+    enforcer: Any = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
+    _configure(enforcer)
+    enforcer.set_adapter(_RulesAdapter(rules))
+    enforcer.load_policy()
+    return enforcer
 
 
 def _configure(enforcer: Any) -> None:
