@@ -16,6 +16,7 @@ one hand-off to the driver's thread) and stores the batch only if the head is st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -56,7 +57,9 @@ class AuditStore:
         self._render = render
         self._holding = False  # see holding()
         self._held: AsyncConnection | None = None
-        self._held_lock = anyio.Lock()
+        self._held_tx: t.Append | None = None  # the statements for _held, made when it was connected
+        # asyncio's lock: the writer runs on asyncio, and anyio's yields to the loop even when free.
+        self._held_lock = asyncio.Lock()
         # The head as this store's last append left it: the next one is sealed after it (see _append).
         self._head: Head | None = None
 
@@ -77,14 +80,16 @@ class AuditStore:
             return 0
         if not self._holding:
             async with self._engine.connect() as conn:
-                return await self._append(conn, bodies, dedupe)
+                return await self._append(conn, await t.appender(conn), bodies, dedupe)
         async with self._held_lock:
             while True:
                 fresh = self._held is None
-                if self._held is None:
+                if self._held is None or self._held_tx is None:
                     self._held = await self._engine.connect()
+                    # Once per connection: finding the driver's connection is a greenlet hand-off.
+                    self._held_tx = await t.appender(self._held)
                 try:
-                    return await self._append(self._held, bodies, dedupe)
+                    return await self._append(self._held, self._held_tx, bodies, dedupe)
                 except DBAPIError as exc:
                     await self._release()
                     if fresh or not exc.connection_invalidated:
@@ -97,8 +102,9 @@ class AuditStore:
                 # before the connection went, so records already stored are skipped.
                 dedupe = True
 
-    async def _append(self, conn: AsyncConnection, bodies: Sequence[dict[str, Any]], dedupe: bool) -> int:
-        tx = await t.appender(conn)
+    async def _append(
+        self, conn: AsyncConnection, tx: t.Append, bodies: Sequence[dict[str, Any]], dedupe: bool
+    ) -> int:
         known = self._head
         if tx.one_trip and known is not None and not dedupe:
             # Sealed after the head this store last wrote, stored in one trip only if that is still
@@ -153,7 +159,7 @@ class AuditStore:
             await self._release()
 
     async def _release(self) -> None:
-        conn, self._held = self._held, None
+        conn, self._held, self._held_tx = self._held, None, None
         if conn is not None:
             with anyio.CancelScope(shield=True):  # also when the write was cancelled: never leaked
                 await conn.close()
