@@ -33,6 +33,10 @@ class MemoryBackend:
         self._spent: dict[str, int] = {}  # "<counter>:<period>" -> micro-units
         self._spent_expiry: dict[str, float] = {}
         self._requests: dict[str, float] = {}  # request key -> expiry
+        # Per hold time, keys in the order they were taken: with one hold time they expire in that
+        # order, so each admit drops the expired ones at the front and the table stays at rate x hold
+        # instead of growing until the next sweep (the handshake era takes a key with every call).
+        self._request_order: dict[float, deque[str]] = {}
         self._track_spend = track_spend
         self._spend_deltas: dict[str, int] = {}
         self._admits = 0  # since the last sweep
@@ -46,6 +50,7 @@ class MemoryBackend:
         self._admits += 1
         if self._admits >= max(_SWEEP_EVERY, self._kept) or self._size() >= max(_SWEEP_EVERY, 2 * self._kept):
             self.sweep(now)
+        self._expire_requests(now)
         if plan.request_key is not None and self._requests.get(plan.request_key, 0.0) > now:
             return Verdict("duplicate", now)  # in flight or committed: refused, takes nothing
         tokens: list[float] = []
@@ -84,7 +89,19 @@ class MemoryBackend:
         if charged and plan.request_key is not None:
             # Held from admission on (not from commit), so a copy arriving while it runs is refused.
             self._requests[plan.request_key] = now + plan.request_ttl_s
+            order = self._request_order.get(plan.request_ttl_s)
+            if order is None:
+                order = self._request_order[plan.request_ttl_s] = deque()
+            order.append(plan.request_key)
         return Verdict("ok", now, charged=tuple(charged))
+
+    def _expire_requests(self, now: float) -> None:
+        # A key refunded and taken again is in its queue twice; the first stops the queue until the
+        # second expires (at most one hold time), and the sweep still drops anything left behind.
+        requests = self._requests
+        for order in self._request_order.values():
+            while order and requests.get(order[0], 0.0) <= now:
+                requests.pop(order.popleft(), None)
 
     async def refund(self, charged: Sequence[str], cost_micros: int, request_key: str | None) -> None:
         for key in charged:
