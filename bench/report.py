@@ -466,13 +466,25 @@ def soak_chart(points: Sequence[dict[str, float]], warmup_s: float, path: Path, 
     return None
 
 
+# limits.session_request_key_ttl_s by default: how long the soak's handshake-era calls leave a key.
+_KEY_HOLD_S = 120
+
+
 def soak_markdown(summary: dict[str, Any], points: Iterable[dict[str, float]], command: str) -> str:
     lines = [
         "# Arbiter soak: memory under steady load",
         "",
         f"Run {summary['started']} with `{command}`: {summary['label']}, {summary['concurrency']} requests "
         f"in flight ({summary['concurrency'] // 2} per era, both eras) of `tools/call` for "
-        f"{summary['seconds']:.0f} s; RSS sampled every {summary['interval_s']:g} s.",
+        f"{summary['warmup_s']:.0f} s of warm-up and then the {summary['seconds']:.0f} s judged; RSS sampled "
+        f"every {summary['interval_s']:g} s. "
+        + (
+            f"The warm-up outlasts the {_KEY_HOLD_S} s a handshake-era call's request key is held "
+            "(limits.session_request_key_ttl_s), the longest-lived state a call leaves behind."
+            if summary["warmup_s"] > _KEY_HOLD_S
+            else f"The warm-up is shorter than the {_KEY_HOLD_S} s a handshake-era call's request key is "
+            "held (limits.session_request_key_ttl_s): those keys still accumulate in the judged time."
+        ),
         "",
         f"- requests: {summary['calls']} ({summary['calls_per_s']:.1f}/s), failed: {summary['errors']}",
         f"- RSS at the end of warm-up ({summary['warmup_s']:.0f} s): {summary['rss_warm_mb']:.1f} MB; "

@@ -2,7 +2,7 @@
 
     make bench                                   # builds the peers' virtualenvs, then runs this
     .venv/bin/python bench/run.py [--only arbiter,bare] [--reps 3] [--calls 1000] [--quick]
-    .venv/bin/python bench/run.py --soak 600     # ten minutes of load on Arbiter, memory over time
+    .venv/bin/python bench/run.py --soak 600     # a warm-up, then ten minutes of load: memory over time
 
 Starts ``bench/upstream.py`` (an ``echo`` tool among 100) on loopback and, in front of it: the bare SDK
 pass-through (``bench/bare_proxy.py``), FastMCP's proxy (``create_proxy`` default and with a reused
@@ -320,18 +320,25 @@ def run_rounds(ctx: Ctx, targets: list[Target], opts: Options, report: Report) -
 # ---------------------------------------------------------------------------------------------- soak
 
 
-def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, interval: float) -> int:
-    """Hold ``tools/call`` load on Arbiter with all governance on; sample its RSS over time."""
+def soak(
+    ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, interval: float, warmup_s: float
+) -> int:
+    """Hold ``tools/call`` load on Arbiter with all governance on for ``warmup_s`` and then ``seconds``
+    more; sample its RSS over time and judge it over the ``seconds`` after the warm-up."""
     target = setup_arbiter(ctx, ARBITER_GOV, cleanup)[0]
     ctx.fleet.pin_proxies()
     proc = target.proc
     assert proc is not None
-    warmup_s = min(60.0, seconds * 0.1)
+    total = warmup_s + seconds
     concurrency = 32
     points: list[dict[str, float]] = []
     bursts = [Burst(), Burst()]
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    print(f"soak: {seconds:.0f} s of tools/call on {target.label}, {concurrency} in flight", flush=True)
+    print(
+        f"soak: {warmup_s:.0f} s of warm-up and {seconds:.0f} s of tools/call on {target.label}, "
+        f"{concurrency} in flight",
+        flush=True,
+    )
 
     async def go() -> None:
         captures = Capture(), Capture()
@@ -349,8 +356,8 @@ def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, in
             async def sampler() -> None:
                 last_done, last_t = 0, t0
                 points.append({"t_s": 0.0, "rss_mb": proc.rss_mb(), "calls_per_s": 0.0, "errors": 0.0})
-                while time.perf_counter() - t0 < seconds:
-                    await anyio.sleep(min(interval, max(0.0, seconds - (time.perf_counter() - t0))))
+                while time.perf_counter() - t0 < total:
+                    await anyio.sleep(min(interval, max(0.0, total - (time.perf_counter() - t0))))
                     now = time.perf_counter()
                     done = sum(b.done for b in bursts)
                     point = {
@@ -370,7 +377,7 @@ def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, in
             async with anyio.create_task_group() as tg:
                 tg.start_soon(sampler)
                 for send, burst in zip(senders, bursts, strict=True):
-                    tg.start_soon(load, send, 10**9, concurrency // 2, seconds, burst)
+                    tg.start_soon(load, send, 10**9, concurrency // 2, total, burst)
 
     run_async(go)
     after = [p for p in points if p["t_s"] >= warmup_s]
@@ -387,7 +394,7 @@ def soak(ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, in
         "concurrency": concurrency,
         "warmup_s": warmup_s,
         "calls": calls,
-        "calls_per_s": calls / seconds,
+        "calls_per_s": calls / total,
         "errors": sum(b.errors for b in bursts),
         "first_error": bursts[0].first_error or bursts[1].first_error,
         "rss_warm_mb": rss_warm,
@@ -463,6 +470,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="results file name (default latest; quick with --quick)")
     p.add_argument("--soak", type=float, metavar="SECONDS", help="hold load on Arbiter; report RSS over time")
     p.add_argument("--soak-interval", type=float, default=5.0, help="RSS sampling interval in the soak (5 s)")
+    p.add_argument(
+        "--soak-warmup",
+        type=float,
+        default=150.0,
+        help="load before the soak's measured SECONDS (150 s: past the 120 s a handshake-era call's "
+        "request key is held, the longest-lived per-call state in this configuration)",
+    )
     p.add_argument(
         "--replot", type=Path, metavar="JSON", help="only rewrite the markdown and chart from a results JSON"
     )
@@ -546,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream, upstream_url = start_upstream(fleet)
             ctx = Ctx(fleet, workdir, upstream_url, upstream, jwks)
             if args.soak:
-                return soak(ctx, cleanup, args.soak, args.out, command, args.soak_interval)
+                return soak(ctx, cleanup, args.soak, args.out, command, args.soak_interval, args.soak_warmup)
             print(f"starting {', '.join(selected)} ...", flush=True)
             targets = start_targets(ctx, selected, cleanup, skipped, pool)
             for name, why in skipped.items():
