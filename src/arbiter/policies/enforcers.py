@@ -1,4 +1,4 @@
-"""Casbin enforcers that parse each matcher once.
+"""Casbin enforcers for Arbiter's model: its rules loaded as Casbin policy, each matcher parsed once.
 
 pycasbin's ``enforce_ex`` hands the matcher's text to ``_get_expression`` on every call, which parses it
 with ``ast.parse`` into a fresh ``SimpleEval`` (copying its operator and function tables) before a
@@ -15,10 +15,19 @@ never re-enters the enforcer (the matcher's functions are Arbiter's own and deci
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from importlib.resources import files
 from typing import Any
 
 import casbin  # pyright: ignore[reportMissingTypeStubs]
 from casbin.core_enforcer import CoreEnforcer  # pyright: ignore[reportMissingTypeStubs]
+from casbin.model import Model  # pyright: ignore[reportMissingTypeStubs]
+from casbin.persist.adapter import Adapter  # pyright: ignore[reportMissingTypeStubs]
+
+from arbiter.policies.approvers import is_approve
+from arbiter.policies.rules import Rule
+
+MODEL_TEXT = (files("arbiter.policies") / "model.conf").read_text(encoding="utf-8")
 
 # The model's matchers (m, m2, m3, m4) are the only texts; a model using eval() would make one per
 # rule, so the map is cleared rather than let grow past this.
@@ -70,3 +79,19 @@ class Enforcer(_ParsedOnce, casbin.Enforcer):  # pyright: ignore[reportUntypedBa
 
 class AsyncEnforcer(_ParsedOnce, casbin.AsyncEnforcer):  # pyright: ignore[reportUntypedBaseClass, reportIncompatibleMethodOverride]
     """``casbin.AsyncEnforcer`` with its matchers parsed once per thread."""
+
+
+class RulesAdapter(Adapter):  # pyright: ignore[reportUntypedBaseClass]
+    """Loads validated rules held in memory (a policy file, a dry-run candidate, or the database's)."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self._rules = rules
+
+    def load_policy(self, model: Model) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
+        for rule in self._rules:
+            model.add_policy(rule.ptype, casbin_ptype(rule), list(rule.values))  # pyright: ignore[reportUnknownMemberType]
+
+
+def casbin_ptype(rule: Rule) -> str:
+    """The Casbin policy type a rule is loaded as: ``p2`` for approve rules (model.conf), else its own."""
+    return "p2" if rule.ptype == "p" and is_approve(rule.values[4]) else rule.ptype

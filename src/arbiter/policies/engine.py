@@ -4,8 +4,7 @@ An engine never changes: a new policy version is a new engine, swapped in whole,
 decided by exactly one version and every cache below dies with the version it was computed from.
 
 Nothing here grows with the number of distinct callers. Role links are followed in Arbiter's own map
-of the ``g`` rules (pycasbin's role manager would make every caller a node of its role graph and scan
-them all on each decision), and decisions are cached per *policy identity*: callers the policy cannot
+of the ``g`` rules (``roles.py``), and decisions are cached per *policy identity*: callers the policy cannot
 tell apart (the same named subjects reached, the same tenant where a rule names it, the same subject
 fields read by a condition that could apply) share one entry.
 """
@@ -18,23 +17,19 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.resources import files
 from typing import Any, Literal
 
 import casbin  # pyright: ignore[reportMissingTypeStubs]
 from cachetools import FIFOCache
 from casbin.core_enforcer import EnforceContext  # pyright: ignore[reportMissingTypeStubs]
-from casbin.model import Model  # pyright: ignore[reportMissingTypeStubs]
-from casbin.persist.adapter import Adapter  # pyright: ignore[reportMissingTypeStubs]
 
 from arbiter.auth.principal import Principal
 from arbiter.globs import glob_match
-from arbiter.policies.approvers import is_approve
 from arbiter.policies.conditions import CallArgs, holds
-from arbiter.policies.enforcers import Enforcer
+from arbiter.policies.enforcers import MODEL_TEXT, Enforcer, RulesAdapter, casbin_ptype
+from arbiter.policies.roles import RoleGraph
 from arbiter.policies.rules import SUBJECT_FIELDS, Rule, compile_condition
 
-MODEL_TEXT = (files("arbiter.policies") / "model.conf").read_text(encoding="utf-8")
 _VISIBILITY = EnforceContext(rtype="r", ptype="p", etype="e", mtype="m2")
 # Approve rules live under their own policy type (model.conf): m3 decides with conditions, m4 for lists.
 _APPROVAL = EnforceContext(rtype="r", ptype="p2", etype="e", mtype="m3")
@@ -44,7 +39,6 @@ _CACHE_MAX = 50_000
 # single use, and each holds the arguments' fingerprint (~600 bytes). A soak with distinct arguments on
 # every call grew RSS by ~50 MB while 50,000 of them filled the cache; 10,000 hold ~6 MB.
 _ARGS_CACHE_MAX = 10_000
-_REACH_CACHE_MAX = 4096  # distinct (roles, tenant scope) combinations, not callers
 # Narrowed enforcers (PolicyEngine._narrowed), one per distinct set of rules that could match: a
 # property of the policy, so few; each holds a Casbin model (~30 KB).
 _NARROW_MAX = 256
@@ -110,17 +104,6 @@ class Decision:
         }
 
 
-class _RulesAdapter(Adapter):  # pyright: ignore[reportUntypedBaseClass]
-    """Loads validated rules held in memory (a policy file, a dry-run candidate, or the database's)."""
-
-    def __init__(self, rules: Sequence[Rule]) -> None:
-        self._rules = rules
-
-    def load_policy(self, model: Model) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
-        for rule in self._rules:
-            model.add_policy(rule.ptype, casbin_ptype(rule), list(rule.values))  # pyright: ignore[reportUnknownMemberType]
-
-
 class PolicyEngine:
     """Decides requests against one policy version; decisions and visibility are cached per version."""
 
@@ -132,7 +115,7 @@ class PolicyEngine:
         self._enforcer = enforcer
         # Casbin's role manager looks through max_hierarchy_level levels, the member itself the first.
         levels: int = getattr(enforcer.get_role_manager(), "max_hierarchy_level", 10)
-        self._roles = _RoleGraph(self.rules, hops=levels - 1)
+        self._roles = RoleGraph(self.rules, hops=levels - 1)
         self._tenants = frozenset(r.values[1] for r in self.rules if r.ptype == "p" and r.values[1] != "*")
         self._approvals = any(casbin_ptype(r) == "p2" for r in self.rules)  # else m3/m4 never run
         # Registered here rather than in _configure: it answers from this engine's role map.
@@ -169,7 +152,7 @@ class PolicyEngine:
         needs_args, fields = self._target(obj, act)
         if annotations and needs_args:  # only a conditional rule can read them
             args = CallArgs(args, annotations)
-        reach = self._roles.named_reach(sub, sub.tenant)
+        reach = self._roles.named_reach(sub.subject, sub.roles, sub.tenant)
         key = (
             reach,
             sub.tenant if sub.tenant in self._tenants else None,
@@ -246,7 +229,7 @@ class PolicyEngine:
 
     def visibility_identity(self, sub: Subject) -> tuple[object, ...]:
         """What ``visible`` decides on: callers with equal identities see exactly the same items."""
-        reach = self._roles.named_reach(sub, sub.tenant)
+        reach = self._roles.named_reach(sub.subject, sub.roles, sub.tenant)
         return (self.version, reach, sub.tenant if sub.tenant in self._tenants else None)
 
     def visible(self, principal: Principal | Subject, obj: str, use_action: str) -> bool:
@@ -255,7 +238,7 @@ class PolicyEngine:
         A conditional allow counts (some arguments may pass); a conditional deny does not hide.
         """
         sub = principal if isinstance(principal, Subject) else Subject.of(principal)
-        reach = self._roles.named_reach(sub, sub.tenant)
+        reach = self._roles.named_reach(sub.subject, sub.roles, sub.tenant)
         # m2 evaluates no condition, so the subject's fields never matter here.
         key = (reach, sub.tenant if sub.tenant in self._tenants else None, obj, use_action)
         try:
@@ -277,7 +260,7 @@ class PolicyEngine:
     def matching(self, sub: Subject, obj: str, act: str) -> list[Rule]:
         """The ``p`` rules that apply to ``sub`` doing ``act`` on ``obj``, conditions not evaluated, in
         policy order: what ``m`` would match if every condition held (for access reports)."""
-        reach = self._roles.named_reach(sub, sub.tenant)
+        reach = self._roles.named_reach(sub.subject, sub.roles, sub.tenant)
         return [r for _, r in self._applicable(reach, sub.tenant, obj, act)]
 
     def _applicable(
@@ -323,7 +306,7 @@ class PolicyEngine:
         if isinstance(sub, _Caller) and tenant == sub.subject.tenant:
             return pattern in sub.reach  # computed once per decision, for the same tenant
         subject = sub.subject if isinstance(sub, _Caller) else sub
-        return pattern in self._roles.named_reach(subject, tenant)
+        return pattern in self._roles.named_reach(subject.subject, subject.roles, tenant)
 
 
 class _Caller:
@@ -339,83 +322,11 @@ class _Caller:
         return repr(self.subject)
 
 
-class _RoleGraph:
-    """The ``g`` links of one policy, followed the way Casbin follows them, with no state per caller.
-
-    A link applies in its own tenant, and a ``*`` link in every tenant. A member reaches itself and
-    every role within ``hops`` links of it. Closures are memoised per (member, tenant scope);
-    both come from the policy, so that memo is as small as the policy. Callers' role sets (from their
-    credentials) are memoised in a capped map.
-    """
-
-    def __init__(self, rules: Sequence[Rule], hops: int) -> None:
-        self._hops = hops
-        self._links: dict[str, dict[str, list[str]]] = {}  # tenant -> member -> roles, in rule order
-        for rule in rules:
-            if rule.ptype == "g":
-                member, role, dom = rule.values[:3]
-                roles = self._links.setdefault(dom, {}).setdefault(member, [])
-                if role not in roles:
-                    roles.append(role)
-        self._members = frozenset(m for by_member in self._links.values() for m in by_member)
-        # The subjects `p` rules name: the only identities a decision can turn on.
-        self.named = frozenset(r.values[0] for r in rules if r.ptype == "p" and r.values[0] != "*")
-        self._closures: dict[tuple[str, str], frozenset[str]] = {}
-        self._by_roles: FIFOCache[tuple[tuple[str, ...], str], frozenset[str]] = FIFOCache(_REACH_CACHE_MAX)
-
-    def direct(self, member: str, tenant: str) -> list[str]:
-        """The roles ``member`` is linked to by links of ``tenant`` or of ``*``."""
-        roles = list(self._links.get(tenant, {}).get(member, ()))
-        if tenant != "*":
-            roles += (r for r in self._links.get("*", {}).get(member, ()) if r not in roles)
-        return roles
-
-    def reach(self, member: str, tenant: str) -> frozenset[str]:
-        """``member`` and every role it inherits in ``tenant``."""
-        if member not in self._members:
-            return frozenset((member,))
-        scope = self._scope(tenant)
-        found = self._closures.get((member, scope))
-        if found is None:
-            seen, frontier = {member}, [member]
-            for _ in range(self._hops):
-                frontier = [r for m in frontier for r in self.direct(m, scope) if r not in seen]
-                seen.update(frontier)
-                if not frontier:
-                    break
-            found = self._closures[(member, scope)] = frozenset(seen)
-        return found
-
-    def named_reach(self, sub: Subject, tenant: str) -> frozenset[str]:
-        """Which of the subjects the policy names the caller is in ``tenant``, itself or by its roles."""
-        named = self.named
-        scope = self._scope(tenant)
-        key = (sub.roles, scope)
-        try:
-            by_roles = self._by_roles[key]
-        except KeyError:
-            reached: set[str] = set()
-            for role in sub.roles:
-                reached |= self.reach(f"role:{role}", scope)
-            by_roles = self._by_roles[key] = frozenset(reached & named)
-        user = f"user:{sub.subject}"
-        if user in named or user in self._members:  # a caller the policy names by itself
-            return by_roles | (self.reach(user, scope) & named)
-        return by_roles
-
-    def cache_sizes(self) -> dict[str, int]:
-        return {"role_closures": len(self._closures), "role_sets": len(self._by_roles)}
-
-    def _scope(self, tenant: str) -> str:
-        # A tenant no link names sees only the `*` links: all such tenants share one scope.
-        return tenant if tenant in self._links else "*"
-
-
 def _enforcer_over(rules: Sequence[Rule]) -> Any:
     """A configured enforcer holding ``rules`` (the engine adds ``subjectMatch``, which needs it)."""
     enforcer: Any = Enforcer(casbin.Enforcer.new_model(text=MODEL_TEXT))  # pyright: ignore[reportUnknownMemberType]
     _configure(enforcer)
-    enforcer.set_adapter(_RulesAdapter(rules))
+    enforcer.set_adapter(RulesAdapter(rules))
     enforcer.load_policy()
     return enforcer
 
@@ -426,11 +337,6 @@ def _configure(enforcer: Any) -> None:
     enforcer.add_function("domainMatch", _tenant_matches)
     enforcer.add_function("objectMatch", object_matches)
     enforcer.add_function("condition", _condition)
-
-
-def casbin_ptype(rule: Rule) -> str:
-    """The Casbin policy type a rule is loaded as: ``p2`` for approve rules (model.conf), else its own."""
-    return "p2" if rule.ptype == "p" and is_approve(rule.values[4]) else rule.ptype
 
 
 def empty_engine() -> PolicyEngine:

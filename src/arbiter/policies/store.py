@@ -21,8 +21,8 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from arbiter.errors import Conflict, NotFound
-from arbiter.policies.enforcers import AsyncEnforcer
-from arbiter.policies.engine import MODEL_TEXT, PolicyEngine, casbin_ptype
+from arbiter.policies.enforcers import MODEL_TEXT, AsyncEnforcer, casbin_ptype
+from arbiter.policies.engine import PolicyEngine
 from arbiter.policies.rules import Rule, check, check_roles
 from arbiter.store.models import PolicyRuleRow, PolicyState, utcnow
 
