@@ -112,7 +112,7 @@ async def test_a_waited_for_small_record_is_rendered_without_a_thread_and_a_larg
                 event = Event(kind="mcp", decision="allow", reason="ok", actor={}, arguments={"text": text})
                 await writer.confirmed(writer.submit(event))
                 assert await _count(engine) == (1 if text == "small" else 2)
-                assert to_thread.count("_render_all") == (0 if text == "small" else 1)
+                assert to_thread.count("render_all") == (0 if text == "small" else 1)
             stopping.set()
     finally:
         await engine.dispose()

@@ -79,7 +79,7 @@ async def test_spool_files_are_readable_by_their_owner_only(tmp_path: Path) -> N
 
 
 def test_a_record_that_cannot_be_rendered_is_kept_without_its_arguments() -> None:
-    from arbiter.audit.writer import _render_all  # pyright: ignore[reportPrivateUsage]
+    from arbiter.audit.record import render_all
 
     broken = Event(
         kind="mcp",
@@ -90,7 +90,7 @@ def test_a_record_that_cannot_be_rendered_is_kept_without_its_arguments() -> Non
         request_id=9,
     )
     fine = _bodies(1)[0]
-    bodies = _render_all(RENDER, [broken])
+    bodies = render_all(RENDER, [broken])
     assert len(bodies) == 1 and bodies[0]["id"] == broken.id and bodies[0]["request_id"] == 9
     assert bodies[0]["outcome"]["render_error"] == "TypeError" and bodies[0]["args"] is None
     assert set(bodies[0]) == set(fine)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -24,6 +25,8 @@ import uuid_utils
 from arbiter.audit.redact import Redactor
 from arbiter.auth.principal import Principal
 from arbiter.settings import RedactSettings
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
@@ -342,3 +345,35 @@ def columns(body: Mapping[str, Any]) -> dict[str, Any]:
 def _cap(value: str | None, size: int) -> str | None:
     # Names and ids come from the caller: bounded, so a queued record's size is too.
     return value if value is None or len(value) <= size else value[:size] + f"…[+{len(value) - size} chars]"
+
+
+def render_all(render: Callable[[Event], dict[str, Any]], events: list[Event]) -> list[dict[str, Any]]:
+    """Every event rendered; one whose rendering fails is stored without its arguments, never lost."""
+    return [_render_one(render, event) for event in events]
+
+
+def _render_one(render: Callable[[Event], dict[str, Any]], event: Event) -> dict[str, Any]:
+    try:
+        return render(event)
+    except Exception as exc:  # noqa: BLE001 - a record is never dropped for a rendering bug
+        # The exception's text could quote an argument: log its type only, and store the record
+        # without its arguments or admin details rather than lose it.
+        log.error(
+            "audit: rendering record %s failed (%s); stored without arguments", event.id, type(exc).__name__
+        )
+        safe = Event(
+            kind=event.kind,
+            decision=event.decision,
+            reason=event.reason,
+            actor=event.actor,
+            ts_ms=event.ts_ms,
+            id=event.id,
+            method=event.method,
+            upstream=event.upstream,
+            policy_version=event.policy_version,
+            outcome={"status": event.outcome.get("status"), "render_error": type(exc).__name__},
+            latency_ms=event.latency_ms,
+            cost=event.cost,
+            request_id=event.request_id if isinstance(event.request_id, int) else None,
+        )
+        return render(safe)

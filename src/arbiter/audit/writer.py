@@ -32,7 +32,8 @@ import anyio
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
-from arbiter.audit.record import Event, light
+from arbiter.audit.confirmations import Confirmations
+from arbiter.audit.record import Event, light, render_all
 from arbiter.audit.spool import Spool
 from arbiter.audit.store import AuditStore
 from arbiter.errors import AuditUnavailable
@@ -68,11 +69,7 @@ class AuditWriter:
         self.stored = 0
         self.refused = 0  # requests refused because nothing could be recorded
         self.dropped = 0  # records that could not be kept at all (see offer())
-        # Records queued and records stored or spooled, counted in queue order: record n is safe once
-        # _safe >= n. Requests waiting for theirs, as (n, future).
-        self._queued_total = 0
-        self._safe = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._confirms = Confirmations()  # which records are stored or spooled; who waits for theirs
         # Seconds between records lately: a group write waits for others only if they come that often.
         self._gap = 1.0
         self._last_submit = 0.0
@@ -122,28 +119,27 @@ class AuditWriter:
         """Queue a record for which ``reserve()`` succeeded. Never blocks, never raises. Returns the
         record's number, for ``confirmed()``."""
         self._queue.append(event)
-        self._queued_total += 1
+        number = self._confirms.number()
         now = time.monotonic()
         self._gap += (now - self._last_submit - self._gap) / 8  # a moving average of the last few
         self._last_submit = now
         if (
             len(self._queue) == 1
             or len(self._queue) >= self._cfg.batch_max
-            or (self._waiters and self._in_flight() == 0)  # the last one a group write waits for
+            or (self._confirms.waiting and self._in_flight() == 0)  # the last one a group write waits for
         ):
             self._wake.set()
-        return self._queued_total
+        return number
 
     async def confirmed(self, number: int) -> None:
         """Wait until record ``number`` (from ``submit()``) is in the store or the spool, at most
         ``write_timeout_s`` (one write's bound). Returns at once when confirm_before_answer is off, or
         when the store is failing: then new requests are refused, or records spooled, as the mode says,
         and a request that already ran is answered rather than held."""
-        if not self._cfg.confirm_before_answer or self._safe >= number or self._state == "unavailable":
+        if not self._cfg.confirm_before_answer or self._confirms.safe(number) or self._state == "unavailable":
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((number, waiter))
-        if len(self._waiters) == 1:
+        waiter, first = self._confirms.wait_for(number)
+        if first:
             self._wake.set()  # no long batch gathering while someone waits (see _wait_for_work)
         # asyncio's timeout, not anyio's: once per call, and anyio's looks up the async library each time.
         with contextlib.suppress(TimeoutError):
@@ -153,16 +149,6 @@ class AuditWriter:
     def _in_flight(self) -> int:
         """Requests that reserved a slot and have not submitted their record yet."""
         return self._pending - len(self._queue) - len(self._held)
-
-    def _release(self, everyone: bool = False) -> None:
-        waiting: list[tuple[int, asyncio.Future[None]]] = []
-        for number, waiter in self._waiters:
-            if everyone or number <= self._safe:
-                if not waiter.done():
-                    waiter.set_result(None)
-            else:
-                waiting.append((number, waiter))
-        self._waiters = waiting
 
     def offer(self, event: Event) -> bool:
         """Record something that already happened without running anything (a refused credential):
@@ -224,11 +210,11 @@ class AuditWriter:
         self._wake.clear()
         if idle:
             await self._checkpoint()
-        if self._queue and not self._waiters:
+        if self._queue and not self._confirms.waiting:
             # Let a batch gather: records still reach the store within flush_interval_s (<= 1 s). Not
             # while a request waits for its record (confirmed() wakes this up).
             await self._gather(stopping, self._cfg.flush_interval_s)
-        if self._queue and self._waiters and self._gap < _GROUP_WINDOW_S:
+        if self._queue and self._confirms.waiting and self._gap < _GROUP_WINDOW_S:
             # Group commit: a request waits for its record, and others running now would each make
             # a write of their own a moment later. When records come that often, gather them for at
             # most _GROUP_WINDOW_S, less if the batch fills or the last request running submits (a
@@ -277,13 +263,13 @@ class AuditWriter:
         if self._held or not self._queue:
             return
         events = [self._queue.popleft() for _ in range(min(len(self._queue), self._cfg.batch_max))]
-        if self._waiters and light(events):
+        if self._confirms.waiting and light(events):
             # A request waits for these, and they are small: rendering them here costs less than the
             # worker thread's hand-off and wake-up, which a lone call would otherwise wait through.
-            self._held = _render_all(self._render, events)
+            self._held = render_all(self._render, events)
         else:
             # Redaction and hashing cost real CPU for large arguments: not on the loop serving /mcp.
-            self._held = await anyio.to_thread.run_sync(_render_all, self._render, events)
+            self._held = await anyio.to_thread.run_sync(render_all, self._render, events)
         self._held_tried = False
 
     async def _store_held(self) -> bool:
@@ -355,9 +341,7 @@ class AuditWriter:
     def _done(self, n: int) -> None:
         self._pending -= n
         self.stored += n
-        self._safe += n
-        if self._waiters:
-            self._release()
+        self._confirms.stored(n)
 
     def _set_state(self, state: State) -> None:
         if state == self._state:
@@ -370,7 +354,7 @@ class AuditWriter:
         (log.warning if state != "unavailable" else log.error)(messages[state])
         self._state = state
         if state == "unavailable":
-            self._release(everyone=True)  # nothing will be stored soon: answer rather than hold them
+            self._confirms.release_all()  # nothing will be stored soon: answer rather than hold them
         if state == "ok":
             self._last_error = ""  # the next outage is reported again
 
@@ -399,7 +383,7 @@ class AuditWriter:
         """Whatever is still held or queued goes to the spool (whatever the mode); the next start
         replays it. Safe to call twice, and under cancellation (the caller shields it)."""
         if self._queue:
-            self._held = self._held + _render_all(self._render, list(self._queue))
+            self._held = self._held + render_all(self._render, list(self._queue))
             self._queue.clear()
         if self._held:
             count = len(self._held)
@@ -413,34 +397,3 @@ class AuditWriter:
                 log.error("audit: %d records could not be stored or spooled at shutdown", count)
                 self._held = []
         await self._spool.close()
-
-
-def _render_all(render: Callable[[Event], dict[str, Any]], events: list[Event]) -> list[dict[str, Any]]:
-    return [_render_one(render, event) for event in events]
-
-
-def _render_one(render: Callable[[Event], dict[str, Any]], event: Event) -> dict[str, Any]:
-    try:
-        return render(event)
-    except Exception as exc:  # noqa: BLE001 - a record is never dropped for a rendering bug
-        # The exception's text could quote an argument: log its type only, and store the record
-        # without its arguments or admin details rather than lose it.
-        log.error(
-            "audit: rendering record %s failed (%s); stored without arguments", event.id, type(exc).__name__
-        )
-        safe = Event(
-            kind=event.kind,
-            decision=event.decision,
-            reason=event.reason,
-            actor=event.actor,
-            ts_ms=event.ts_ms,
-            id=event.id,
-            method=event.method,
-            upstream=event.upstream,
-            policy_version=event.policy_version,
-            outcome={"status": event.outcome.get("status"), "render_error": type(exc).__name__},
-            latency_ms=event.latency_ms,
-            cost=event.cost,
-            request_id=event.request_id if isinstance(event.request_id, int) else None,
-        )
-        return render(safe)
