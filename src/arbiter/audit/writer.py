@@ -170,6 +170,7 @@ class AuditWriter:
 
     async def run(self, stopping: anyio.Event) -> None:
         """Store records until ``stopping`` is set; then drain (see ``drain``)."""
+        watch = asyncio.ensure_future(self._wake_on(stopping))
         try:
             # One connection for every batch while running, not one from the pool per batch.
             async with self._store.holding():
@@ -189,8 +190,30 @@ class AuditWriter:
                         self._retry_at = anyio.current_time() + self._cfg.retry_interval_s
                 await self.drain()
         finally:
+            watch.cancel()
             with anyio.CancelScope(shield=True):
                 await self._spool_rest()
+
+    async def _wake_on(self, stopping: anyio.Event) -> None:
+        # One task for the whole run: a wait for work is then one await on _wake, not two new tasks
+        # (one per event) made, raced and cancelled every time.
+        await stopping.wait()
+        self._wake.set()
+
+    async def _woken(self, seconds: float | None) -> bool:
+        """Wait until ``_wake`` is set (a record, a request waiting for one, or stopping), at most
+        ``seconds``; whether it was."""
+        if self._wake.is_set():
+            return True
+        if seconds == 0:
+            await asyncio.sleep(0)  # let the requests running now submit first
+            return self._wake.is_set()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _wait_for_work(self, stopping: anyio.Event) -> None:
         if self._queue:
@@ -199,14 +222,7 @@ class AuditWriter:
             timeout = self._cfg.retry_interval_s  # retry the store even if no new request comes
         else:
             timeout = self._cfg.checkpoint_interval_s  # an idle replica still signs the head
-        stop = asyncio.ensure_future(stopping.wait())
-        wake = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({stop, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            idle = not (stop.done() or wake.done()) and timeout == self._cfg.checkpoint_interval_s
-            stop.cancel()
-            wake.cancel()
+        idle = not await self._woken(timeout) and timeout == self._cfg.checkpoint_interval_s
         self._wake.clear()
         if idle:
             await self._checkpoint()
@@ -225,14 +241,7 @@ class AuditWriter:
         self._wake.clear()
         if len(self._queue) >= self._cfg.batch_max or stopping.is_set() or (group and self._in_flight() <= 0):
             return
-        with anyio.move_on_after(seconds):
-            stop = asyncio.ensure_future(stopping.wait())
-            wake = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({stop, wake}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                wake.cancel()
+        await self._woken(seconds)
         self._wake.clear()
 
     async def _flush_once(self) -> None:
