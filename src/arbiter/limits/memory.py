@@ -33,10 +33,13 @@ class MemoryBackend:
         self._spent: dict[str, int] = {}  # "<counter>:<period>" -> micro-units
         self._spent_expiry: dict[str, float] = {}
         self._requests: dict[str, float] = {}  # request key -> expiry
-        # Per hold time, keys in the order they were taken: with one hold time they expire in that
-        # order, so each admit drops the expired ones at the front and the table stays at rate x hold
-        # instead of growing until the next sweep (the handshake era takes a key with every call).
-        self._request_order: dict[float, deque[str]] = {}
+        # Per hold time, the keys in the order they were taken, with the expiry each was taken with
+        # (the same float object as in _requests: a pointer, not a copy). With one hold time they
+        # expire in that order, so each admit drops the expired ones at the front and the table stays
+        # at rate x hold instead of growing until the next sweep (the handshake era takes a key with
+        # every call). A key refunded and taken again has a later expiry than its old entry, which
+        # then leaves at its own time without touching the key.
+        self._request_order: dict[float, tuple[deque[float], deque[str]]] = {}
         self._track_spend = track_spend
         self._spend_deltas: dict[str, int] = {}
         self._admits = 0  # since the last sweep
@@ -88,20 +91,23 @@ class MemoryBackend:
             self._charge(key, plan.cost_micros, now + counter_ttl_s(counter.period))
         if charged and plan.request_key is not None:
             # Held from admission on (not from commit), so a copy arriving while it runs is refused.
-            self._requests[plan.request_key] = now + plan.request_ttl_s
+            expiry = self._requests[plan.request_key] = now + plan.request_ttl_s
             order = self._request_order.get(plan.request_ttl_s)
             if order is None:
-                order = self._request_order[plan.request_ttl_s] = deque()
-            order.append(plan.request_key)
+                order = self._request_order[plan.request_ttl_s] = (deque(), deque())
+            order[0].append(expiry)
+            order[1].append(plan.request_key)
         return Verdict("ok", now, charged=tuple(charged))
 
     def _expire_requests(self, now: float) -> None:
-        # A key refunded and taken again is in its queue twice; the first stops the queue until the
-        # second expires (at most one hold time), and the sweep still drops anything left behind.
+        # A clock stepped back leaves a later expiry in front of earlier ones: the front then waits
+        # for as long as the step, and the sweep drops what expired behind it.
         requests = self._requests
-        for order in self._request_order.values():
-            while order and requests.get(order[0], 0.0) <= now:
-                requests.pop(order.popleft(), None)
+        for expiries, keys in self._request_order.values():
+            while expiries and expiries[0] <= now:
+                expiry, key = expiries.popleft(), keys.popleft()
+                if requests.get(key) == expiry:
+                    del requests[key]
 
     async def refund(self, charged: Sequence[str], cost_micros: int, request_key: str | None) -> None:
         for key in charged:
@@ -159,6 +165,13 @@ class MemoryBackend:
         for key, expiry in list(self._requests.items()):
             if expiry <= now:
                 del self._requests[key]
+        for hold, (expiries, keys) in list(self._request_order.items()):
+            # Only entries for keys still held with that expiry (refunded and expired ones go).
+            kept = [(e, k) for e, k in zip(expiries, keys, strict=True) if self._requests.get(k) == e]
+            if kept:
+                self._request_order[hold] = (deque(e for e, _ in kept), deque(k for _, k in kept))
+            else:
+                del self._request_order[hold]
         self._admits, self._kept = 0, self._size()
 
     def _size(self) -> int:
