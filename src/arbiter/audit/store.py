@@ -83,13 +83,19 @@ class AuditStore:
                 return await self._append(conn, await t.appender(conn), bodies, dedupe)
         async with self._held_lock:
             while True:
-                fresh = self._held is None
-                if self._held is None or self._held_tx is None:
-                    self._held = await self._engine.connect()
-                    # Once per connection: finding the driver's connection is a greenlet hand-off.
-                    self._held_tx = await t.appender(self._held)
+                conn, tx = self._held, self._held_tx
+                fresh = conn is None or tx is None
+                if conn is None or tx is None:
+                    await self._release()  # one an interrupted connect left behind, if any
+                    conn = self._held = await self._engine.connect()
+                    try:
+                        # Once per connection: finding the driver's connection is a greenlet hand-off.
+                        tx = self._held_tx = await t.appender(conn)
+                    except BaseException:
+                        await self._release()
+                        raise
                 try:
-                    return await self._append(self._held, self._held_tx, bodies, dedupe)
+                    return await self._append(conn, tx, bodies, dedupe)
                 except DBAPIError as exc:
                     await self._release()
                     if fresh or not exc.connection_invalidated:
