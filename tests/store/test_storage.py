@@ -212,3 +212,15 @@ def test_credential_column_migrates_both_ways_and_keeps_the_catalog(empty_db: st
     schema.upgrade(empty_db)
     [row], items = asyncio.run(_rows(empty_db))
     assert row.credential is None and len(items) == 1
+
+
+async def test_sqlite_commits_are_synced_to_disk(tmp_path: Any) -> None:
+    # An answered call's audit record must survive a power cut, not only a killed process: every
+    # commit is synced (FULL, 2), whatever default this SQLite build was compiled with.
+    engine = create_engine(f"sqlite:///{tmp_path / 'synced.db'}")
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+    finally:
+        await engine.dispose()

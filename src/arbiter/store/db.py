@@ -39,9 +39,13 @@ def create_engine(url: str) -> AsyncEngine:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # Foreign keys are off by default in SQLite; WAL lets readers and the writer not block each other.
+    # Every commit synced to disk (FULL), whatever this build's default: an answer waits for its audit
+    # record's commit, and that record must survive a power cut, not only a killed process (NORMAL
+    # would save the fsync, about 0.4 ms per lone commit, and lose the last commits on a power cut).
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.close()
 
 
