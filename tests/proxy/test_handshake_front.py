@@ -559,6 +559,11 @@ def test_a_refused_request_restarts_the_idle_countdown(
         return scope.deadline
 
     before = counting()
+    # The server's event loop (uvloop) keeps time in whole milliseconds: wait until its clock has
+    # passed the countdown's start, so that a restart shows as a later deadline and not the same one
+    # (a fast machine can send the next request within that millisecond).
+    while time.monotonic() <= before - 600 + 0.002:
+        time.sleep(0.001)
     refused = agent.request("tools/call", {"name": "up__echo", "arguments": "not an object"})
     assert refused.json()["error"]["code"] == -32602
     assert counting() > before
