@@ -11,7 +11,6 @@ need ``admin:read`` on ``admin/audit`` too.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -23,6 +22,7 @@ from arbiter.audit import tables
 from arbiter.audit.events import admin_change
 from arbiter.audit.impact import MAX_RECORDS, preview, window
 from arbiter.audit.replay import recorded_call, replay
+from arbiter.console.rule_form import Fields, RuleForm
 from arbiter.console.web import ConsoleRoute, Viewer, form_viewer, redirect, render, viewer
 from arbiter.errors import InvalidInput, NotFound
 from arbiter.policies.engine import PolicyEngine
@@ -31,8 +31,6 @@ from arbiter.policies.rules import (
     EFFECTS,
     PolicyInvalid,
     Rule,
-    canonical_effect,
-    check,
     check_roles,
     parse_csv,
     to_csv,
@@ -42,77 +40,8 @@ from arbiter.policies.tables import parse_rows, run_table
 router = APIRouter(route_class=ConsoleRoute)
 Who = Annotated[Viewer, Depends(viewer)]
 Poster = Annotated[Viewer, Depends(form_viewer)]
-Text = Annotated[str, Form(max_length=1100)]
 # Optional in the form, so that a post without the right is refused (403) before its fields are judged.
 Version = Annotated[int | None, Form()]
-
-
-@dataclass(frozen=True)
-class RuleForm:
-    """One rule as the form holds it (what the person typed, kept to show again with an error)."""
-
-    type: str = "p"
-    subject: str = ""
-    tenant: str = "*"
-    object: str = ""
-    action: str = "call"
-    effect: str = "allow"
-    condition: str = ""
-    member: str = ""
-    role: str = ""
-    approval: str = ""  # approve rules: who approves and for how long, e.g. "by role:billing-lead for 4h"
-
-    @classmethod
-    def of(cls, rule: Rule) -> RuleForm:
-        if rule.ptype == "g":
-            member, role, dom = rule.values
-            return cls(type="g", member=member, role=role, tenant=dom)
-        sub, dom, obj, act, eft, cond = rule.values
-        approval = eft.removeprefix(rule.effect).strip()  # what follows "approve", if anything
-        return cls("p", sub, dom, obj, act, rule.effect, cond, approval=approval)
-
-    def rule(self) -> Rule:
-        """The validated rule; ``PolicyInvalid`` names what is wrong, as the admin API would."""
-        tenant = self.tenant.strip() or "*"
-        if self.type == "g":
-            rule = Rule("g", (self.member.strip(), self.role.strip(), tenant))
-        elif self.type == "p":
-            effect = self.effect
-            if self.approval.strip():  # check() refuses it on an allow or deny rule, naming the effect
-                effect = f"{effect} {self.approval.strip()}"
-            try:
-                effect = canonical_effect(effect)
-            except ValueError as exc:
-                raise PolicyInvalid([{"message": str(exc)}]) from None
-            values = (self.subject.strip(), tenant, self.object.strip(), self.action, effect)
-            rule = Rule("p", (*values, self.condition.strip()))
-        else:
-            raise PolicyInvalid(
-                [{"message": f"unknown rule type {self.type!r}: p (a rule) or g (a role link)"}]
-            )
-        try:
-            check(rule)
-        except ValueError as exc:
-            raise PolicyInvalid([{"message": str(exc)}]) from None
-        return rule
-
-
-def _form(
-    type: Annotated[str, Form(max_length=1)] = "p",
-    subject: Text = "",
-    tenant: Text = "*",
-    object: Text = "",
-    action: Text = "call",
-    effect: Text = "allow",
-    condition: Text = "",
-    member: Text = "",
-    role: Text = "",
-    approval: Text = "",
-) -> RuleForm:
-    return RuleForm(type, subject, tenant, object, action, effect, condition, member, role, approval)
-
-
-Fields = Annotated[RuleForm, Depends(_form)]
 
 
 async def _live(who: Viewer) -> list[tuple[int, Rule]]:
