@@ -12,6 +12,8 @@ from typing import Any
 
 from harness import median
 
+from arbiter.settings import LimitSettings
+
 ERA_LABEL = {"auto": "2026-07-28", "legacy": "handshake"}
 OP_LABEL = {"call": "tools/call echo", "list": "tools/list (100 tools)"}
 
@@ -466,8 +468,9 @@ def soak_chart(points: Sequence[dict[str, float]], warmup_s: float, path: Path, 
     return None
 
 
-# limits.session_request_key_ttl_s by default: how long the soak's handshake-era calls leave a key.
-_KEY_HOLD_S = 120
+# How long a handshake-era call's request key is held (the soak runs Arbiter with the default): the
+# longest-lived state a soak call leaves behind, which its warm-up must outlast.
+KEY_HOLD_S: float = LimitSettings.model_fields["session_request_key_ttl_s"].default
 
 
 def soak_markdown(summary: dict[str, Any], points: Iterable[dict[str, float]], command: str) -> str:
@@ -479,10 +482,10 @@ def soak_markdown(summary: dict[str, Any], points: Iterable[dict[str, float]], c
         f"{summary['warmup_s']:.0f} s of warm-up and then the {summary['seconds']:.0f} s judged; RSS sampled "
         f"every {summary['interval_s']:g} s. "
         + (
-            f"The warm-up outlasts the {_KEY_HOLD_S} s a handshake-era call's request key is held "
+            f"The warm-up outlasts the {KEY_HOLD_S:g} s a handshake-era call's request key is held "
             "(limits.session_request_key_ttl_s), the longest-lived state a call leaves behind."
-            if summary["warmup_s"] > _KEY_HOLD_S
-            else f"The warm-up is shorter than the {_KEY_HOLD_S} s a handshake-era call's request key is "
+            if summary["warmup_s"] > KEY_HOLD_S
+            else f"The warm-up is shorter than the {KEY_HOLD_S:g} s a handshake-era call's request key is "
             "held (limits.session_request_key_ttl_s): those keys still accumulate in the judged time."
         ),
         "",

@@ -60,6 +60,7 @@ from harness import (
 from raw_load import Capture, Replay, captured_request, replay_session
 from report import (
     ERA_LABEL,
+    KEY_HOLD_S,
     Report,
     Sample,
     chart,
@@ -473,9 +474,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--soak-warmup",
         type=float,
-        default=150.0,
-        help="load before the soak's measured SECONDS (150 s: past the 120 s a handshake-era call's "
-        "request key is held, the longest-lived per-call state in this configuration)",
+        default=KEY_HOLD_S + 30,
+        help=f"load before the soak's measured SECONDS ({KEY_HOLD_S + 30:g} s: past the {KEY_HOLD_S:g} s a "
+        "handshake-era call's request key is held, the longest-lived per-call state in this configuration)",
     )
     p.add_argument(
         "--replot", type=Path, metavar="JSON", help="only rewrite the markdown and chart from a results JSON"
