@@ -1,4 +1,8 @@
-"""The Redis backend: every replica's limits in one Redis, one round trip (one Lua script) per call.
+"""The Redis backend: every replica's limits in one Redis, one Lua script per admission.
+
+Admissions that arrive while one is in flight go to Redis together, as one script over all their
+plans (``limits.coalesce``): each plan is checked and charged in turn, exactly as one script per call
+would, and the client's own cost per round trip, most of what an admission costs, is shared.
 
 The script reads the time with ``redis.call('TIME')``, so buckets refill, loop windows slide and budget
 periods turn by Redis's clock alone: a replica whose clock is off changes nothing. Scripts run
@@ -17,19 +21,26 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from arbiter.limits.backend import PERIOD_CODES, Plan, Verdict, counter_ttl_s
+from arbiter.limits.coalesce import Coalescer
 
-# KEYS: none (see the module docstring). ARGV[1]: the plan as JSON:
+# Plans in one script at most: a plan's commands take Redis some 10-20 µs, so a full batch holds
+# Redis for about a millisecond.
+MAX_BATCH = 64
+
+# KEYS: none (see the module docstring). ARGV[1]: a JSON list of plans, each:
 #   b = [[key, capacity, tokens per ms], ...]   l = [key, max, window ms, member] or []
 #   c = [[key, period code h|d|m, limit micro-units, ttl s], ...]   cost = micro-units
 #   r = [request key, ttl ms] or []
-# Returns JSON [outcome, index (1-based), retry after ms, spent, now ms, charged keys]
-# (cjson writes an empty list as {}: both read as no keys). A held request key is refused first
+# Returns a JSON list with, for each plan in order, [outcome, index (1-based), retry after ms, spent,
+# now ms, charged keys] (cjson writes an empty list as {}: both read as no keys). Plans are admitted in
+# turn: a later plan sees what an earlier one took. A held request key is refused first
 # ("duplicate") and the script writes nothing; an admitted call sets its key in the same script.
 ADMIT_LUA = """
-local p = cjson.decode(ARGV[1])
+local plans = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local secs = math.floor(now / 1000)
@@ -55,62 +66,68 @@ local function period_id(code)
   return 'm' .. string.format('%d', month_index(math.floor(secs / 86400)))
 end
 
-if #p.r > 0 and redis.call('EXISTS', p.r[1]) == 1 then
-  return cjson.encode({'duplicate', 0, 0, 0, now, {}})
-end
-
-local tokens = {}
-for i, b in ipairs(p.b) do
-  local cap, rate = tonumber(b[2]), tonumber(b[3])
-  local s = redis.call('HMGET', b[1], 'k', 't')
-  local have, at = tonumber(s[1]), tonumber(s[2])
-  if have == nil or at == nil then have = cap; at = now end
-  if now > at then have = have + (now - at) * rate end
-  if have > cap then have = cap end
-  if have < 1 then
-    return cjson.encode({'rate', i, (1 - have) / rate, 0, now, {}})
+local function admit(p)
+  if #p.r > 0 and redis.call('EXISTS', p.r[1]) == 1 then
+    return {'duplicate', 0, 0, 0, now, {}}
   end
-  tokens[i] = have
-end
 
-local loop = (#p.l > 0) and p.l or nil
-if loop then
-  local window = tonumber(loop[3])
-  redis.call('ZREMRANGEBYSCORE', loop[1], '-inf', now - window)
-  if redis.call('ZCARD', loop[1]) >= tonumber(loop[2]) then
-    local oldest = redis.call('ZRANGE', loop[1], 0, 0, 'WITHSCORES')
-    return cjson.encode({'loop', 1, tonumber(oldest[2]) + window - now, 0, now, {}})
-  end
-end
-
-local charged = {}
-if p.cost > 0 then
-  for i, c in ipairs(p.c) do
-    local key = c[1] .. ':' .. period_id(c[2])
-    local spent = tonumber(redis.call('GET', key) or '0')
-    if spent + p.cost > tonumber(c[3]) then
-      return cjson.encode({'budget', i, 0, spent, now, {}})
+  local tokens = {}
+  for i, b in ipairs(p.b) do
+    local cap, rate = tonumber(b[2]), tonumber(b[3])
+    local s = redis.call('HMGET', b[1], 'k', 't')
+    local have, at = tonumber(s[1]), tonumber(s[2])
+    if have == nil or at == nil then have = cap; at = now end
+    if now > at then have = have + (now - at) * rate end
+    if have > cap then have = cap end
+    if have < 1 then
+      return {'rate', i, (1 - have) / rate, 0, now, {}}
     end
-    charged[i] = key
+    tokens[i] = have
   end
+
+  local loop = (#p.l > 0) and p.l or nil
+  if loop then
+    local window = tonumber(loop[3])
+    redis.call('ZREMRANGEBYSCORE', loop[1], '-inf', now - window)
+    if redis.call('ZCARD', loop[1]) >= tonumber(loop[2]) then
+      local oldest = redis.call('ZRANGE', loop[1], 0, 0, 'WITHSCORES')
+      return {'loop', 1, tonumber(oldest[2]) + window - now, 0, now, {}}
+    end
+  end
+
+  local charged = {}
+  if p.cost > 0 then
+    for i, c in ipairs(p.c) do
+      local key = c[1] .. ':' .. period_id(c[2])
+      local spent = tonumber(redis.call('GET', key) or '0')
+      if spent + p.cost > tonumber(c[3]) then
+        return {'budget', i, 0, spent, now, {}}
+      end
+      charged[i] = key
+    end
+  end
+
+  for i, b in ipairs(p.b) do
+    redis.call('HSET', b[1], 'k', string.format('%.17g', tokens[i] - 1), 't', string.format('%d', now))
+    redis.call('PEXPIRE', b[1], math.ceil(tonumber(b[2]) / tonumber(b[3])) + 1000)
+  end
+  if loop then
+    redis.call('ZADD', loop[1], now, loop[4])
+    redis.call('PEXPIRE', loop[1], math.ceil(tonumber(loop[3])) + 1000)
+  end
+  for i, key in ipairs(charged) do
+    redis.call('INCRBY', key, string.format('%d', p.cost))
+    redis.call('EXPIRE', key, tonumber(p.c[i][4]))
+  end
+  if #charged > 0 and #p.r > 0 then
+    redis.call('SET', p.r[1], '1', 'PX', tonumber(p.r[2]))
+  end
+  return {'ok', 0, 0, 0, now, charged}
 end
 
-for i, b in ipairs(p.b) do
-  redis.call('HSET', b[1], 'k', string.format('%.17g', tokens[i] - 1), 't', string.format('%d', now))
-  redis.call('PEXPIRE', b[1], math.ceil(tonumber(b[2]) / tonumber(b[3])) + 1000)
-end
-if loop then
-  redis.call('ZADD', loop[1], now, loop[4])
-  redis.call('PEXPIRE', loop[1], math.ceil(tonumber(loop[3])) + 1000)
-end
-for i, key in ipairs(charged) do
-  redis.call('INCRBY', key, string.format('%d', p.cost))
-  redis.call('EXPIRE', key, tonumber(p.c[i][4]))
-end
-if #charged > 0 and #p.r > 0 then
-  redis.call('SET', p.r[1], '1', 'PX', tonumber(p.r[2]))
-end
-return cjson.encode({'ok', 0, 0, 0, now, charged})
+local out = {}
+for i, p in ipairs(plans) do out[i] = admit(p) end
+return cjson.encode(out)
 """
 
 # ARGV[1]: {"k": [charged counter keys], "cost": micro-units, "r": request key or ""}
@@ -132,10 +149,16 @@ class RedisBackend:
         self._redis = client
         self._admit = client.register_script(ADMIT_LUA)
         self._refund = client.register_script(REFUND_LUA)
+        self._batches: Coalescer[dict[str, Any], list[Any]] = Coalescer(self._admit_all, MAX_BATCH)
+
+    async def _admit_all(self, payloads: list[dict[str, Any]]) -> list[list[Any]]:
+        raw: Any = await self._admit(keys=[], args=[orjson.dumps(payloads)])
+        verdicts: list[list[Any]] = orjson.loads(raw)
+        return verdicts
 
     async def admit(self, plan: Plan) -> Verdict:
         pre = self._prefix
-        payload = {
+        payload: dict[str, Any] = {
             "b": [[pre + b.key, b.capacity, b.rate_per_s / 1000.0] for b in plan.buckets],
             "l": (
                 [pre + plan.loop.key, plan.loop.max_repeats, plan.loop.window_s * 1000.0, plan.call_id]
@@ -149,8 +172,7 @@ class RedisBackend:
             "cost": plan.cost_micros,
             "r": [pre + plan.request_key, round(plan.request_ttl_s * 1000)] if plan.request_key else [],
         }
-        raw: Any = await self._admit(keys=[], args=[json.dumps(payload, separators=(",", ":"))])
-        outcome, index, retry_ms, spent, now_ms, charged = json.loads(raw)
+        outcome, index, retry_ms, spent, now_ms, charged = await self._batches.submit(payload)
         return Verdict(
             outcome=outcome,
             now=float(now_ms) / 1000.0,
@@ -173,4 +195,4 @@ class RedisBackend:
         await self._redis.ping()  # pyright: ignore[reportUnknownMemberType]
 
     async def aclose(self) -> None:
-        return None  # the client is shared: closed by its owner
+        await self._batches.aclose()  # the client is shared: closed by its owner

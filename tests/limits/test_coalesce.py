@@ -1,0 +1,182 @@
+"""Concurrent admissions share one Redis round trip: the coalescer on its own (a send the test gates),
+then the Redis backend on a redis-server of the test's own, whose command counts are exact."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from redis.asyncio import Redis
+
+from arbiter.limits.backend import CounterSpec, Plan
+from arbiter.limits.coalesce import Coalescer
+from arbiter.limits.factory import build_redis
+from arbiter.limits.redis_backend import RedisBackend
+from tests.limits.conftest import RedisProc, clear_of_period_end
+
+
+class GatedSend:
+    """A send that records each batch and returns only when the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+        self.fail_with: Exception | None = None
+        self._grew = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> Sequence[str]:
+        self.batches.append(list(items))
+        self._grew.set()
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [f"r{i}" for i in items]
+
+    async def sent(self, count: int) -> None:
+        while len(self.batches) < count:
+            self._grew.clear()
+            await self._grew.wait()
+
+
+async def _settle() -> None:
+    """Let every ready task run until each waits on something the test controls."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=64)
+    first = asyncio.create_task(batches.submit(0))
+    await send.sent(1)
+    assert send.batches == [[0]]  # nothing else waiting: sent alone, without waiting for company
+    rest = [asyncio.create_task(batches.submit(i)) for i in range(1, 6)]
+    await _settle()
+    assert len(send.batches) == 1  # in flight: the others queue
+    send.gates[0].set()
+    assert await first == "r0"
+    await send.sent(2)
+    assert send.batches[1] == [1, 2, 3, 4, 5]  # one round trip for all that queued
+    send.gates[1].set()
+    assert await asyncio.gather(*rest) == ["r1", "r2", "r3", "r4", "r5"]  # each its own result
+    # Idle again: the next item goes alone and at once.
+    again = asyncio.create_task(batches.submit(9))
+    await send.sent(3)
+    assert send.batches[2] == [9]
+    send.gates[2].set()
+    assert await again == "r9"
+
+
+async def test_batches_hold_at_most_max_batch() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=3)
+    tasks = [asyncio.create_task(batches.submit(i)) for i in range(8)]
+    for n in range(1, 5):
+        await send.sent(n)
+        await _settle()
+        send.gates[n - 1].set()
+    assert await asyncio.gather(*tasks) == [f"r{i}" for i in range(8)]
+    assert send.batches == [[0], [1, 2, 3], [4, 5, 6], [7]]
+
+
+async def test_a_caller_that_gives_up_before_its_item_is_sent_takes_it_out() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=64)
+    first = asyncio.create_task(batches.submit(0))
+    await send.sent(1)
+    gone = asyncio.create_task(batches.submit(1))
+    kept = asyncio.create_task(batches.submit(2))
+    await _settle()
+    gone.cancel()
+    send.gates[0].set()
+    await send.sent(2)
+    assert send.batches[1] == [2]  # the cancelled caller's item never reached the send
+    send.gates[1].set()
+    assert (await first, await kept) == ("r0", "r2")
+    assert gone.cancelled()
+
+
+async def test_a_failed_round_trip_fails_every_caller_in_it_and_the_next_one_runs() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=64)
+    first = asyncio.create_task(batches.submit(0))
+    await send.sent(1)
+    queued = [asyncio.create_task(batches.submit(i)) for i in (1, 2)]
+    await _settle()
+    send.fail_with = ConnectionError("redis went away")
+    send.gates[0].set()
+    with pytest.raises(ConnectionError):
+        await first
+    await send.sent(2)
+    send.gates[1].set()
+    for task in queued:
+        with pytest.raises(ConnectionError, match="redis went away"):
+            await task
+    send.fail_with = None  # the coalescer is not stuck: the next round trip goes and succeeds
+    after = asyncio.create_task(batches.submit(3))
+    await send.sent(3)
+    send.gates[2].set()
+    assert await after == "r3"
+
+
+async def test_closing_cancels_callers_still_waiting() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=64)
+    first = asyncio.create_task(batches.submit(0))
+    await send.sent(1)
+    queued = asyncio.create_task(batches.submit(1))
+    await _settle()
+    send.gates[0].set()
+    await send.sent(2)  # the queued item is in flight on the drain task
+    await batches.aclose()
+    assert await first == "r0"
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+
+
+async def _evalsha_calls(client: Redis) -> int:
+    stats: dict[str, dict[str, int]] = await client.info("commandstats")  # pyright: ignore[reportUnknownMemberType]
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) + int(
+        stats.get("cmdstat_eval", {}).get("calls", 0)
+    )
+
+
+async def test_concurrent_admissions_share_round_trips_and_stay_exact(own_redis: RedisProc) -> None:
+    """40 calls at once against a budget of 10: exactly 10 pass, in far fewer than 40 scripts; two copies
+    of one request in one batch are one admission and one duplicate."""
+    await clear_of_period_end("day")
+    client = build_redis(own_redis.url, 5.0)
+    backend = RedisBackend(client, "t:")
+    try:
+        budget = (CounterSpec("spend", "day", 10_000_000),)
+        before = await _evalsha_calls(client)
+        verdicts = await asyncio.gather(
+            *(
+                backend.admit(Plan(counters=budget, cost_micros=1_000_000, request_key=f"req-{i}"))
+                for i in range(40)
+            )
+        )
+        scripts = await _evalsha_calls(client) - before
+        assert sorted(v.outcome for v in verdicts).count("ok") == 10
+        assert {v.outcome for v in verdicts} == {"ok", "budget"}
+        assert scripts < 10, scripts  # the first alone, the rest together (plus a script load, if any)
+        assert int(await client.get(f"t:{verdicts[0].charged[0]}") or 0) == 10_000_000  # pyright: ignore[reportUnknownMemberType]
+
+        twice = Plan(counters=(CounterSpec("other", "day", 10_000_000),), cost_micros=1, request_key="same")
+        # The first call goes alone; the two copies queue behind it and share the next script.
+        opener, *pair = await asyncio.gather(
+            backend.admit(Plan(counters=budget, cost_micros=0)), backend.admit(twice), backend.admit(twice)
+        )
+        assert opener.outcome == "ok" and sorted(v.outcome for v in pair) == ["duplicate", "ok"]
+
+        # One at a time, each call is its own round trip, as before.
+        before = await _evalsha_calls(client)
+        for i in range(3):
+            await backend.admit(Plan(counters=budget, cost_micros=0, request_key=f"alone-{i}"))
+        assert await _evalsha_calls(client) - before == 3
+    finally:
+        await backend.aclose()
+        await client.aclose()
