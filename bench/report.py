@@ -479,8 +479,8 @@ def soak_markdown(summary: dict[str, Any], points: Iterable[dict[str, float]], c
         "",
         f"Run {summary['started']} with `{command}`: {summary['label']}, {summary['concurrency']} requests "
         f"in flight ({summary['concurrency'] // 2} per era, both eras) of `tools/call` for "
-        f"{summary['warmup_s']:.0f} s of warm-up and then the {summary['seconds']:.0f} s judged; RSS sampled "
-        f"every {summary['interval_s']:g} s. "
+        f"{summary['warmup_s']:.0f} s of warm-up and then the {summary['seconds']:.0f} s judged, sent by "
+        f"{_load_client(summary)}; RSS sampled every {summary['interval_s']:g} s. "
         + (
             f"The warm-up outlasts the {KEY_HOLD_S:g} s a handshake-era call's request key is held "
             "(limits.session_request_key_ttl_s), the longest-lived state a call leaves behind."

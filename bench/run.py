@@ -322,7 +322,14 @@ def run_rounds(ctx: Ctx, targets: list[Target], opts: Options, report: Report) -
 
 
 def soak(
-    ctx: Ctx, cleanup: Cleanup, seconds: float, out: Path, command: str, interval: float, warmup_s: float
+    ctx: Ctx,
+    cleanup: Cleanup,
+    seconds: float,
+    out: Path,
+    command: str,
+    interval: float,
+    warmup_s: float,
+    load_client: str = "raw",
 ) -> int:
     """Hold ``tools/call`` load on Arbiter with all governance on for ``warmup_s`` and then ``seconds``
     more; sample its RSS over time and judge it over the ``seconds`` after the warm-up."""
@@ -350,6 +357,8 @@ def soak(
         ):
             senders = [
                 Replay(await captured_request(client, "call", target.tool, capture), http).once
+                if load_client == "raw"
+                else sdk_sender(client, "call", target.tool)
                 for client, capture in zip((modern, handshake), captures, strict=True)
             ]
             t0 = time.perf_counter()
@@ -393,6 +402,7 @@ def soak(
         "seconds": seconds,
         "interval_s": interval,
         "concurrency": concurrency,
+        "load_client": load_client,
         "warmup_s": warmup_s,
         "calls": calls,
         "calls_per_s": calls / total,
@@ -561,7 +571,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream, upstream_url = start_upstream(fleet)
             ctx = Ctx(fleet, workdir, upstream_url, upstream, jwks)
             if args.soak:
-                return soak(ctx, cleanup, args.soak, args.out, command, args.soak_interval, args.soak_warmup)
+                return soak(
+                    ctx,
+                    cleanup,
+                    args.soak,
+                    args.out,
+                    command,
+                    args.soak_interval,
+                    args.soak_warmup,
+                    args.load_client,
+                )
             print(f"starting {', '.join(selected)} ...", flush=True)
             targets = start_targets(ctx, selected, cleanup, skipped, pool)
             for name, why in skipped.items():
