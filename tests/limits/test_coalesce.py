@@ -72,7 +72,7 @@ async def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together()
 
 async def test_batches_hold_at_most_max_batch() -> None:
     send = GatedSend()
-    batches = Coalescer(send, max_batch=3)
+    batches = Coalescer(send, max_batch=3, max_lanes=1)
     tasks = [asyncio.create_task(batches.submit(i)) for i in range(8)]
     for n in range(1, 5):
         await send.sent(n)
@@ -80,6 +80,22 @@ async def test_batches_hold_at_most_max_batch() -> None:
         send.gates[n - 1].set()
     assert await asyncio.gather(*tasks) == [f"r{i}" for i in range(8)]
     assert send.batches == [[0], [1, 2, 3], [4, 5, 6], [7]]
+
+
+async def test_a_full_batch_waiting_sends_alongside_up_to_max_lanes() -> None:
+    """A slow Redis does not hold every admission behind one round trip."""
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=2, max_lanes=2)
+    tasks = [asyncio.create_task(batches.submit(i)) for i in range(5)]
+    await send.sent(2)
+    await _settle()
+    assert send.batches == [[0], [1, 2]]  # the second went while the first was still in flight
+    send.gates[1].set()  # lanes are capped at two: 3 and 4 wait for one to come back
+    await send.sent(3)
+    assert send.batches[2] == [3, 4]
+    send.gates[2].set()
+    send.gates[0].set()
+    assert await asyncio.gather(*tasks) == [f"r{i}" for i in range(5)]
 
 
 async def test_a_caller_that_gives_up_before_its_item_is_sent_takes_it_out() -> None:
