@@ -96,6 +96,11 @@ async def test_a_full_batch_waiting_sends_alongside_up_to_max_lanes() -> None:
     send.gates[2].set()
     send.gates[0].set()
     assert await asyncio.gather(*tasks) == [f"r{i}" for i in range(5)]
+    alone = asyncio.create_task(batches.submit(5))  # every lane came back: the next goes at once
+    await send.sent(4)
+    assert send.batches[3] == [5]
+    send.gates[3].set()
+    assert await alone == "r5"
 
 
 async def test_a_caller_that_gives_up_before_its_item_is_sent_takes_it_out() -> None:
@@ -138,19 +143,57 @@ async def test_a_failed_round_trip_fails_every_caller_in_it_and_the_next_one_run
     assert await after == "r3"
 
 
-async def test_closing_cancels_callers_still_waiting() -> None:
+async def test_closing_fails_callers_still_waiting_and_sends_nothing_more() -> None:
     send = GatedSend()
     batches = Coalescer(send, max_batch=64)
     first = asyncio.create_task(batches.submit(0))
     await send.sent(1)
-    queued = asyncio.create_task(batches.submit(1))
+    in_flight = asyncio.create_task(batches.submit(1))
     await _settle()
     send.gates[0].set()
-    await send.sent(2)  # the queued item is in flight on the drain task
+    await send.sent(2)  # item 1 is in a round trip on a lane of its own
+    queued = asyncio.create_task(batches.submit(2))
+    await _settle()
     await batches.aclose()
     assert await first == "r0"
-    with pytest.raises(asyncio.CancelledError):
-        await queued
+    for task in (in_flight, queued):  # to the failover backend: Redis unreachable, not a stray cancel
+        with pytest.raises(ConnectionError, match="closed"):
+            await task
+    with pytest.raises(ConnectionError, match="closed"):
+        await batches.submit(3)
+    assert len(send.batches) == 2
+
+
+async def test_closing_before_a_new_lane_ran_still_answers_what_it_claimed() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=2)
+    tasks = [asyncio.create_task(batches.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)  # 0 goes alone; 1 and 2 fill a batch, whose lane is created but not yet run
+    await batches.aclose()
+    for task in tasks[1:]:
+        with pytest.raises(ConnectionError, match="closed"):
+            await task
+    send.gates[0].set()
+    assert await tasks[0] == "r0"
+    assert send.batches == [[0]]
+
+
+async def test_a_lone_sender_cancelled_mid_flight_leaves_the_queue_served() -> None:
+    send = GatedSend()
+    batches = Coalescer(send, max_batch=64)
+    first = asyncio.create_task(batches.submit(0))
+    await send.sent(1)
+    queued = [asyncio.create_task(batches.submit(i)) for i in (1, 2)]
+    await _settle()
+    first.cancel()
+    await send.sent(2)
+    assert send.batches[1] == [1, 2]
+    send.gates[1].set()
+    assert await asyncio.gather(*queued) == ["r1", "r2"]
+    alone = asyncio.create_task(batches.submit(3))  # no lane left behind: the next goes at once
+    await send.sent(3)
+    send.gates[2].set()
+    assert await alone == "r3"
 
 
 async def _evalsha_calls(client: Redis) -> int:
@@ -183,10 +226,12 @@ async def test_concurrent_admissions_share_round_trips_and_stay_exact(own_redis:
 
         twice = Plan(counters=(CounterSpec("other", "day", 10_000_000),), cost_micros=1, request_key="same")
         # The first call goes alone; the two copies queue behind it and share the next script.
+        before = await _evalsha_calls(client)
         opener, *pair = await asyncio.gather(
             backend.admit(Plan(counters=budget, cost_micros=0)), backend.admit(twice), backend.admit(twice)
         )
         assert opener.outcome == "ok" and sorted(v.outcome for v in pair) == ["duplicate", "ok"]
+        assert await _evalsha_calls(client) - before == 2
 
         # One at a time, each call is its own round trip, as before.
         before = await _evalsha_calls(client)

@@ -1,8 +1,10 @@
-"""The Redis backend: every replica's limits in one Redis, one Lua script per admission.
+"""The Redis backend: every replica's limits in one Redis, admissions checked and charged by Lua.
 
 Admissions that arrive while one is in flight go to Redis together, as one script over all their
 plans (``limits.coalesce``): each plan is checked and charged in turn, exactly as one script per call
-would, and the client's own cost per round trip, most of what an admission costs, is shared.
+would, and the client's own cost per round trip, most of what an admission costs, is shared. A
+caller whose deadline passes while its plan is on its way is counted as Redis being down, as one
+whose own round trip overran always was: the plan may still have been charged in Redis.
 
 The script reads the time with ``redis.call('TIME')``, so buckets refill, loop windows slide and budget
 periods turn by Redis's clock alone: a replica whose clock is off changes nothing. Scripts run
@@ -38,7 +40,9 @@ MAX_BATCH = 64
 # Returns a JSON list with, for each plan in order, [outcome, index (1-based), retry after ms, spent,
 # now ms, charged keys] (cjson writes an empty list as {}: both read as no keys). Plans are admitted in
 # turn: a later plan sees what an earlier one took. A held request key is refused first
-# ("duplicate") and the script writes nothing; an admitted call sets its key in the same script.
+# ("duplicate") and that plan writes nothing; an admitted call sets its key in the same step. A
+# script that fails fails its whole batch (every caller sees Redis down); the plans are validated
+# before they get here (rates above zero, bounded budgets), so none is known to.
 ADMIT_LUA = """
 local plans = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
