@@ -11,6 +11,7 @@ the fallback's counts are not merged into it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -53,7 +54,8 @@ class FailoverBackend:
         if self._error is not None and time.monotonic() < self._retry_at:
             return self._degraded(plan)
         try:
-            with anyio.fail_after(self._timeout_s):
+            # asyncio's own timeout: anyio's fail_after looks up the running library on every entry
+            async with asyncio.timeout(self._timeout_s):
                 verdict = await self.redis.admit(plan)
         except REDIS_ERRORS as exc:
             self._redis_down(exc)
