@@ -47,11 +47,26 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> None:
+async def _first_in_flight() -> tuple[GatedSend, Coalescer[int, str], asyncio.Task[str]]:
+    """A coalescer whose first item is on its way (alone) and held there by the test."""
     send = GatedSend()
-    batches = Coalescer(send, max_batch=64)
+    batches: Coalescer[int, str] = Coalescer(send, max_batch=64)
     first = asyncio.create_task(batches.submit(0))
     await send.sent(1)
+    return send, batches, first
+
+
+async def _goes_alone(send: GatedSend, batches: Coalescer[int, str], item: int) -> None:
+    """With nothing in flight, ``item`` is sent at once, in a round trip of its own."""
+    task = asyncio.create_task(batches.submit(item))
+    await send.sent(len(send.batches) + 1)
+    assert send.batches[-1] == [item]
+    send.gates[-1].set()
+    assert await task == f"r{item}"
+
+
+async def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> None:
+    send, batches, first = await _first_in_flight()
     assert send.batches == [[0]]  # nothing else waiting: sent alone, without waiting for company
     rest = [asyncio.create_task(batches.submit(i)) for i in range(1, 6)]
     await _settle()
@@ -62,12 +77,7 @@ async def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together()
     assert send.batches[1] == [1, 2, 3, 4, 5]  # one round trip for all that queued
     send.gates[1].set()
     assert await asyncio.gather(*rest) == ["r1", "r2", "r3", "r4", "r5"]  # each its own result
-    # Idle again: the next item goes alone and at once.
-    again = asyncio.create_task(batches.submit(9))
-    await send.sent(3)
-    assert send.batches[2] == [9]
-    send.gates[2].set()
-    assert await again == "r9"
+    await _goes_alone(send, batches, 9)  # idle again
 
 
 async def test_batches_hold_at_most_max_batch() -> None:
@@ -96,18 +106,11 @@ async def test_a_full_batch_waiting_sends_alongside_up_to_max_lanes() -> None:
     send.gates[2].set()
     send.gates[0].set()
     assert await asyncio.gather(*tasks) == [f"r{i}" for i in range(5)]
-    alone = asyncio.create_task(batches.submit(5))  # every lane came back: the next goes at once
-    await send.sent(4)
-    assert send.batches[3] == [5]
-    send.gates[3].set()
-    assert await alone == "r5"
+    await _goes_alone(send, batches, 5)  # every lane came back
 
 
 async def test_a_caller_that_gives_up_before_its_item_is_sent_takes_it_out() -> None:
-    send = GatedSend()
-    batches = Coalescer(send, max_batch=64)
-    first = asyncio.create_task(batches.submit(0))
-    await send.sent(1)
+    send, batches, first = await _first_in_flight()
     gone = asyncio.create_task(batches.submit(1))
     kept = asyncio.create_task(batches.submit(2))
     await _settle()
@@ -121,10 +124,7 @@ async def test_a_caller_that_gives_up_before_its_item_is_sent_takes_it_out() -> 
 
 
 async def test_a_failed_round_trip_fails_every_caller_in_it_and_the_next_one_runs() -> None:
-    send = GatedSend()
-    batches = Coalescer(send, max_batch=64)
-    first = asyncio.create_task(batches.submit(0))
-    await send.sent(1)
+    send, batches, first = await _first_in_flight()
     queued = [asyncio.create_task(batches.submit(i)) for i in (1, 2)]
     await _settle()
     send.fail_with = ConnectionError("redis went away")
@@ -136,18 +136,12 @@ async def test_a_failed_round_trip_fails_every_caller_in_it_and_the_next_one_run
     for task in queued:
         with pytest.raises(ConnectionError, match="redis went away"):
             await task
-    send.fail_with = None  # the coalescer is not stuck: the next round trip goes and succeeds
-    after = asyncio.create_task(batches.submit(3))
-    await send.sent(3)
-    send.gates[2].set()
-    assert await after == "r3"
+    send.fail_with = None
+    await _goes_alone(send, batches, 3)  # not stuck
 
 
 async def test_closing_fails_callers_still_waiting_and_sends_nothing_more() -> None:
-    send = GatedSend()
-    batches = Coalescer(send, max_batch=64)
-    first = asyncio.create_task(batches.submit(0))
-    await send.sent(1)
+    send, batches, first = await _first_in_flight()
     in_flight = asyncio.create_task(batches.submit(1))
     await _settle()
     send.gates[0].set()
@@ -179,10 +173,7 @@ async def test_closing_before_a_new_lane_ran_still_answers_what_it_claimed() -> 
 
 
 async def test_a_lone_sender_cancelled_mid_flight_leaves_the_queue_served() -> None:
-    send = GatedSend()
-    batches = Coalescer(send, max_batch=64)
-    first = asyncio.create_task(batches.submit(0))
-    await send.sent(1)
+    send, batches, first = await _first_in_flight()
     queued = [asyncio.create_task(batches.submit(i)) for i in (1, 2)]
     await _settle()
     first.cancel()
@@ -190,10 +181,7 @@ async def test_a_lone_sender_cancelled_mid_flight_leaves_the_queue_served() -> N
     assert send.batches[1] == [1, 2]
     send.gates[1].set()
     assert await asyncio.gather(*queued) == ["r1", "r2"]
-    alone = asyncio.create_task(batches.submit(3))  # no lane left behind: the next goes at once
-    await send.sent(3)
-    send.gates[2].set()
-    assert await alone == "r3"
+    await _goes_alone(send, batches, 3)  # no lane left behind
 
 
 async def _evalsha_calls(client: Redis) -> int:
