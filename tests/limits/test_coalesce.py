@@ -9,10 +9,13 @@ from collections.abc import Sequence
 import pytest
 from redis.asyncio import Redis
 
-from arbiter.limits.backend import CounterSpec, Plan
+from arbiter.limits.backend import BucketSpec, CounterSpec, Plan
 from arbiter.limits.coalesce import Coalescer
 from arbiter.limits.factory import build_redis
+from arbiter.limits.failover import FailoverBackend
+from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
+from arbiter.settings import LimitSettings
 from tests.limits.conftest import RedisProc, clear_of_period_end
 
 
@@ -227,5 +230,35 @@ async def test_concurrent_admissions_share_round_trips_and_stay_exact(own_redis:
             await backend.admit(Plan(counters=budget, cost_micros=0, request_key=f"alone-{i}"))
         assert await _evalsha_calls(client) - before == 3
     finally:
+        await backend.aclose()
+        await client.aclose()
+
+
+async def test_a_hung_redis_sends_every_waiting_admission_to_the_fallback_and_then_recovers(
+    own_redis: RedisProc,
+) -> None:
+    """Admissions queued behind a round trip that never comes back are not held past their own
+    deadline: each takes the on_redis_down path, and Redis is used again once it answers."""
+    settings = LimitSettings(redis_prefix="t:", redis_timeout_s=1.0, on_redis_down="fallback")
+    client = build_redis(own_redis.url, settings.redis_timeout_s)
+    backend = FailoverBackend(RedisBackend(client, "t:"), MemoryBackend(), settings)
+    pauser = Redis.from_url(own_redis.url)  # pyright: ignore[reportUnknownMemberType]
+    plan = Plan(buckets=(BucketSpec("b", 1000, 1000.0),))
+    try:
+        assert (await backend.admit(plan)).holder is None  # on Redis
+        # WRITE holds every script (EVALSHA) and leaves this client free to unpause
+        await pauser.execute_command("CLIENT", "PAUSE", "60000", "WRITE")  # pyright: ignore[reportUnknownMemberType]
+        verdicts = await asyncio.gather(*(backend.admit(plan) for _ in range(20)))
+        assert [v.outcome for v in verdicts] == ["ok"] * 20
+        assert all(v.holder is backend.fallback for v in verdicts)
+        assert backend.down
+        await pauser.execute_command("CLIENT", "UNPAUSE")  # pyright: ignore[reportUnknownMemberType]
+        await backend.check()  # what the background ping does every limits.redis_retry_s
+        assert not backend.down
+        again = await asyncio.gather(*(backend.admit(plan) for _ in range(5)))
+        assert all(v.holder is None for v in again)
+    finally:
+        await pauser.execute_command("CLIENT", "UNPAUSE")  # pyright: ignore[reportUnknownMemberType]
+        await pauser.aclose()
         await backend.aclose()
         await client.aclose()
