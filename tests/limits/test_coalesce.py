@@ -15,6 +15,7 @@ from arbiter.limits.factory import build_redis
 from arbiter.limits.failover import FailoverBackend
 from arbiter.limits.memory import MemoryBackend
 from arbiter.limits.redis_backend import RedisBackend
+from arbiter.redis_errors import REDIS_ERRORS
 from arbiter.settings import LimitSettings
 from tests.limits.conftest import RedisProc, clear_of_period_end
 
@@ -262,3 +263,17 @@ async def test_a_hung_redis_sends_every_waiting_admission_to_the_fallback_and_th
         await pauser.aclose()
         await backend.aclose()
         await client.aclose()
+
+
+async def test_a_reply_that_does_not_match_its_batch_is_an_error_for_its_callers() -> None:
+    """What the failover backend counts as Redis misbehaving (RuntimeError), never an IndexError."""
+
+    async def short(items: list[int]) -> list[str]:
+        return [f"r{i}" for i in items][1:]
+
+    batches = Coalescer(short, max_batch=64)
+    with pytest.raises(RuntimeError, match="0 results for 1 item"):
+        await batches.submit(0)
+    with pytest.raises(RuntimeError, match="results for"):
+        await asyncio.gather(*(batches.submit(i) for i in range(3)))
+    assert isinstance(RuntimeError(), REDIS_ERRORS)

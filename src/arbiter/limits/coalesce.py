@@ -54,7 +54,10 @@ class Coalescer(Generic[P, R]):
         if not self._lanes:
             self._lanes += 1
             try:
-                return (await self._send([item]))[0]
+                results = await self._send([item])
+                if len(results) != 1:
+                    raise RuntimeError(f"{len(results)} results for 1 item")
+                return results[0]
             finally:
                 self._lanes -= 1
                 if self._queue and not self._lanes:
