@@ -54,10 +54,7 @@ class Coalescer(Generic[P, R]):
         if not self._lanes:
             self._lanes += 1
             try:
-                results = await self._send([item])
-                if len(results) != 1:
-                    raise RuntimeError(f"{len(results)} results for 1 item")
-                return results[0]
+                return (await self._sent([item]))[0]
             finally:
                 self._lanes -= 1
                 if self._queue and not self._lanes:
@@ -108,11 +105,17 @@ class Coalescer(Generic[P, R]):
             self._lanes -= 1
             _fail(claimed, ConnectionError("the limits backend is closed"))  # only when cut short
 
+    async def _sent(self, items: list[P]) -> Sequence[R]:
+        """``send``'s results, one per item: a reply of another length is an error (which the failover
+        backend counts as Redis misbehaving), never a short index or a caller left unanswered."""
+        results, n = await self._send(items), len(items)
+        if len(results) != n:
+            raise RuntimeError(f"{len(results)} results for {n} item{'' if n == 1 else 's'}")
+        return results
+
     async def _round_trip(self, batch: list[_Entry[P, R]]) -> None:
         try:
-            results = await self._send([entry.item for entry in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+            results = await self._sent([entry.item for entry in batch])
         except Exception as exc:  # noqa: BLE001 - not handled here: each caller gets it
             _fail(batch, exc)
             return
