@@ -175,14 +175,12 @@ def create_app(
     """
     settings = settings or load_settings()
     _quiet_sdk_logging()
-    catalog = Catalog()
     secret_box = SecretBox(settings.secret_key)  # upstream secrets given through the admin API
     egress = Egress(settings.upstream)  # the address check of every outbound connection
     pool = UpstreamPool(
         max_connections=settings.upstream.max_connections,
         idle_connection_s=settings.upstream.idle_connection_s,
         reconnect_backoff_s=settings.upstream.reconnect_backoff_s,
-        on_health=lambda name, healthy: catalog.set_hidden(name, not healthy),
         outbound=Outbound(
             secret_box, token_timeout_s=settings.upstream.token_timeout_s, clock=monotonic, egress=egress
         ),
@@ -192,6 +190,7 @@ def create_app(
         policy=settings.upstream,  # deadlines, breakers, bulkheads, retries (docs/resilience.md)
         ask_agents=settings.mcp.relay_server_requests,  # elicitation, sampling, roots (docs/protocol.md)
     )
+    catalog = Catalog(pool.health)  # reads which upstreams are down; only the pool writes it
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
     audit = _audit_writer(settings, engine)

@@ -226,17 +226,21 @@ async def test_a_retry_waits_out_the_reconnect_backoff_for_an_upstream_coming_up
     port = free_port()  # nothing listens yet: the first connect is refused
     up: list[int] = []
     with ExitStack() as servers:
-
-        def health(name: str, healthy: bool) -> None:
-            if not healthy and not up:
-                up.append(servers.enter_context(serve_in_thread(_crm_app(), port)))  # it comes up
-
-        async with UpstreamPool(max_connections=4, reconnect_backoff_s=1.0, on_health=health) as pool:
+        async with UpstreamPool(max_connections=4, reconnect_backoff_s=1.0) as pool:
             url = f"http://127.0.0.1:{port}/mcp"
             await pool.put(UpstreamSpec(name="crm", transport="streamable_http", url=url, call_timeout_s=30))
-            result = await pool.request("crm", CUSTOMER)  # not idempotent; it never left, so retried
-            assert result["isError"] is False
+            result: dict[str, Any] = {}
+
+            async def call() -> None:
+                result.update(await pool.request("crm", CUSTOMER))  # not idempotent; it never left
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await _until(lambda: not pool.healthy("crm"))  # the first connect was refused
+                up.append(servers.enter_context(serve_in_thread(_crm_app(), port)))  # it comes up
+            assert result["isError"] is False  # retried once the backoff allowed a new connect
             assert pool.get("crm").connects == 1
+            assert pool.healthy("crm")
 
 
 async def test_refusals_after_a_fallback_name_the_primary() -> None:

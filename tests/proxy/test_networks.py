@@ -312,13 +312,15 @@ async def test_a_refused_upstream_connection_is_upstream_unavailable_and_says_wh
 
         names.table["localhost"] = [ELSEWHERE]
         second = UpstreamClient(spec, tg, max_connections=4, reconnect_backoff_s=0, egress=egress)
+        reports: list[bool] = []
+        second.on_health = lambda _client, up: reports.append(up)
         with caplog.at_level(logging.WARNING), pytest.raises(UpstreamUnavailable) as err:
             await second.discover()
         assert err.value.code == "upstream_unavailable"
         assert second.last_error is not None
         assert f"{ELSEWHERE} is not in upstream.allowed_networks" in second.last_error
         assert "upstream kb: connect refused: 'localhost' resolves to a refused address" in caplog.text
-        assert not second.healthy
+        assert reports == [False]  # what the pool would mark the upstream
         await second.aclose()
         tg.cancel_scope.cancel()
     assert sockets and ELSEWHERE not in sockets

@@ -10,6 +10,7 @@ from arbiter.errors import InvalidInput
 from arbiter.naming import exposed_name, exposed_uri, split_name, split_uri
 from arbiter.net.urlcheck import check_upstream_url
 from arbiter.proxy.catalog import Catalog, UpstreamCatalog
+from arbiter.proxy.health import Health
 from arbiter.settings import UpstreamPolicy
 from arbiter.store.upstreams import canonical_sha256
 
@@ -38,16 +39,23 @@ def test_canonical_hash_ignores_key_order_and_whitespace() -> None:
 
 
 def test_catalog_views_hide_down_upstreams_but_keep_them_resolvable() -> None:
-    catalog = Catalog()
+    health = Health()  # the pool's: the catalog only reads it
+    catalog = Catalog(health)
     catalog.put(UpstreamCatalog.from_items("crm", [("tool", "get", {"name": "get", "inputSchema": {}})]))
     catalog.put(UpstreamCatalog.from_items("kb", [("tool", "find", {"name": "find", "inputSchema": {}})]))
     assert [t["name"] for t in catalog.views.tools] == ["crm__get", "kb__find"]
-    catalog.set_hidden("crm", True)
+    health.mark("crm", False)
     assert [t["name"] for t in catalog.views.tools] == ["kb__find"]
+    assert catalog.hidden() == ["crm"]
+    assert catalog.views.unavailable_tools == {"crm": ("get",)}
     assert catalog.get("crm") is not None  # calls still route, and get the unavailable error
     assert catalog.views.input_schemas == {"kb__find": {}}
-    catalog.set_hidden("crm", False)
+    health.mark("crm", True)
     catalog.remove("kb")
+    assert [t["name"] for t in catalog.views.tools] == ["crm__get"]
+    assert catalog.hidden() == []
+    health.mark("kb", False)  # down, but no longer in the catalog: nothing to hide
+    assert catalog.hidden() == []
     assert [t["name"] for t in catalog.views.tools] == ["crm__get"]
 
 

@@ -16,6 +16,7 @@ from mcp.client.session import ClientSession
 from pydantic import BaseModel
 
 from arbiter.naming import exposed_name, exposed_uri
+from arbiter.proxy.health import Health
 
 # Each kind of entry and the UpstreamCatalog field that holds it.
 KIND_FIELDS = {
@@ -103,10 +104,12 @@ class Views:
 class Catalog:
     """Snapshots per upstream plus the merged, renamed views; replaced atomically, read lock-free."""
 
-    def __init__(self) -> None:
+    def __init__(self, health: Health | None = None) -> None:
         self._snaps: dict[str, UpstreamCatalog] = {}
-        self._hidden: set[str] = set()
-        self.views = Views([], [], [], [], {})
+        # Which upstreams are down: the pool's (it alone writes it); read here, never told.
+        self._health = health or Health()
+        self._views = Views([], [], [], [], {})
+        self._built_for = self._health.version
         # Told (upstream, before, after) when an upstream's snapshot changes (proxy/notifications.py).
         self.on_change: Callable[[str, UpstreamCatalog | None, UpstreamCatalog | None], None] | None = None
 
@@ -117,29 +120,26 @@ class Catalog:
         if self.on_change is not None and before != snap:
             self.on_change(snap.upstream, before, snap)
 
+    @property
+    def views(self) -> Views:
+        """The merged lists, without down upstreams' entries; rebuilt when a snapshot or health changed."""
+        if self._built_for != self._health.version:
+            self._rebuild()
+        return self._views
+
     def remove(self, upstream: str) -> None:
         before = self._snaps.pop(upstream, None)
-        self._hidden.discard(upstream)
         self._rebuild()
         if self.on_change is not None and before is not None:
             self.on_change(upstream, before, None)
-
-    def set_hidden(self, upstream: str, hidden: bool) -> None:
-        """Hide an upstream's entries from lists (disabled, or down) without forgetting them."""
-        before = upstream in self._hidden
-        if hidden:
-            self._hidden.add(upstream)
-        else:
-            self._hidden.discard(upstream)
-        if before != hidden:
-            self._rebuild()
 
     def get(self, upstream: str) -> UpstreamCatalog | None:
         """An upstream's snapshot, also while it is down (so a call names it unavailable, not unknown)."""
         return self._snaps.get(upstream)
 
     def hidden(self) -> list[str]:
-        return sorted(self._hidden)
+        """Upstreams whose entries the lists leave out because they are down."""
+        return [name for name in sorted(self._snaps) if not self._health.up(name)]
 
     def tool_notice(self, upstream: str, name: str) -> str | None:
         """Why a report on who may call ``upstream``'s tool ``name`` is about the policy alone: the catalog
@@ -162,8 +162,9 @@ class Catalog:
         prompts: list[dict[str, Any]] = []
         schemas: dict[str, dict[str, Any]] = {}
         unavailable: dict[str, tuple[str, ...]] = {}
+        self._built_for = self._health.version  # before reading it: a change meanwhile rebuilds again
         for name in sorted(self._snaps):
-            if name in self._hidden:
+            if not self._health.up(name):
                 if self._snaps[name].tools:
                     unavailable[name] = tuple(self._snaps[name].tools)
                 continue
@@ -182,7 +183,7 @@ class Catalog:
                 )
             for prompt_name, prompt in snap.prompts.items():
                 prompts.append({**prompt, "name": exposed_name(name, prompt_name)})
-        self.views = Views(tools, resources, templates, prompts, schemas, unavailable)
+        self._views = Views(tools, resources, templates, prompts, schemas, unavailable)
 
 
 async def discover(upstream: str, session: ClientSession) -> UpstreamCatalog:

@@ -2,8 +2,8 @@
 
 One ``UpstreamClient`` per enabled upstream, built and closed in the app lifespan. Every request goes
 through ``request``, which routes it to the upstream's shared connection or, for a token-exchange
-upstream, to the caller's own. The pool holds each upstream's health (what its client last learnt);
-the registry and the readiness probe read it here, and the catalog is told when it changes.
+upstream, to the caller's own. The pool holds each upstream's health (``health``: what its current
+client last learnt); the catalog, the registry and the readiness probe read it there.
 
 Each upstream also has a guard (docs/resilience.md): one deadline per call (the upstream's
 ``call_timeout_s`` or the tool's own), covering the wait for a slot, a token fetch, connecting, retries
@@ -33,6 +33,7 @@ from arbiter.net.egress import Egress
 from arbiter.proxy.breaker import Breaker, State
 from arbiter.proxy.bulkhead import Bulkhead
 from arbiter.proxy.callers import CallerSessions
+from arbiter.proxy.health import Health
 from arbiter.proxy.relay import UpstreamRequest
 from arbiter.proxy.retries import READS, RetryBudget, ToolSetting, backoff
 from arbiter.proxy.upstream import ConnectFailed, NotConnected, SessionGone, UpstreamClient, UpstreamSpec
@@ -60,7 +61,6 @@ class UpstreamPool:
         max_connections: int,
         reconnect_backoff_s: float,
         idle_connection_s: float = 4.0,
-        on_health: Callable[[str, bool], None] | None = None,
         outbound: Outbound | None = None,
         caller_sessions_max: int = 256,
         caller_session_idle_s: float = 300.0,
@@ -71,7 +71,7 @@ class UpstreamPool:
     ) -> None:
         # Relay upstreams' requests (elicitation, sampling, roots) to agents: declared on their sessions.
         self._ask_agents = ask_agents
-        self._on_health = on_health
+        self.health = Health()  # written here only, from the current clients' reports (see _report)
         self._clients: dict[str, UpstreamClient] = {}
         self._guards: dict[str, _Guard] = {}
         self._policy = policy or UpstreamPolicy()
@@ -114,13 +114,12 @@ class UpstreamPool:
         return sorted(self._clients)
 
     def healthy(self, name: str) -> bool:
-        """Whether the upstream's current client last connected (a failed connect or a broken
-        connection makes it down until the next connect)."""
-        client = self._clients.get(name)
-        return client is not None and client.healthy
+        """Whether the upstream is served and its current client last connected (a failed connect or a
+        broken connection makes it down until the next connect)."""
+        return name in self._clients and self.health.up(name)
 
     def down(self) -> list[str]:
-        return sorted(name for name, client in self._clients.items() if not client.healthy)
+        return self.health.down()
 
     def circuit_states(self) -> dict[str, str]:
         """Each upstream's circuit: ``closed``, ``open`` or ``half_open`` (for metrics and the admin API)."""
@@ -333,9 +332,13 @@ class UpstreamPool:
             )
         return await client.callers.request(caller, request, remaining, on_send)
 
-    async def put(self, spec: UpstreamSpec) -> UpstreamClient:
-        """Add or replace an upstream's client; a changed spec retires the old client and its connection."""
+    async def put(self, spec: UpstreamSpec, *, up: bool | None = None) -> UpstreamClient:
+        """Add or replace an upstream's client; a changed spec retires the old client and its connection.
+        The upstream's health stays what was last learnt until the new client connects or fails, or is
+        ``up`` when given (a definition restored after its replacement failed is as it was)."""
         assert self._tg is not None, "the pool is used inside its context"
+        if up is not None:
+            self.health.mark(spec.name, up)
         old = self._clients.get(spec.name)
         if old is not None and old.spec == spec:
             return old
@@ -349,6 +352,7 @@ class UpstreamPool:
 
     async def remove(self, name: str) -> None:
         self._guards.pop(name, None)
+        self.health.forget(name)
         client = self._clients.pop(name, None)
         if client is not None:
             await client.aclose()
@@ -417,8 +421,7 @@ class UpstreamPool:
             guard = self._guards.get(client.spec.name)
             if guard is not None and guard.breaker is not None:
                 guard.breaker.reset()
-        if self._on_health is not None:
-            self._on_health(client.spec.name, healthy)
+        self.health.mark(client.spec.name, healthy)
 
 
 _PINNED = "this call continues an exchange (requestState) begun on one upstream, so it is not sent to another"

@@ -385,7 +385,7 @@ class UpstreamRegistry:
 
     async def _try_spec(self, row: Upstream, previous: UpstreamSpec | None) -> UpstreamCatalog:
         """Connect to ``row``'s definition and discover it; on failure restore ``previous`` (or nothing)."""
-        was_hidden = row.name in self._catalog.hidden()
+        was_up = self._pool.healthy(row.name)
         client = await self._activate(row)
         try:
             return await client.discover()
@@ -393,8 +393,7 @@ class UpstreamRegistry:
             # The candidate's failure says nothing about the definition that keeps serving.
             with anyio.CancelScope(shield=True):
                 if previous is not None:
-                    await self._pool.put(previous)
-                    self._catalog.set_hidden(row.name, was_hidden)
+                    await self._pool.put(previous, up=was_up)
                 else:
                     await self._pool.remove(row.name)
             raise

@@ -146,7 +146,8 @@ class UpstreamClient:
         self._closed = False
         self.last_error: str | None = None
         self.connects = 0  # how many sessions were opened; tests use it to prove pooling
-        self.healthy = True  # False from a failed connect or a broken connection until the next connect
+        # Told (this client, whether it is up) when a connect succeeds or fails, or a connection breaks:
+        # the pool keeps the upstream's health (proxy/health.py).
         self.on_health: Callable[[UpstreamClient, bool], None] | None = None
         # Told (method, params) of the upstream's change notifications on this client's own session:
         # list_changed and resources/updated (proxy/notifications.py). Called in the SDK's receive loop,
@@ -406,7 +407,6 @@ class UpstreamClient:
         )
 
     def _report(self, healthy: bool) -> None:
-        self.healthy = healthy
         if self.on_health is not None:
             self.on_health(self, healthy)
 
