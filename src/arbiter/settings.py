@@ -282,7 +282,9 @@ class UpstreamPolicy(BaseModel):
     max_connections: int = Field(default=100, gt=0)
     # Arbiter closes pooled upstream connections idle this long itself: below common servers' keep-alive
     # timeouts (uvicorn and Node.js close after 5 s), so a request rarely meets a connection the upstream
-    # is closing. A request that does is sent once more on a fresh connection (proxy/relay.py).
+    # is closing; set it below an upstream server's own if that is shorter (gunicorn: 2 s). A request that
+    # does meet one is sent once more on a fresh connection if it may run twice, and otherwise fails
+    # without marking the upstream down or counting against its circuit (proxy/relay.py).
     idle_connection_s: float = Field(default=4.0, gt=0)
     # A reconnect attempt after a failure waits at least this long, so a dead upstream costs little.
     reconnect_backoff_s: float = Field(default=2.0, ge=0)

@@ -4,9 +4,9 @@ Agents pause between tool calls (the model thinks); servers close idle keep-aliv
 seconds. A request that meets a connection the upstream is closing is never answered; Arbiter cannot tell
 that from an upstream that ran it and then reset the connection, so it sends it again on a fresh
 connection only when that is safe (a read, or a tool a security admin marked idempotent: here
-``get_customer``), and neither the session nor the upstream's health suffers. A tool nobody marked runs
-at most once (tests/proxy/test_guard_review.py); Arbiter's own idle expiry (``upstream.idle_connection_s``,
-4 s) keeps the stale case rare against servers closing after 5 s.
+``get_customer``), and neither the session, the upstream's health nor its circuit suffers. A tool nobody
+marked runs at most once (tests/proxy/test_guard_review.py); Arbiter's own idle expiry
+(``upstream.idle_connection_s``, 4 s) keeps the stale case away from servers closing after 5 s.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from arbiter.demo.crm import build_server
 from tests.conftest import ArbiterFactory, ArbiterServer, UpstreamProc, serve_in_thread
 from tests.proxy.stale import StaleAfterIdle, until_all_idle
+from tests.refusals import tool_refusal
 
 CALL = ("crm__get_customer", {"customer_id": "C-1001"})
 
@@ -63,6 +64,55 @@ async def test_requests_on_connections_the_upstream_closed_are_sent_again(
         with server.admin() as admin:
             (row,) = admin.get("/upstreams").json()
         assert row["status"] == "connected", row  # never marked down, never reconnected
+
+
+async def test_calls_meeting_connections_the_upstream_closed_never_open_its_circuit(
+    arbiter_factory: ArbiterFactory, crm_upstream: UpstreamProc
+) -> None:
+    # A server closing idle connections sooner than Arbiter expires them (Arbiter's expiry far beyond,
+    # the circuit opening after two failures in a row): the calls that meet a closed connection fail,
+    # since nobody marked the tool idempotent and it may have run, but each one says nothing about the
+    # upstream's health. Its circuit stays closed, it stays connected, and the next call goes through.
+    server = arbiter_factory(
+        upstream={"idle_connection_s": 600, "breaker_threshold": 2}, notifications={"enabled": False}
+    )
+    with StaleAfterIdle(crm_upstream.port, idle_s=0.2) as stale:
+        created = server.register("crm", f"http://127.0.0.1:{stale.port}/mcp")
+        assert await _burst(server, 20) == []  # opens several pooled connections
+        await until_all_idle(stale)
+        assert stale.idle() >= 2, "fewer stale connections than the circuit's threshold: proves nothing"
+        failed: list[str] = []
+        async with server.client() as client:
+            for _ in range(40):  # one at a time: each takes the next stale connection from the pool
+                result = await client.call_tool(*CALL)
+                if not result.is_error:
+                    break
+                failed.append(tool_refusal(result)["reason"])
+            else:
+                pytest.fail("no call succeeded")
+        assert len(failed) >= 2 and set(failed) == {"upstream_unavailable"}, failed
+        assert stale.dropped >= 2
+        with server.admin() as admin:
+            row = admin.get(f"/upstreams/{created['id']}").json()
+        assert (row["circuit"], row["status"]) == ("closed", "connected"), row
+
+
+async def test_bursts_around_a_servers_default_keep_alive_all_succeed(
+    arbiter_factory: ArbiterFactory,
+) -> None:
+    # The reported failure at its own timing: uvicorn closing idle connections after its default 5 s,
+    # bursts of calls to a tool nobody marked idempotent, separated by gaps around it. Arbiter expires
+    # its pooled connections first (upstream.idle_connection_s, 4 s), so no call meets a closed one.
+    server = arbiter_factory()
+    app = build_server().streamable_http_app(stateless_http=True, json_response=True)
+    with serve_in_thread(app, timeout_keep_alive=5) as port:
+        server.register("crm", f"http://127.0.0.1:{port}/mcp")
+        failures: list[str] = []
+        for gap_s in (4.9, 5.0, 5.1):
+            failures += await _burst(server, 40)
+            await anyio.sleep(gap_s)  # the scenario's idle gap itself, not a wait for anything
+        failures += await _burst(server, 40)
+        assert failures == []
 
 
 @pytest.mark.parametrize("gap_s", [0.9, 1.0, 1.1])

@@ -36,14 +36,22 @@ from arbiter.proxy.callers import CallerSessions
 from arbiter.proxy.health import Health
 from arbiter.proxy.relay import UpstreamRequest
 from arbiter.proxy.retries import READS, RetryBudget, ToolSetting, backoff
-from arbiter.proxy.upstream import ConnectFailed, NotConnected, SessionGone, UpstreamClient, UpstreamSpec
+from arbiter.proxy.upstream import (
+    ConnectFailed,
+    NotConnected,
+    SessionGone,
+    StaleConnection,
+    UpstreamClient,
+    UpstreamSpec,
+)
 from arbiter.settings import UpstreamPolicy
 
 # Failures after which the request cannot have reached the upstream: safe to send again, or elsewhere.
 _NEVER_SENT = (ConnectFailed, SessionGone)
-# Failures that say nothing about the upstream's reachability (it was not tried, or it answered), nor
-# credential refusals: one caller's refused token must not open a circuit every caller shares.
-_NEUTRAL = (NotConnected, SessionGone, UpstreamAuthFailed)
+# Failures that say nothing about the upstream's reachability (it was not tried, it answered, or a pooled
+# connection it had closed while idle met the request), nor credential refusals: one caller's refused
+# token must not open a circuit every caller shares.
+_NEUTRAL = (NotConnected, SessionGone, StaleConnection, UpstreamAuthFailed)
 
 
 @dataclass(slots=True)

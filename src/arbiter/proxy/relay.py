@@ -12,9 +12,11 @@ A connection taken from the pool that the upstream had closed while it sat idle 
 keep-alive connections after a few seconds) fails before any answer arrives. That failure cannot be told
 apart from an upstream that read the request, ran it, then reset the connection, so only a request that
 is safe to send twice (``UpstreamRequest.may_resend``: a read, or a tool a security admin marked
-idempotent) is sent once more on a fresh connection; any other fails as ``Interrupted`` (it may have
-run). Pooled connections expire after ``upstream.idle_connection_s`` (below common server timeouts), so
-the stale case is rare. A new connection that fails without an answer is never sent again.
+idempotent) is sent once more on a fresh connection; any other fails as ``Stale`` (it may have run:
+RFC 9112 9.3.1 forbids resending a request that is not idempotent without knowing it was not applied),
+which neither marks the upstream down nor counts against its circuit breaker. Pooled connections
+expire after ``upstream.idle_connection_s`` (below common server timeouts), so the stale case is rare.
+A new connection that fails without an answer is never sent again.
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ class Unreachable(RelayFailure):
 
 class Interrupted(RelayFailure):
     """The connection failed while the request was in flight; the upstream may have run it."""
+
+
+class Stale(Interrupted):
+    """A connection taken from the pool failed before any answer: most likely the upstream closed it while
+    it sat idle. The request may still have run, so it is not sent again unless it may run twice; but it
+    says nothing about the upstream's health (a fresh connection is taken next time)."""
 
 
 class SessionLost(RelayFailure):
@@ -318,8 +326,8 @@ class Relay:
                 if not may_resend:
                     # A pooled connection failed without an answer: closed while idle, or the upstream read
                     # the request, ran it and reset the connection. Not safe to send twice: it may have run.
-                    raise Interrupted(
-                        f"the connection failed before an answer ({type(exc).__name__})"
+                    raise Stale(
+                        f"a pooled connection failed before an answer ({type(exc).__name__}); not sent again"
                     ) from None
                 # Likely a pooled connection the peer had closed while it sat idle, and the request is safe
                 # to send twice: once more, on a connection of its own.

@@ -47,6 +47,7 @@ from arbiter.proxy.relay import (
     Interrupted,
     Relay,
     SessionLost,
+    Stale,
     Unreachable,
     UpstreamRequest,
     relay_sessions,
@@ -74,6 +75,11 @@ class NotConnected(UpstreamUnavailable):
 
 class ConnectFailed(UpstreamUnavailable):
     """No connection to the upstream could be opened: the request never left Arbiter."""
+
+
+class StaleConnection(UpstreamUnavailable):
+    """A pooled connection failed before any answer (most likely closed by the upstream while idle): this
+    request fails, since it may have run, but the upstream is not down and its circuit does not count it."""
 
 
 class SessionGone(UpstreamUnavailable):
@@ -268,6 +274,10 @@ class UpstreamClient:
         elif isinstance(exc, Unreachable):
             # The upstream is down: reconnect, report it. The request never left.
             return self._unavailable(str(exc), conn, ConnectFailed)
+        elif isinstance(exc, Stale):
+            self.last_error = f"{method}: {exc}"
+            log.warning("upstream %s: %s", self.spec.name, self.last_error)
+            return StaleConnection.of(self.spec.name)
         elif isinstance(exc, Interrupted):
             # One request's connection failed mid-answer (after the relay's retry of an unanswered one):
             # that request fails; the upstream answered, so it stays up and the connection stays open.
