@@ -462,7 +462,9 @@ def chart(report: Report, path: Path) -> str | None:
     cfg = report.config
     fig.suptitle(
         f"MCP proxies in front of one fast upstream — {cfg.get('started', '')}, "
-        f"{cfg.get('machine', {}).get('cpus')} CPUs shared by load, proxy and upstream; "
+        f"{cfg.get('machine', {}).get('cpus')} CPUs, "
+        + ("the proxy on a CPU of its own" if cfg.get("pinning") else "shared by load, proxy and upstream")
+        + "; "
         f"medians of {cfg.get('reps')} interleaved runs",
         fontsize=11,
     )
@@ -520,6 +522,10 @@ def soak_markdown(summary: dict[str, Any], points: Iterable[dict[str, float]], c
             else f"The warm-up is shorter than the {KEY_HOLD_S:g} s a handshake-era call's request key is "
             "held (limits.session_request_key_ttl_s): those keys still accumulate in the judged time."
         ),
+        "",
+        f"Arbiter at commit {summary.get('git_commit') or '?'}"
+        + (" with uncommitted changes" if summary.get("git_dirty") else "")
+        + ".",
         "",
         f"- requests: {summary['calls']} ({summary['calls_per_s']:.1f}/s), failed: {summary['errors']}",
         f"- RSS at the end of warm-up ({summary['warmup_s']:.0f} s): {summary['rss_warm_mb']:.1f} MB; "

@@ -415,6 +415,8 @@ def soak(
         "max_deviation_pct": max_dev,
         "flat": abs(max_dev) <= 5.0,
         "machine": machine(),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps({"summary": summary, "points": points}, indent=2) + "\n")

@@ -71,3 +71,38 @@ def test_quick_run_writes_a_row_per_target_era_and_operation(tmp_path: Path) -> 
     assert "## tools/call echo" in md and "## tools/list (100 tools)" in md
     for label in data["labels"].values():
         assert md.count(f"| {label} | ") >= 4, label  # both eras, both operations
+
+
+@pytest.mark.timeout(90)
+def test_soak_samples_memory_over_time_and_judges_it_after_warm_up(tmp_path: Path) -> None:
+    # `make bench-soak` is --soak 600; a few seconds here: the same code, sampled more often.
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--soak",
+        "3",
+        "--soak-warmup",
+        "1",
+        "--soak-interval",
+        "0.5",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    data = json.loads((tmp_path / "soak.json").read_text())
+    summary, points = data["summary"], data["points"]
+    assert summary["calls"] > 0 and summary["errors"] == 0, summary
+    assert summary["git_commit"], summary
+    times = [p["t_s"] for p in points]
+    assert times == sorted(times) and times[-1] >= 3, times  # sampled through warm-up and judged time
+    assert all(p["rss_mb"] > 0 for p in points)
+    after = [p["rss_mb"] for p in points if p["t_s"] >= summary["warmup_s"]]
+    assert summary["rss_max_mb"] == max(after) and summary["rss_min_mb"] == min(after), summary
+    expected = max(((r - summary["rss_warm_mb"]) / summary["rss_warm_mb"] * 100 for r in after), key=abs)
+    assert summary["max_deviation_pct"] == pytest.approx(expected)
+    assert summary["flat"] == (abs(expected) <= 5.0)
+    md = (tmp_path / "soak.md").read_text()
+    assert f"Arbiter at commit {summary['git_commit']}" in md
+    assert md.count("\n| ") == len(points) + 1  # a row per sample, and the header
