@@ -287,9 +287,7 @@ class AuditWriter:
         try:
             started = time.perf_counter()
             try:
-                # asyncio's timeout, not anyio's: once per write, and anyio's looks up the async library
-                # and builds a cancel scope each time (a tenth of a lone confirmed record's writer work).
-                async with asyncio.timeout(self._cfg.write_timeout_s):
+                with anyio.fail_after(self._cfg.write_timeout_s):
                     await self._store.append(self._held, dedupe=self._held_tried)
             finally:
                 if self.on_write is not None:
