@@ -22,6 +22,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from starlette.types import Receive, Scope, Send
 
+from arbiter.errors import UpstreamUnavailable
 from arbiter.proxy.pool import UpstreamPool
 from arbiter.proxy.upstream import UpstreamClient, UpstreamSpec
 from tests.conftest import ArbiterFactory, UpstreamProc, free_port, serve_in_thread
@@ -133,6 +134,25 @@ async def test_health_reports_from_a_replaced_client_are_ignored() -> None:
     finally:
         live.kill()
         silent.close()
+
+
+async def test_health_is_what_the_current_client_learnt_and_restored_only_with_a_new_one() -> None:
+    dead = f"http://127.0.0.1:{free_port()}/mcp"  # nothing listens: every connect is refused
+    async with UpstreamPool(max_connections=4, reconnect_backoff_s=0) as pool:
+        spec = UpstreamSpec("x", "streamable_http", url=dead)
+        client = await pool.put(spec)
+        assert pool.healthy("x")  # nothing learnt yet
+        with pytest.raises(UpstreamUnavailable):
+            await client.discover()
+        assert not pool.healthy("x") and pool.down() == ["x"]
+        # The registry restores a definition "as it was" after its replacement failed; when nothing was
+        # replaced (the same spec, the same client), what that client learnt stands.
+        assert await pool.put(spec, up=True) is client
+        assert not pool.healthy("x")
+        other = await pool.put(UpstreamSpec("x", "streamable_http", url=dead, call_timeout_s=9), up=True)
+        assert other is not client and pool.healthy("x")
+        await pool.remove("x")
+        assert pool.down() == [] and not pool.healthy("x")
 
 
 async def _expect_unavailable(client: Any) -> None:

@@ -345,11 +345,11 @@ class UpstreamPool:
         The upstream's health stays what was last learnt until the new client connects or fails, or is
         ``up`` when given (a definition restored after its replacement failed is as it was)."""
         assert self._tg is not None, "the pool is used inside its context"
-        if up is not None:
-            self.health.mark(spec.name, up)
         old = self._clients.get(spec.name)
         if old is not None and old.spec == spec:
-            return old
+            return old  # the same client: what it learnt stands, whatever ``up`` says
+        if up is not None:
+            self.health.mark(spec.name, up)
         client = self._client(spec, self._outbound.shared(spec.name, spec.credential), self._callers(spec))
         client.on_health = self._report
         self._clients[spec.name] = client
@@ -360,10 +360,13 @@ class UpstreamPool:
 
     async def remove(self, name: str) -> None:
         self._guards.pop(name, None)
-        self.health.forget(name)
         client = self._clients.pop(name, None)
-        if client is not None:
-            await client.aclose()
+        try:
+            if client is not None:
+                await client.aclose()
+        finally:
+            # Only now: while it closes, a down upstream's entries stay out of the catalog's lists.
+            self.health.forget(name)
 
     def _client(
         self,
