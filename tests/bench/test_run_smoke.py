@@ -94,7 +94,7 @@ def test_soak_samples_memory_over_time_and_judges_it_after_warm_up(tmp_path: Pat
     data = json.loads((tmp_path / "soak.json").read_text())
     summary, points = data["summary"], data["points"]
     assert summary["calls"] > 0 and summary["errors"] == 0, summary
-    assert summary["git_commit"], summary
+    assert "git_commit" in summary, summary  # None where git cannot read the checkout
     times = [p["t_s"] for p in points]
     assert times == sorted(times) and times[-1] >= 3, times  # sampled through warm-up and judged time
     assert all(p["rss_mb"] > 0 for p in points)
@@ -104,5 +104,5 @@ def test_soak_samples_memory_over_time_and_judges_it_after_warm_up(tmp_path: Pat
     assert summary["max_deviation_pct"] == pytest.approx(expected)
     assert summary["flat"] == (abs(expected) <= 5.0)
     md = (tmp_path / "soak.md").read_text()
-    assert f"Arbiter at commit {summary['git_commit']}" in md
+    assert f"Arbiter at commit {summary['git_commit'] or '?'}" in md
     assert md.count("\n| ") == len(points) + 1  # a row per sample, and the header

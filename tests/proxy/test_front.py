@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
+from arbiter.proxy.front import ModernFront
 from tests.conftest import ArbiterFactory, ArbiterServer
 from tests.proxy.test_handshake_front import Gate, gate  # noqa: F401 - the fixture
 
@@ -77,13 +79,26 @@ def _answers(arbiter: ArbiterServer) -> list[tuple[int, str | None, Any]]:
 def test_the_agent_cannot_tell_the_direct_2026_07_28_path_from_the_sdks(
     arbiter_factory: ArbiterFactory,
     gate: Gate,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    answered: list[str] = []  # what the direct path answered itself (the rest went to the SDK)
+    direct_call = ModernFront.__call__
+
+    async def counted(self: ModernFront, *args: Any) -> None:
+        answered.append(args[3]["method"])  # (request, receive, send, message, exchange)
+        await direct_call(self, *args)
+
+    monkeypatch.setattr(ModernFront, "__call__", counted)
     seen: dict[bool, list[tuple[int, str | None, Any]]] = {}
+    served: dict[bool, list[str]] = {}
     for direct in (False, True):
         arbiter = arbiter_factory(mcp={"direct_path": direct})  # the second finds the upstream stored
         if not direct:
             arbiter.register("up", gate.url)
         seen[direct] = _answers(arbiter)
+        served[direct], answered[:] = list(answered), []
+    assert served[False] == []  # everything went through the SDK's transport
+    assert served[True][:2] == ["tools/call", "tools/list"], served  # the direct path answered these
     assert seen[True] == seen[False]
     call, listed = seen[True][0][2], seen[True][1][2]
     assert seen[True][0][0] == 200
