@@ -155,16 +155,15 @@ class Report:
         This VM's speed drifts between rounds (the load generator's own CPU per call, the same work
         for every target, moves by half between rounds of one run), and a ratio of medians taken from
         different rounds carries that drift; a ratio within each round does not."""
-        mine = {
-            s.rep: s.proxy_cpu_ms
-            for s in self.samples
-            if (s.target, s.mode, s.op) == (row.target, row.mode, row.op)
-        }
-        theirs = {
-            s.rep: s.proxy_cpu_ms
-            for s in self.samples
-            if (s.target, s.mode, s.op) == (other, row.mode, row.op)
-        }
+
+        def by_rep(target: str) -> dict[int, float | None]:
+            return {
+                s.rep: s.proxy_cpu_ms
+                for s in self.samples
+                if (s.target, s.mode, s.op) == (target, row.mode, row.op)
+            }
+
+        mine, theirs = by_rep(row.target), by_rep(other)
         each = [_div(mine[rep], theirs.get(rep)) for rep in sorted(mine)]
         kept = [v for v in each if v is not None]
         return median(kept) if kept else None
@@ -238,6 +237,12 @@ def _load_client(cfg: dict[str, Any]) -> str:
     )
 
 
+def _checkout(d: dict[str, Any]) -> str:
+    """Which Arbiter a report measured (``git_commit``, ``git_dirty`` from bench/run.py)."""
+    dirty = " with uncommitted changes" if d.get("git_dirty") else ""
+    return f"Arbiter at commit {d.get('git_commit') or '?'}{dirty}"
+
+
 def markdown(report: Report, command: str) -> str:
     cfg = report.config
     rows = report.rows()
@@ -274,11 +279,8 @@ def markdown(report: Report, command: str) -> str:
     ]
     versions = cfg.get("versions", {})
     if versions:
-        dirty = " with uncommitted changes" if cfg.get("git_dirty") else ""
         lines += [
-            f"Arbiter at commit {cfg.get('git_commit') or '?'}{dirty}; "
-            + ", ".join(f"{k} {v}" for k, v in versions.items())
-            + ".",
+            f"{_checkout(cfg)}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
             "",
         ]
     for op in ("call", "list"):
@@ -523,9 +525,7 @@ def soak_markdown(summary: dict[str, Any], points: Iterable[dict[str, float]], c
             "held (limits.session_request_key_ttl_s): those keys still accumulate in the judged time."
         ),
         "",
-        f"Arbiter at commit {summary.get('git_commit') or '?'}"
-        + (" with uncommitted changes" if summary.get("git_dirty") else "")
-        + ".",
+        f"{_checkout(summary)}.",
         "",
         f"- requests: {summary['calls']} ({summary['calls_per_s']:.1f}/s), failed: {summary['errors']}",
         f"- RSS at the end of warm-up ({summary['warmup_s']:.0f} s): {summary['rss_warm_mb']:.1f} MB; "

@@ -415,8 +415,7 @@ def soak(
         "max_deviation_pct": max_dev,
         "flat": abs(max_dev) <= 5.0,
         "machine": machine(),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **_checkout(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps({"summary": summary, "points": points}, indent=2) + "\n")
@@ -440,6 +439,14 @@ def _git(*args: str) -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def _checkout() -> dict[str, Any]:
+    """The commit measured, and whether tracked files differed from it (for the reports)."""
+    return {
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -645,8 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": selected,
         "machine": machine(),
         "versions": _versions(),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **_checkout(),
         "load_average_start": list(load0),
         "load_average_end": list(os.getloadavg()),
         "other_processes_cpu_share": max(0.0, foreign) / (duration * cpus),

@@ -20,11 +20,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ARBITER = ("arbiter-min", "arbiter-gov", "arbiter-gov-jwt", "arbiter-pg")
 
 
+def _bench(*args: str) -> None:
+    """Run bench/run.py with ``args``; fails the test unless it exits 0."""
+    argv = [sys.executable, str(ROOT / "bench" / "run.py"), *args]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
 @pytest.mark.timeout(90)
 def test_quick_run_writes_a_row_per_target_era_and_operation(tmp_path: Path) -> None:
-    argv = [
-        sys.executable,
-        str(ROOT / "bench" / "run.py"),
+    _bench(
         "--quick",
         "--only",
         "direct,arbiter",
@@ -38,9 +43,7 @@ def test_quick_run_writes_a_row_per_target_era_and_operation(tmp_path: Path) -> 
         "4",
         "--warmup",
         "2",
-    ]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
 
     data = json.loads((tmp_path / "quick.json").read_text())
     # The load is replayed over aiohttp (bench/raw_load.py), and the proxy has a CPU of its own.
@@ -76,20 +79,7 @@ def test_quick_run_writes_a_row_per_target_era_and_operation(tmp_path: Path) -> 
 @pytest.mark.timeout(90)
 def test_soak_samples_memory_over_time_and_judges_it_after_warm_up(tmp_path: Path) -> None:
     # `make bench-soak` is --soak 600; a few seconds here: the same code, sampled more often.
-    argv = [
-        sys.executable,
-        str(ROOT / "bench" / "run.py"),
-        "--soak",
-        "3",
-        "--soak-warmup",
-        "1",
-        "--soak-interval",
-        "0.5",
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    _bench("--soak", "3", "--soak-warmup", "1", "--soak-interval", "0.5", "--out", str(tmp_path))
 
     data = json.loads((tmp_path / "soak.json").read_text())
     summary, points = data["summary"], data["points"]
