@@ -19,7 +19,6 @@ is not, is the failover backend's business (``limits.failover``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,7 +192,7 @@ class RedisBackend:
             "cost": cost_micros,
             "r": pre + request_key if request_key else "",
         }
-        await self._refund(keys=[], args=[json.dumps(payload, separators=(",", ":"))])
+        await self._refund(keys=[], args=[orjson.dumps(payload)])
 
     async def ping(self) -> None:
         await self._redis.ping()  # pyright: ignore[reportUnknownMemberType]
